@@ -1,0 +1,55 @@
+"""Train an experiment: ``python train.py -opt ../experiments/x.yml [-o key.sub=value ...]``.
+
+Runs from ``codebase/`` or as ``python codebase/train.py`` from the repository root.
+``--dry-run`` validates the whole experiment (every key, name and type) and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python codebase/train.py`: make codebase/ the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trainer.config import validate_experiment  # noqa: E402
+from utils.options import load_options  # noqa: E402
+from utils.schema import ConfigError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an option, e.g. -o train.niter=100 (value parsed as YAML)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the experiment and exit without training")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        exp = validate_experiment(load_options(args.opt, args.override))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"{exp.file}: OK ({len(exp.network_specs)} network(s), {len(exp.step_specs)} "
+              f"step(s), run folder {exp.run_dir})")
+        return 0
+    from trainer.extensible_trainer import ExtensibleTrainer
+
+    try:
+        trainer = ExtensibleTrainer(exp)
+    except ConfigError as e:  # start-up checks that need data (state keys)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Checkpoint folders of a run: networks as safetensors, training state as a weights-only pickle.
+
+Layout under the run root::
+
+    models/<step>_<net>.safetensors        each network, carrying its which_model and kwargs
+    models/<step>_<net>_ema.safetensors    its EMA copy, when there is one
+    training_state/<step>.state            optimizers, schedulers, RNG, counters
+
+The state file is written last, so its existence marks a complete checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from utils.io import load_torch, save_network, save_torch
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT_VERSION = 1
+_STATE_NAME = re.compile(r"^(\d+)\.state$")
+_MODEL_NAME = re.compile(r"^(\d+)_.+\.safetensors$")
+
+
+class CheckpointManager:
+    """Saves, finds, prunes and resolves the checkpoints of one run folder."""
+
+    def __init__(self, root: Path, keep_last: int | None = None) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(
+                f"keep_last must be None (keep all) or at least 1, got {keep_last}; "
+                f"fix the checkpoint keep_last option"
+            )
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.models_dir = self.root / "models"
+        self.state_dir = self.root / "training_state"
+
+    # ------------------------------------------------------------------ paths
+
+    def network_path(self, step: int, net: str, ema: bool = False) -> Path:
+        suffix = "_ema" if ema else ""
+        return self.models_dir / f"{step}_{net}{suffix}.safetensors"
+
+    def state_path(self, step: int) -> Path:
+        return self.state_dir / f"{step}.state"
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        step: int,
+        networks: dict[str, tuple[nn.Module, str, dict]],
+        state: dict[str, Any],
+        ema: dict[str, nn.Module] | None = None,
+    ) -> Path:
+        """Write all networks (and EMA copies), then the training state, then prune old steps."""
+        ema = ema or {}
+        unknown = sorted(set(ema) - set(networks))
+        if unknown:
+            # An EMA copy is rebuilt from its network's which_model/kwargs, so it needs one.
+            raise ValueError(
+                f"EMA networks {unknown} have no matching entry in networks {sorted(networks)}; "
+                f"pass the live network under the same name"
+            )
+        for name, (module, which_model, kwargs) in networks.items():
+            extra = {"step": str(step), "network": name}
+            save_network(module, self.network_path(step, name), which_model=which_model,
+                         kwargs=kwargs, extra=extra)
+            if name in ema:
+                save_network(ema[name], self.network_path(step, name, ema=True),
+                             which_model=which_model, kwargs=kwargs, extra={**extra, "ema": "true"})
+        full_state = {**state, "format_version": STATE_FORMAT_VERSION, "step": step}
+        path = self.state_path(step)
+        # verify: a state that weights_only loading refuses would only surface at resume time.
+        save_torch(full_state, path, verify=True)
+        self._prune(just_saved=step)
+        return path
+
+    def _prune(self, just_saved: int) -> None:
+        if self.keep_last is None:
+            return
+        steps = self.steps()
+        # The step just written always survives, even when resuming from an older checkpoint
+        # left newer ones behind.
+        keep = set(steps[-self.keep_last:]) | {just_saved}
+        oldest_kept = min(keep)
+        for step in steps:
+            if step not in keep:
+                # State first: once it is gone the step no longer counts as complete.
+                self.state_path(step).unlink(missing_ok=True)
+        if not self.models_dir.is_dir():
+            return
+        for path in self.models_dir.iterdir():
+            match = _MODEL_NAME.match(path.name)
+            if not match:
+                continue
+            step = int(match.group(1))
+            if step not in keep and step < oldest_kept:
+                path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ finding
+
+    def steps(self) -> list[int]:
+        """Sorted steps that have a training state file (complete checkpoints)."""
+        if not self.state_dir.is_dir():
+            return []
+        found = []
+        for path in self.state_dir.iterdir():
+            match = _STATE_NAME.match(path.name)
+            if match and path.is_file():
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """Newest training state that loads; a corrupt one is skipped with a warning."""
+        for step in reversed(self.steps()):
+            path = self.state_path(step)
+            try:
+                self.load_state(path)
+            except (ValueError, OSError) as e:
+                logger.warning("skipping unreadable checkpoint %s: %s", path, e)
+                continue
+            return path
+        return None
+
+    def load_state(self, path: Path) -> dict[str, Any]:
+        """Load a training state file and check it is one this code can read."""
+        path = Path(path)
+        state = load_torch(path)
+        if not isinstance(state, dict) or "format_version" not in state:
+            raise ValueError(
+                f"{path} is not a training state written by CheckpointManager (no "
+                f"'format_version'); point resume_state at a training_state/<step>.state file"
+            )
+        if state["format_version"] != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has training state format version {state['format_version']!r}, this "
+                f"code reads version {STATE_FORMAT_VERSION}; resume with the code version that "
+                f"wrote it"
+            )
+        return state
+
+    def resolve_resume(self, resume_state: str | Path | None) -> Path | None:
+        """Turn the ``resume_state`` option (None, "auto" or a path) into a state file path."""
+        if resume_state is None:
+            return None
+        if isinstance(resume_state, str) and resume_state == "auto":
+            return self.latest()
+        path = Path(resume_state)
+        if not path.is_file():
+            available = [str(self.state_path(s)) for s in self.steps()]
+            listing = "\n".join(f"  - {a}" for a in available) if available else "  (none)"
+            raise FileNotFoundError(
+                f"resume_state {path} does not exist. Available training states in "
+                f"{self.state_dir}:\n{listing}\nSet resume_state to one of them, or to 'auto' "
+                f"for the newest."
+            )
+        return path

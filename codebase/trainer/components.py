@@ -1,0 +1,6 @@
+"""Imports every built-in component family so that their registries are filled."""
+import data  # noqa: F401
+import models  # noqa: F401
+import trainer.evaluators  # noqa: F401
+import trainer.injectors  # noqa: F401
+import trainer.losses  # noqa: F401

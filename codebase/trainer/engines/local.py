@@ -1,0 +1,92 @@
+"""Single-process and DistributedDataParallel training on one device per process."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from utils.distributed import DistInfo
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_device(device: str, dist: DistInfo) -> torch.device:
+    """``auto`` -> cuda (this rank's GPU) when available, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; "
+                               "set `device: cpu` (or auto)")
+        if dev.index is None:
+            dev = torch.device("cuda", dist.local_rank)
+    return dev
+
+
+class LocalEngine:
+    """Autocast in bf16/fp16, a GradScaler for fp16 (unscaled before clipping), DDP when the
+    world size is above one, and an optimizer step that skips non-finite gradients."""
+
+    def __init__(self, device: torch.device, precision: str, dist: DistInfo) -> None:
+        self.device, self.precision, self.dist = device, precision, dist
+        self.dtype = _DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """Move to the device; wrap in DDP if distributed and it has trainable parameters."""
+        net = net.to(self.device)
+        if self.dist.world_size > 1 and any(p.requires_grad for p in net.parameters()):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DistributedDataParallel(net, device_ids=ids)
+        return net
+
+    @staticmethod
+    def unwrap(net: nn.Module) -> nn.Module:
+        return net.module if isinstance(net, DistributedDataParallel) else net
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def no_sync(self, net: nn.Module, skip_sync: bool) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch."""
+        if skip_sync and isinstance(net, DistributedDataParallel):
+            with net.no_sync():
+                yield
+        else:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
+             clip: float | None) -> tuple[torch.Tensor, bool]:
+        """Unscale, clip, and step unless the gradient is non-finite. Returns (norm, skipped)."""
+        params = [p for p in params if p.grad is not None]
+        self.scaler.unscale_(optimizer)
+        if clip:
+            norm = nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        skipped = not math.isfinite(norm.item())
+        if self.scaler.is_enabled():
+            self.scaler.step(optimizer)  # skips by itself on inf/nan and lowers the scale
+            self.scaler.update()
+        elif not skipped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm.detach(), skipped
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,376 @@
+"""ExtensibleTrainer: builds a validated experiment and runs its named steps."""
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from data.loader import TrainLoader, batch_size_of, collate_fn_of, eval_loader, make_batch_sampler, split_batch
+from trainer.checkpoint import CheckpointManager
+from trainer.commands import CommandListener, GracefulInterrupt
+from trainer.component import TrainerEnv, build_component
+from trainer.config import Experiment
+from trainer.engines import LocalEngine, resolve_device
+from trainer.logger import TrainingLogger
+from trainer.lr_scheduler import build_scheduler
+from trainer.metrics import Meter
+from trainer.optimizers import build_optimizer
+from trainer.steps import ConfigurableStep, check_state_keys
+from utils import distributed
+from utils.io import load_module
+from utils.schema import Problems
+from utils.seed import rng_state, set_rng_state, set_seed
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = 1
+
+
+class ExtensibleTrainer:
+    """Trains the networks of one experiment through its steps, with checkpoints and logs."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.train_opts = exp.train_opts
+        self.dist = distributed.init_distributed(resolve_device(exp.device, distributed.DistInfo(0, 0, 1)).type)
+        self.device = resolve_device(exp.device, self.dist)
+        self.seed = exp.seed if exp.seed is not None else random.SystemRandom().randrange(2**31)
+        set_seed(self.seed)
+        self.engine = LocalEngine(self.device, exp.precision, self.dist)
+        self.run_dir = exp.run_dir
+        self.checkpoints = CheckpointManager(self.run_dir, exp.logger_opts.keep_last)
+        self.step = 0
+        self.skipped_steps = 0
+        self.step_callbacks: list[Callable[[int, dict[str, Any]], None]] = []
+
+        self.datasets = {phase: self._build_dataset(phase, spec)
+                         for phase, spec in exp.dataset_specs.items()}
+        self._check_state_keys()
+        self._build_networks()
+        self.env = TrainerEnv(device=self.device, run_dir=self.run_dir, precision=exp.precision)
+        runtime: dict[str, Any] = {"networks": self.networks, "env": self.env}
+        runtime["runtime"] = runtime
+        self.steps = {name: self._build_step(name, spec, runtime)
+                      for name, spec in exp.step_specs.items()}
+        self.schedulers = {name: build_scheduler(exp.train_opts.default_lr_scheme, s.optimizer,
+                                                 exp.train_opts.niter, exp.scheduler_kwargs,
+                                                 "train.default_lr_scheme")
+                           for name, s in self.steps.items()}
+        train_spec = exp.dataset_specs["train"]
+        sampler = make_batch_sampler(self.datasets["train"], train_spec.batch_size,
+                                     _default(train_spec.shuffle, True), self.seed,
+                                     _default(train_spec.drop_last, True), self.dist.rank,
+                                     self.dist.world_size)
+        self.loader = TrainLoader(self.datasets["train"], sampler, train_spec.n_workers,
+                                  pin_memory=self.device.type == "cuda", seed=self.seed)
+        eval_runtime = {**runtime, "networks": self.eval_networks(), "datasets": self.datasets}
+        self._eval_runtime = eval_runtime
+        self.evaluators = []
+
+        resume = self.checkpoints.resolve_resume(exp.path_opts.resume_state)
+        if resume is not None:
+            self._load_training_state(resume)
+        else:
+            self._load_pretrained()
+        self.logger = TrainingLogger(
+            self.run_dir, name=exp.name, total_steps=exp.train_opts.niter, start_step=self.step,
+            print_freq=exp.logger_opts.print_freq, use_tb=exp.use_tb_logger, wandb=exp.wandb,
+            wandb_project=exp.logger_opts.wandb_project, wandb_mode=exp.logger_opts.wandb_mode,
+            config=exp.raw, enabled=self.dist.is_main, progress=exp.logger_opts.progress_bar)
+        eval_runtime["logger"] = self.logger
+        self.evaluators = [build_component(spec, eval_runtime) for spec in exp.evaluator_specs]
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yml").write_text(yaml.safe_dump(exp.raw, sort_keys=False))
+        self.logger.info(f"run folder {self.run_dir}; seed {self.seed}; device {self.device}; "
+                         f"precision {exp.precision}"
+                         + (f"; resumed from {resume} at step {self.step}" if resume else ""))
+
+    # ----------------------------------------------------------------------------- building
+    def _build_dataset(self, phase: str, spec: Any) -> Any:
+        kwargs = dict(spec.kwargs)
+        if "phase" in inspect.signature(spec.cls).parameters:
+            kwargs["phase"] = spec.phase or phase
+        dataset = spec.cls(**kwargs)
+        if len(dataset) == 0:
+            raise ValueError(f"datasets.{phase}: the dataset ({spec.cls.__name__}) has no items")
+        return dataset
+
+    def _check_state_keys(self) -> None:
+        dataset = self.datasets["train"]
+        keys = getattr(dataset, "batch_keys", None)
+        if keys is None:
+            sample = collate_fn_of(dataset)([dataset[0]])
+            keys = list(sample) if isinstance(sample, dict) else []
+        problems = Problems()
+        check_state_keys(self.exp.step_specs, keys, problems)
+        problems.raise_if_any(self.exp.file)
+
+    def _build_networks(self) -> None:
+        self.raw_networks: dict[str, nn.Module] = {}
+        self.networks: dict[str, nn.Module] = {}
+        self.ema: dict[str, AveragedModel] = {}
+        for name, spec in self.exp.network_specs.items():
+            kwargs = dict(spec.kwargs)
+            params = inspect.signature(spec.factory).parameters
+            if "checkpointing" in params and "checkpointing" not in kwargs:
+                kwargs["checkpointing"] = self.exp.checkpointing_enabled
+            net = spec.factory(**kwargs)
+            if not isinstance(net, nn.Module):
+                raise TypeError(f"networks.{name}: model {spec.which_model!r} returned "
+                                f"{type(net).__name__}, not a torch.nn.Module")
+            net.requires_grad_(spec.trainable)
+            self.raw_networks[name] = net.to(self.device)
+            self.networks[name] = self.engine.wrap(net) if spec.trainable else net.to(self.device)
+            if spec.trainable and self.train_opts.ema_rate:
+                self.ema[name] = AveragedModel(
+                    net, multi_avg_fn=get_ema_multi_avg_fn(self.train_opts.ema_rate),
+                    use_buffers=True)
+
+    def _build_step(self, name: str, spec: Any, runtime: dict[str, Any]) -> ConfigurableStep:
+        if not self.exp.network_specs[spec.training].trainable:
+            raise ValueError(f"steps.{name}.training: network {spec.training!r} has "
+                             "trainable: false")
+        optimizer = build_optimizer(spec.optimizer, self.raw_networks[spec.training],
+                                    spec.optimizer_params, f"steps.{name}.optimizer")
+        injectors = [build_component(c, runtime).to(self.device) for c in spec.injector_specs]
+        losses = [build_component(c, runtime).to(self.device) for c in spec.loss_specs]
+        return ConfigurableStep(name, spec, self.networks[spec.training], optimizer, injectors,
+                                losses, self.engine)
+
+    def eval_networks(self) -> dict[str, nn.Module]:
+        """Networks for evaluators: the EMA copy where there is one."""
+        return {n: (self.ema[n].module if n in self.ema else net)
+                for n, net in self.raw_networks.items()}
+
+    # ----------------------------------------------------------------------------- training
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One optimizer step of every step whose gate is open on this batch."""
+        batch = _to_device(batch, self.device)
+        chunks = split_batch(batch, self.train_opts.mega_batch_factor)
+        logs: dict[str, torch.Tensor] = {}
+        total = None
+        multi = len(self.steps) > 1
+        for name, step in self.steps.items():
+            if not step.gate.open(self.step):
+                continue
+            if multi:  # only this step's network collects gradients
+                for other, net in self.raw_networks.items():
+                    net.requires_grad_(other == step.spec.training and
+                                       self.exp.network_specs[other].trainable)
+            out = step.train(chunks, self.step)
+            step_total = out.pop("_total", None)
+            if step_total is not None:
+                total = step_total if total is None else total + step_total
+            logs.update(out)
+            if multi:  # later steps see this step's outputs, not its graph
+                for state in chunks:
+                    for k, v in state.items():
+                        if isinstance(v, torch.Tensor) and v.requires_grad:
+                            state[k] = v.detach()
+            if out[f"skipped/{name}"].item():
+                self.skipped_steps += 1
+        if total is not None:
+            logs["loss/total"] = total
+        for sched in self.schedulers.values():
+            sched.step()
+        for name, ema in self.ema.items():
+            ema.update_parameters(self.raw_networks[name])
+        return logs
+
+    def train(self) -> None:
+        """Run until ``train.niter`` steps, a ``quit`` command or Ctrl-C; save at the end."""
+        opts, lopts, niter = self.train_opts, self.exp.logger_opts, self.train_opts.niter
+        listener = CommandListener(on_message=self.logger.info)
+        if lopts.stdin_commands and self.dist.is_main:
+            listener.start()
+        meter, saved_at = Meter(), -1
+        self._set_train_mode(True)
+        try:
+            with GracefulInterrupt(on_signal=lambda s: self.logger.info(
+                    "interrupted: saving a checkpoint after this step (again to abort)")) as stop:
+                while self.step < niter and not stop.requested:
+                    t0 = time.perf_counter()
+                    batch = next(self.loader)
+                    data_time = time.perf_counter() - t0
+                    self.step += 1
+                    self.env.step = self.step
+                    logs = self.train_step(batch)
+                    meter.add(logs, batch_size_of(batch), data_time)
+                    self.logger.progress(self.step)
+                    for callback in self.step_callbacks:
+                        callback(self.step, logs)
+                    if self.step % lopts.print_freq == 0 or self.step == niter:
+                        self._log_train(meter)
+                        meter.reset()
+                    commands = self._poll(listener)
+                    if (opts.val_freq and self.step % opts.val_freq == 0) or "eval" in commands:
+                        self.validate()
+                    if (self.exp.eval_opts.every and self.step % self.exp.eval_opts.every == 0
+                            or "eval" in commands):
+                        self.run_evaluators()
+                    if ((lopts.save_checkpoint_freq and self.step % lopts.save_checkpoint_freq == 0)
+                            or "save" in commands):
+                        self.save()
+                        saved_at = self.step
+                    if "quit" in commands:
+                        self.logger.info("quit: saving and stopping")
+                        break
+            if saved_at != self.step:
+                self.save()
+        finally:
+            listener.stop()
+            self.logger.close()
+
+    def _poll(self, listener: CommandListener) -> set[str]:
+        if self.dist.world_size == 1:
+            return set(listener.poll())
+        if self.step % self.exp.logger_opts.print_freq:  # a collective every step would cost
+            return set()
+        return set(distributed.broadcast_object(listener.poll()))
+
+    def _log_train(self, meter: Meter) -> None:
+        scalars = distributed.all_reduce_mean(meter.summary())
+        for name, step in self.steps.items():
+            scalars[f"lr/{name}"] = step.optimizer.param_groups[0]["lr"]
+        scalars["train/skipped_steps"] = self.skipped_steps
+        scalars["train/epoch"] = self.loader.epoch
+        self.logger.log_scalars(self.step, scalars)
+        self.logger.console(self.step, {k: v for k, v in scalars.items() if _on_console(k, v)})
+
+    def _set_train_mode(self, training: bool) -> None:
+        for net in self.networks.values():
+            net.train(training)
+        for step in self.steps.values():
+            for comp in [*step.injectors, *step.losses]:
+                comp.train(training)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean of every loss over the val dataset (injectors in eval mode), as ``val/<loss>``."""
+        if "val" not in self.datasets:
+            return {}
+        spec = self.exp.dataset_specs["val"]
+        self._set_train_mode(False)
+        sums: dict[str, float] = {}
+        count = 0
+        try:
+            for batch in eval_loader(self.datasets["val"], spec.batch_size, spec.n_workers,
+                                     self.dist.rank, self.dist.world_size):
+                batch = _to_device(batch, self.device)
+                n = batch_size_of(batch)
+                for chunk in split_batch(batch, self.train_opts.mega_batch_factor):
+                    m = batch_size_of(chunk)
+                    for step in self.steps.values():
+                        for k, v in step.evaluate(chunk, self.step).items():
+                            sums[k] = sums.get(k, 0.0) + float(v) * m
+                count += n
+        finally:
+            self._set_train_mode(True)
+        results = {f"val/{k}": v / max(count, 1) for k, v in sums.items()}
+        results = distributed.all_reduce_mean(results)
+        self.logger.log_scalars(self.step, results)
+        self.logger.info("validation at step %d: %s" % (self.step, ", ".join(
+            f"{k} {v:.4g}" for k, v in results.items())))
+        return results
+
+    def run_evaluators(self) -> dict[str, float]:
+        """Run every evaluator (rank 0 only) and log its scalars under ``eval/``."""
+        results: dict[str, float] = {}
+        if not self.evaluators or not self.dist.is_main:
+            return results
+        self._set_train_mode(False)
+        try:
+            for ev in self.evaluators:
+                with torch.no_grad():
+                    for k, v in ev.evaluate(self.step).items():
+                        results[f"eval/{k}"] = float(v)
+        finally:
+            self._set_train_mode(True)
+        self.logger.log_scalars(self.step, results)
+        return results
+
+    # ----------------------------------------------------------------------------- state
+    def save(self) -> Path | None:
+        """Write networks, EMA copies and the training state (rank 0); atomic, then prune."""
+        path = None
+        if self.dist.is_main:
+            nets = {n: (net, self.exp.network_specs[n].which_model, self.exp.network_specs[n].kwargs)
+                    for n, net in self.raw_networks.items()}
+            state = {
+                "format_version": STATE_FORMAT, "step": self.step, "seed": self.seed,
+                "skipped_steps": self.skipped_steps,
+                "optimizers": {n: s.optimizer.state_dict() for n, s in self.steps.items()},
+                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                "engine": self.engine.state_dict(),
+                "loader": self.loader.state_dict(),
+                "ema_n_averaged": {n: int(e.n_averaged) for n, e in self.ema.items()},
+                "rng": rng_state(),
+                "config": yaml.safe_dump(self.exp.raw, sort_keys=False),
+            }
+            path = self.checkpoints.save(self.step, nets, state,
+                                         ema={n: e.module for n, e in self.ema.items()})
+            self.logger.info(f"saved checkpoint at step {self.step}: {path}")
+        distributed.barrier()
+        return path
+
+    def _load_training_state(self, path: Path) -> None:
+        state = self.checkpoints.load_state(path)
+        step = int(state["step"])
+        for name, net in self.raw_networks.items():
+            load_module(net, self.checkpoints.network_path(step, name), strict=True)
+        for name, ema in self.ema.items():
+            ema_path = self.checkpoints.network_path(step, name, ema=True)
+            if ema_path.exists():
+                load_module(ema.module, ema_path, strict=True)
+                ema.n_averaged.fill_(state.get("ema_n_averaged", {}).get(name, 1))
+            else:
+                log.warning("no EMA weights for %s in %s; restarting its average", name, path)
+        for name, step_obj in self.steps.items():
+            if name in state["optimizers"]:
+                step_obj.optimizer.load_state_dict(state["optimizers"][name])
+                self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.engine.load_state_dict(state.get("engine", {}))
+        self.loader.load_state_dict(state["loader"])
+        self.step = step
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        set_rng_state(state["rng"])
+
+    def _load_pretrained(self) -> None:
+        for name, path in self.exp.path_opts.pretrain.items():
+            report = load_module(self.raw_networks[name], path, strict=self.exp.path_opts.strict_load)
+            for ema_name, ema in self.ema.items():
+                if ema_name == name:
+                    ema.module.load_state_dict(self.raw_networks[name].state_dict())
+            msg = f"initialised {name} from {path}"
+            log.warning("%s:\n%s", msg, report.describe()) if not report.ok else log.info(msg)
+
+
+def _on_console(key: str, value: float) -> bool:
+    """The console line shows raw losses, lr, grad norm and throughput; TensorBoard has all."""
+    if key.startswith(("loss/", "grad_norm/", "lr/")):
+        return not key.endswith("_weighted")
+    if key.startswith(("skipped/", "train/skipped")):
+        return value > 0
+    return key in ("perf/samples_per_sec", "train/epoch")
+
+
+def _default(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to_device(v, device) for v in batch]
+    return batch

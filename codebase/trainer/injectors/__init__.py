@@ -1,0 +1,4 @@
+"""Injectors: state dict in, new keys out. Importing this package registers the built-ins."""
+from trainer.injectors.base import INJECTORS, ForEachInjector, GeneratorInjector, Injector
+
+__all__ = ["INJECTORS", "Injector", "GeneratorInjector", "ForEachInjector"]

@@ -1,0 +1,142 @@
+"""ConfigurableStep: injectors -> weighted losses -> backward over micro-batches -> step."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from data.loader import batch_size_of
+from trainer.component import Gate
+from trainer.config import ComponentSpec, StepSpec
+from trainer.injectors import Injector
+from trainer.losses import Loss, loss_input_keys
+from trainer.registry import did_you_mean
+from utils.schema import Problems
+
+
+class ConfigurableStep:
+    """One named step of the experiment: trains one network with one optimizer.
+
+    Micro-batch losses are weighted by their share of the batch, so accumulating
+    ``mega_batch_factor`` micro-batches gives the gradient of the full batch.
+    """
+
+    def __init__(self, name: str, spec: StepSpec, network: nn.Module,
+                 optimizer: torch.optim.Optimizer, injectors: list[Injector],
+                 losses: list[Loss], engine: Any) -> None:
+        self.name, self.spec, self.network = name, spec, network
+        self.optimizer, self.injectors, self.losses, self.engine = optimizer, injectors, losses, engine
+        self.gate = Gate(spec.after, spec.before, spec.every)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def run_injectors(self, state: dict[str, Any], step: int, training: bool) -> None:
+        for inj in self.injectors:
+            if not inj.runs(step, training):
+                continue
+            new = inj(state)
+            clash = [k for k in new if k in state]
+            if clash:
+                raise KeyError(f"{inj.path}: output {clash} would overwrite an existing state key;"
+                               " choose another `out` name")
+            state.update(new)
+
+    def compute_losses(self, state: dict[str, Any], step: int
+                       ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(weighted total or None, {"<name>": raw value}) for the losses whose gate is open."""
+        total, logs = None, {}
+        for loss in self.losses:
+            if not loss.gate.open(step):
+                continue
+            value = loss(state)
+            logs[loss.component_name] = value.detach()
+            if loss.weight != 0:
+                total = value * loss.weight if total is None else total + value * loss.weight
+        return total, logs
+
+    def train(self, chunks: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        """Forward/backward over the micro-batches, then one optimizer step. Returns logs."""
+        n_items = sum(batch_size_of(c) for c in chunks)
+        logs: dict[str, torch.Tensor] = {}
+        total_loss = None
+        for i, state in enumerate(chunks):
+            share = batch_size_of(state) / n_items if len(chunks) > 1 else 1.0
+            with self.engine.no_sync(self.network, skip_sync=i < len(chunks) - 1):
+                with self.engine.autocast():
+                    self.run_injectors(state, step, training=True)
+                    total, chunk_logs = self.compute_losses(state, step)
+                if total is not None:
+                    self.engine.backward(total * share if share != 1.0 else total)
+                    total_loss = _accumulate(total_loss, total.detach(), share)
+            for k, v in chunk_logs.items():
+                logs[k] = _accumulate(logs.get(k), v, share)
+        grad_norm, skipped = self.engine.step(self.optimizer, self.params,
+                                              self.spec.clip_grad_eps)
+        weights = {loss.component_name: loss.weight for loss in self.losses}
+        out = {f"loss/{k}": v for k, v in logs.items()}
+        out.update({f"loss/{k}_weighted": v * weights[k] for k, v in logs.items()})
+        if total_loss is not None:
+            out["_total"] = total_loss  # the trainer sums the steps' totals into loss/total
+        out[f"grad_norm/{self.name}"] = grad_norm
+        out[f"skipped/{self.name}"] = torch.tensor(float(skipped))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, state: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """Injectors in eval mode and every loss (no gradients); raw loss values."""
+        with self.engine.autocast():
+            self.run_injectors(state, step, training=False)
+            _, logs = self.compute_losses(state, step)
+        return logs
+
+
+def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, share: float) -> torch.Tensor:
+    value = value * share if share != 1.0 else value
+    return value if acc is None else acc + value
+
+
+def check_state_keys(steps: dict[str, StepSpec], batch_keys: Iterable[str],
+                     problems: Problems) -> None:
+    """Every injector input and loss key must come from the batch or an earlier injector, and
+    no injector may overwrite a key; checked for training and for evaluation."""
+    batch_keys = list(batch_keys)
+    for training in (True, False):
+        mode = "" if training else " (in eval mode)"
+        available = set(batch_keys)
+        seen_problem = set()
+        for name, step in steps.items():
+            if step is None:
+                continue
+            for inj in step.injector_specs:
+                if not inj.common.get("train" if training else "eval", True):
+                    continue
+                for key in _inputs(inj):
+                    if key not in available and (inj.path, key) not in seen_problem:
+                        seen_problem.add((inj.path, key))
+                        problems.add(f"{inj.path}.in", _missing_key(key, available, batch_keys, mode))
+                for key in _outputs(inj):
+                    if key in available and (inj.path, "out", key) not in seen_problem:
+                        seen_problem.add((inj.path, "out", key))
+                        problems.add(f"{inj.path}.out", f"{key!r} already exists in the state"
+                                                        f"{mode}; outputs may not overwrite a key")
+                available.update(_outputs(inj))
+            for loss in step.loss_specs:
+                for key in loss_input_keys(loss):
+                    if key not in available and (loss.path, key) not in seen_problem:
+                        seen_problem.add((loss.path, key))
+                        problems.add(loss.path, _missing_key(key, available, batch_keys, mode))
+
+
+def _inputs(spec: ComponentSpec) -> list[str]:
+    raw = spec.common.get("in", [])
+    return list(raw.values()) if isinstance(raw, dict) else [raw] if isinstance(raw, str) else list(raw)
+
+
+def _outputs(spec: ComponentSpec) -> list[str]:
+    raw = spec.common.get("out", [])
+    return [raw] if isinstance(raw, str) else list(raw)
+
+
+def _missing_key(key: str, available: set[str], batch_keys: list[str], mode: str) -> str:
+    return (f"state key {key!r} is not in the batch ({', '.join(batch_keys)}) and no earlier "
+            f"injector produces it{mode}{did_you_mean(key, available)}")

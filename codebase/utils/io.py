@@ -1,0 +1,335 @@
+"""Crash-safe file writing and (de)serialisation of networks and training state.
+
+Networks go to safetensors (no pickle, loadable anywhere); training state goes through
+``torch.save`` and is read back with ``weights_only=True`` so a checkpoint can never run code.
+Every write is atomic: a kill mid-save leaves the previous file, never half of a new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+NETWORK_FORMAT = "codec-tts-network"
+NETWORK_FORMAT_VERSION = "1"
+_RESERVED_METADATA = ("format", "format_version", "which_model", "kwargs")
+_MAX_LISTED_KEYS = 20
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` via ``write(tmp)`` on a sibling temp file, fsync, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target so os.replace is a rename within one filesystem (atomic);
+    # the leading dot and pid keep it out of globs and apart from other processes' writes.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        if not tmp.exists():
+            raise RuntimeError(f"the writer for {path} did not create the temporary file {tmp}")
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException too: a Ctrl-C mid-write must not leave temp files behind.
+        tmp.unlink(missing_ok=True)
+        raise
+    # Persist the rename itself; without this a power loss can revert the directory entry.
+    _fsync_dir(path.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some platforms/filesystems cannot open directories; the data itself is synced
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- shared tensors
+
+
+def _alias_key(t: torch.Tensor) -> tuple | None:
+    # Only exact views (same memory, layout and dtype) count as the same tensor; tensors that
+    # merely share a storage are handled by cloning at save time instead.
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _duplicate_names(
+    state_dict: dict[str, torch.Tensor], preferred: Iterable[str] = ()
+) -> dict[str, str]:
+    """Map each duplicate name of a tied tensor to the one name kept for it.
+
+    Like safetensors' ``save_model``/``load_model`` the kept name is the first in sorted order,
+    unless some names are ``preferred`` (those present in the file being loaded), so a file
+    saved under either name of a tied pair still loads.
+    """
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, tensor in state_dict.items():
+        key = _alias_key(tensor)
+        if key is not None:
+            groups[key].append(name)
+    preferred = set(preferred)
+    duplicates: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        names = sorted(names)
+        keep = next((n for n in names if n in preferred), names[0])
+        duplicates.update({n: keep for n in names if n != keep})
+    return duplicates
+
+
+def _tensors_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
+    state_dict = module.state_dict()
+    for name in _duplicate_names(state_dict):
+        del state_dict[name]
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storages: set[tuple] = set()
+    for name, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        storage_id = (storage.data_ptr(), storage.nbytes())
+        # safetensors refuses tensors that share memory or cover only part of their storage
+        # (it would silently store the whole storage); a private copy avoids both.
+        partial = storage.nbytes() != t.numel() * t.element_size()
+        if partial or (t.numel() and storage_id in seen_storages):
+            t = t.clone()
+            storage_id = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        seen_storages.add(storage_id)
+        tensors[name] = t
+    return tensors
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_module(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save ``module``'s state dict to a safetensors file; tied tensors are stored once."""
+    path = Path(path)
+    metadata = dict(metadata or {})
+    bad = {
+        k: type(v).__name__
+        for k, v in metadata.items()
+        if not isinstance(k, str) or not isinstance(v, str)
+    }
+    if bad:
+        raise TypeError(
+            f"metadata for {path} must map str to str; convert these entries to strings: {bad}"
+        )
+    tensors = _tensors_for_saving(module)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or None))
+
+
+def save_network(
+    module: nn.Module,
+    path: Path,
+    *,
+    which_model: str,
+    kwargs: dict,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Save a network together with the registry name and kwargs needed to rebuild it."""
+    try:
+        kwargs_json = json.dumps(kwargs, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(
+            f"cannot save {path}: the kwargs of network '{which_model}' must be JSON-serialisable "
+            f"so the file can rebuild it without a YAML ({e}); pass plain numbers, strings, lists "
+            f"and dicts"
+        ) from e
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_RESERVED_METADATA))
+    if clash:
+        raise ValueError(
+            f"cannot save {path}: extra metadata may not override the reserved keys {clash}; "
+            f"rename those entries"
+        )
+    metadata = {
+        "format": NETWORK_FORMAT,
+        "format_version": NETWORK_FORMAT_VERSION,
+        "which_model": which_model,
+        "kwargs": kwargs_json,
+        **extra,
+    }
+    save_module(module, path, metadata)
+
+
+def _read_safetensors_metadata(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"network file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
+            f"re-save it or point to another checkpoint"
+        ) from e
+
+
+def read_network_metadata(path: Path) -> dict[str, Any]:
+    """Return ``{"which_model": str, "kwargs": dict, **other metadata}`` of a saved network."""
+    path = Path(path)
+    meta = _read_safetensors_metadata(path)
+    if meta.get("format") != NETWORK_FORMAT or "which_model" not in meta or "kwargs" not in meta:
+        raise ValueError(
+            f"{path} is a safetensors file but not a network written by save_network (no "
+            f"'{NETWORK_FORMAT}' metadata), so its model class is unknown; build the model from "
+            f"the experiment YAML and load the weights with load_module instead"
+        )
+    if meta.get("format_version") != NETWORK_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has network format version {meta.get('format_version')!r}, this code reads "
+            f"version {NETWORK_FORMAT_VERSION}; use the code version that wrote it"
+        )
+    try:
+        kwargs = json.loads(meta["kwargs"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} has corrupt 'kwargs' metadata ({e}); re-save the network") from e
+    return {**meta, "which_model": meta["which_model"], "kwargs": kwargs}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadReport:
+    """What did not line up between a checkpoint file and the module it was loaded into."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int | None = None) -> str:
+        """Readable multi-line summary; ``limit`` truncates each list."""
+        if self.ok:
+            return "all keys matched"
+        sections = [
+            ("missing (in the model, not in the checkpoint)", self.missing),
+            ("unexpected (in the checkpoint, not in the model)", self.unexpected),
+            ("shape mismatch (not loaded)", self.mismatched),
+        ]
+        lines: list[str] = []
+        for title, keys in sections:
+            if keys:
+                lines.append(f"{title}: {len(keys)}")
+                lines.extend(f"  - {k}" for k in _truncate(keys, limit))
+        return "\n".join(lines)
+
+
+def _truncate(keys: list[str], limit: int | None) -> list[str]:
+    if limit is None or len(keys) <= limit:
+        return list(keys)
+    return list(keys[:limit]) + [f"... and {len(keys) - limit} more"]
+
+
+def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadReport:
+    """Load a safetensors file into ``module``; mismatched shapes are reported and skipped.
+
+    With ``strict`` any mismatch raises before the module is touched; otherwise whatever
+    matches is loaded and the report says what did not.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        loaded = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
+            f"re-save it or point to another checkpoint"
+        ) from e
+
+    model_sd = module.state_dict()
+    # A tied tensor is stored under one name; its other names are filled through the tie.
+    duplicates = _duplicate_names(model_sd, preferred=loaded.keys())
+    report = LoadReport()
+    for name in model_sd:  # model order reads better than sorted ("2" before "10")
+        if name in loaded:
+            continue
+        if name in duplicates and duplicates[name] in loaded:
+            continue
+        report.missing.append(name)
+    report.unexpected = sorted(k for k in loaded if k not in model_sd)
+    for name in sorted(set(loaded) & set(model_sd)):
+        have, want = tuple(loaded[name].shape), tuple(model_sd[name].shape)
+        if have != want:
+            report.mismatched.append(
+                f"{name}: checkpoint shape {list(have)} vs model shape {list(want)}"
+            )
+
+    if strict and not report.ok:
+        raise ValueError(
+            f"checkpoint {path} does not match {type(module).__name__}:\n"
+            f"{report.describe(limit=_MAX_LISTED_KEYS)}\n"
+            f"Fix the model options to match the checkpoint, or set `path.strict_load: false` "
+            f"to load the matching keys anyway."
+        )
+    bad_shapes = {m.split(": ", 1)[0] for m in report.mismatched}
+    usable = {k: v for k, v in loaded.items() if k in model_sd and k not in bad_shapes}
+    module.load_state_dict(usable, strict=False)
+    return report
+
+
+# --------------------------------------------------------------------------- torch pickles
+
+
+def save_torch(obj: Any, path: Path, *, verify: bool = False) -> None:
+    """Atomic ``torch.save``; ``verify`` re-reads it with ``weights_only`` before committing."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        torch.save(obj, tmp)
+        if verify:
+            # Catch objects weights_only loading refuses now, not when resuming days later.
+            try:
+                torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ValueError(
+                    f"refusing to write {path}: it could not be read back with weights_only=True "
+                    f"({e}); store only tensors, numbers, strings and lists/tuples/dicts of them "
+                    f"(e.g. call .state_dict() instead of saving objects)"
+                ) from e
+
+    atomic_write(path, write)
+
+
+def load_torch(path: Path) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path} could not be loaded ({type(e).__name__}: {e}); it may be truncated or "
+            f"corrupt, or hold objects weights_only loading refuses; use another checkpoint"
+        ) from e

@@ -1,0 +1,29 @@
+"""Installs the dependencies of the framework.
+
+The source lives in ``codebase/`` and is deliberately *not* installed into site-packages
+(its packages are called ``data``, ``models``, ``utils`` ...). Run it from ``codebase/`` or as
+``python codebase/train.py`` from the repository root; pytest finds it via ``pythonpath``.
+"""
+from setuptools import setup
+
+setup(
+    name="codec-tts-trainer",
+    version="0.1.0",
+    description="A DLAS-style training framework for neural-codec text-to-speech",
+    python_requires=">=3.10",
+    packages=[],
+    install_requires=[
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        "numpy",
+        "pyyaml>=6",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "tqdm",
+    ],
+    extras_require={
+        "wandb": ["wandb"],
+        "test": ["pytest>=8", "wandb"],
+    },
+)
