@@ -38,8 +38,10 @@ def toy_options(**sections: Any) -> dict:
 def merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not v.pop("_replace", False):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not v.get("_replace"):
             out[k] = merge(out[k], v)
+        elif isinstance(v, dict):
+            out[k] = {kk: copy.deepcopy(vv) for kk, vv in v.items() if kk != "_replace"}
         else:
             out[k] = copy.deepcopy(v)
     return out

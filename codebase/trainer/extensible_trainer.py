@@ -5,6 +5,7 @@ import inspect
 import logging
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -179,8 +180,12 @@ class ExtensibleTrainer:
                 self.skipped_steps += 1
         if total is not None:
             logs["loss/total"] = total
-        for sched in self.schedulers.values():
-            sched.step()
+        with warnings.catch_warnings():
+            # GradScaler skipping an overflowing fp16 step makes torch warn that the scheduler
+            # stepped first; our schedules are functions of the step number, so that is intended.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for sched in self.schedulers.values():
+                sched.step()
         for name, ema in self.ema.items():
             ema.update_parameters(self.raw_networks[name])
         return logs

@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Framework overhead: ExtensibleTrainer.train() against a hand-written PyTorch loop.
+
+Both sides train the same network (``toy_mlp`` from experiments/plugins/toy.py) from the same
+initial weights on the same batches (in-memory tensors, no shuffle, no workers) in the same
+order, with the same AdamW (decayed weights, undecayed biases/norms), the same gradient
+clipping and the same number of steps. A few warm-up steps run untimed on both sides first.
+Each measurement is repeated ``--repeats`` times, interleaved (plain, trainer, plain, ...),
+and the medians are compared.
+
+The trainer side is what users run: ``trainer.train()`` with TensorBoard logging every
+``--print-freq`` steps and the final checkpoint. The final save and the logger's close are
+one-off costs; they are timed separately (by wrapping ``trainer.save`` and
+``trainer.logger.close``), so two ratios are reported:
+
+- ``ratio_loop``: (train() minus the final save and logger close) / plain loop
+- ``ratio_e2e``:  train() end to end / plain loop
+
+Afterwards the final weights of both sides are compared (they should agree to float
+rounding: same data, same init, same optimizer, fp32).
+
+    python scripts/bench_overhead.py [--steps N] [--batch-size B] [--hidden H] [--repeats R]
+                                     [--threads T] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import io
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "codebase"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from data import register_dataset  # noqa: E402
+from models import MODELS  # noqa: E402
+from trainer.config import validate_experiment  # noqa: E402
+from trainer.extensible_trainer import ExtensibleTrainer  # noqa: E402
+from utils.options import options_from_dict  # noqa: E402
+
+TOY_PLUGIN = REPO / "experiments" / "plugins" / "toy.py"
+NET = "mlp"
+
+
+@register_dataset("bench_tensors")
+class BenchTensors(Dataset):
+    """``num_items`` fixed random (x, y) pairs held in memory; deterministic for a ``seed``."""
+
+    batch_keys = ("x", "y")
+
+    def __init__(self, num_items: int = 4096, in_dim: int = 256, out_dim: int = 64,
+                 seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(num_items, in_dim, generator=g)
+        w = torch.randn(in_dim, out_dim, generator=g) / in_dim ** 0.5
+        self.y = torch.tanh(self.x @ w) + 0.05 * torch.randn(num_items, out_dim, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+# ----------------------------------------------------------------------------- configuration
+def dataset_kwargs(args: argparse.Namespace) -> dict:
+    return {"num_items": args.batch_size * args.batches_per_epoch, "in_dim": args.in_dim,
+            "out_dim": args.out_dim, "seed": args.seed + 1}
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    return {"in_dim": args.in_dim, "hidden": args.hidden, "out_dim": args.out_dim,
+            "depth": args.depth, "dropout": 0.0}
+
+
+def experiment_dict(args: argparse.Namespace, run_dir: Path) -> dict:
+    return {
+        "name": "bench_overhead",
+        "seed": args.seed,
+        "device": "cpu",
+        "precision": "fp32",
+        "use_tb_logger": True,  # what users get by default
+        "wandb": False,
+        "plugins": [str(TOY_PLUGIN)],
+        "datasets": {"train": {"mode": "bench_tensors", "batch_size": args.batch_size,
+                               "n_workers": 0, "shuffle": False, "drop_last": True,
+                               **dataset_kwargs(args)}},
+        "networks": {NET: {"type": "generator", "which_model_G": "toy_mlp",
+                           "kwargs": model_kwargs(args)}},
+        "steps": {"fit": {
+            "training": NET,
+            "optimizer": "adamw",
+            "optimizer_params": {"lr": args.lr, "weight_decay": args.weight_decay,
+                                 "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+            "clip_grad_eps": args.clip or None,
+            "injectors": {"pred": {"type": "generator", "generator": NET, "in": "x",
+                                   "out": "pred"}},
+            "losses": {"mse": {"type": "mse", "weight": 1.0, "fake": "pred", "real": "y"}},
+        }},
+        "path": {"root": str(run_dir)},
+        "train": {"niter": args.warmup + args.steps, "default_lr_scheme": "Constant"},
+        "logger": {"print_freq": args.print_freq, "save_checkpoint_freq": None,
+                   "progress_bar": False, "stdin_commands": False},
+    }
+
+
+def quiet(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Swallow the trainer's console lines (one per print_freq steps) unless --verbose."""
+    return contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- the two sides
+def build_trainer(args: argparse.Namespace, run_dir: Path) -> ExtensibleTrainer:
+    exp = validate_experiment(options_from_dict(experiment_dict(args, run_dir), run_dir))
+    return ExtensibleTrainer(exp)
+
+
+def run_trainer(args: argparse.Namespace, profile: cProfile.Profile | None = None
+                ) -> dict[str, Any]:
+    """Build (untimed), warm up (untimed), then time ``trainer.train()``."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
+    try:
+        with quiet(args):
+            trainer = build_trainer(args, tmp / "run")
+            init = clone_state(trainer.raw_networks[NET])
+            oneoff = {"save": 0.0, "close": 0.0}
+
+            def timed(key: str, fn: Any) -> Any:
+                def wrapper(*a: Any, **kw: Any) -> Any:
+                    t = time.perf_counter()
+                    try:
+                        return fn(*a, **kw)
+                    finally:
+                        oneoff[key] += time.perf_counter() - t
+                return wrapper
+
+            trainer.save = timed("save", trainer.save)  # the final checkpoint
+            trainer.logger.close = timed("close", trainer.logger.close)  # TensorBoard flush
+            for _ in range(args.warmup):  # the body of train()'s loop, untimed
+                batch = next(trainer.loader)
+                trainer.step += 1
+                trainer.env.step = trainer.step
+                trainer.train_step(batch)
+            gc.collect()
+            if profile is not None:
+                profile.enable()
+            t0 = time.perf_counter()
+            trainer.train()
+            total = time.perf_counter() - t0
+            if profile is not None:
+                profile.disable()
+        assert trainer.step == args.warmup + args.steps, trainer.step
+        return {"total": total, "save": oneoff["save"], "close": oneoff["close"],
+                "loop": total - oneoff["save"] - oneoff["close"], "init": init,
+                "final": clone_state(trainer.raw_networks[NET])}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_plain(args: argparse.Namespace, init: dict[str, torch.Tensor],
+              profile: cProfile.Profile | None = None) -> dict[str, Any]:
+    """A hand-written loop over the same data with the same model, optimizer and clipping."""
+    dataset = BenchTensors(**dataset_kwargs(args))
+    model = MODELS.get("toy_mlp")(**model_kwargs(args))
+    model.load_state_dict(init)
+    model.train()
+    # AdamW as the trainer builds it: weight decay on weight matrices only.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith("bias")]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.endswith("bias"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    params = decay + no_decay
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
+                        num_workers=0)
+
+    def batches():
+        while True:
+            yield from loader
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = F.mse_loss(model(batch["x"]), batch["y"])
+        loss.backward()
+        if args.clip:
+            nn.utils.clip_grad_norm_(params, args.clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    it = batches()
+    for _ in range(args.warmup):
+        step(next(it))
+    gc.collect()
+    losses = []
+    if profile is not None:
+        profile.enable()
+    t0 = time.perf_counter()
+    for i in range(1, args.steps + 1):
+        loss = step(next(it))
+        if i % args.print_freq == 0 or i == args.steps:  # a plain loop prints its loss too
+            losses.append(loss.item())
+    total = time.perf_counter() - t0
+    if profile is not None:
+        profile.disable()
+    return {"total": total, "final": clone_state(model), "last_loss": losses[-1]}
+
+
+def eval_loss(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> float:
+    """MSE of a network with ``state`` on the first 1024 training items (the same for both)."""
+    model = MODELS.get("toy_mlp")(**model_kwargs(args))
+    model.load_state_dict(state)
+    model.eval()
+    ds = BenchTensors(**dataset_kwargs(args))
+    with torch.no_grad():
+        return F.mse_loss(model(ds.x[:1024]), ds.y[:1024]).item()
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1000, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps before timing")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=512, help="toy_mlp hidden width")
+    p.add_argument("--depth", type=int, default=3, help="toy_mlp hidden layers")
+    p.add_argument("--in-dim", type=int, default=256)
+    p.add_argument("--out-dim", type=int, default=64)
+    p.add_argument("--batches-per-epoch", type=int, default=250,
+                   help="dataset size in batches (the loaders wrap around epochs)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs of each side")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=1.0, help="clip_grad_eps (0: no clipping)")
+    p.add_argument("--print-freq", type=int, default=100, help="trainer logger.print_freq")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, cProfile one more run of each side and print the top items")
+    p.add_argument("--verbose", action="store_true", help="show the trainer's own console output")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+def print_profile(title: str, prof: cProfile.Profile, steps: int, n: int = 25) -> None:
+    print(f"\n--- cProfile: {title} (top {n} by own time; per step = total / {steps}) ---")
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    print(f"{'own ms':>9} {'cum ms':>9} {'own us/step':>11} {'calls':>8}  function")
+    for (file, line, name), (_cc, calls, tt, ct, _callers) in rows:
+        where = f"{Path(file).name}:{line}" if line else file
+        print(f"{tt * 1e3:9.1f} {ct * 1e3:9.1f} {tt / steps * 1e6:11.1f} {calls:8d}  "
+              f"{name} ({where})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(False)
+
+    # A first trainer build validates the setup, imports everything (tensorboard ...) and
+    # gives the initial weights the trainer draws from its seed.
+    plain_t, loop_t, e2e_t, save_t, close_t = [], [], [], [], []
+    diffs, plain_diffs = [], []
+    init = None
+    ref_plain = None
+    t_start = time.perf_counter()
+    for r in range(args.repeats):
+        if init is None:
+            with quiet(args), tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
+                init = clone_state(build_trainer(args, Path(tmp) / "run").raw_networks[NET])
+        gc.collect()
+        plain = run_plain(args, init)
+        gc.collect()
+        tr = run_trainer(args)
+        if max_abs_diff(tr["init"], init) != 0.0:
+            raise RuntimeError("the trainer's initial weights differ between builds (seeding?)")
+        plain_t.append(plain["total"])
+        loop_t.append(tr["loop"])
+        e2e_t.append(tr["total"])
+        save_t.append(tr["save"])
+        close_t.append(tr["close"])
+        diffs.append(max_abs_diff(tr["final"], plain["final"]))
+        if ref_plain is None:
+            ref_plain = plain
+        else:
+            plain_diffs.append(max_abs_diff(plain["final"], ref_plain["final"]))
+        print(f"repeat {r + 1}/{args.repeats}: plain {plain['total']:.3f} s | trainer loop "
+              f"{tr['loop']:.3f} s, train() {tr['total']:.3f} s (final save {tr['save']:.3f} s, "
+              f"logger close {tr['close']:.3f} s) | max|dw| {diffs[-1]:.2e}", flush=True)
+    wall = time.perf_counter() - t_start
+
+    n_params = sum(v.numel() for k, v in init.items())
+    med = statistics.median
+    p_med, l_med, e_med = med(plain_t), med(loop_t), med(e2e_t)
+    ratio_loop, ratio_e2e = l_med / p_med, e_med / p_med
+    loss_plain = eval_loss(args, ref_plain["final"])
+    loss_trainer = eval_loss(args, tr["final"])
+    ms = 1e3 / args.steps
+
+    print()
+    print(f"overhead benchmark: ExtensibleTrainer.train() vs a plain PyTorch loop "
+          f"(torch {torch.__version__}, cpu, {args.threads} threads)")
+    print(f"  steps {args.steps} (+{args.warmup} untimed warm-up) | batch {args.batch_size} | "
+          f"params {n_params:,} (toy_mlp in {args.in_dim}, hidden {args.hidden} x{args.depth}, "
+          f"out {args.out_dim}) | adamw, clip {args.clip or 'off'}, fp32 | print_freq "
+          f"{args.print_freq}, tensorboard on | repeats {args.repeats}")
+    print(f"  {'':34} {'median s':>9} {'ms/step':>8} {'min s':>8} {'max s':>8}")
+    rows = [("plain loop", plain_t), ("trainer loop (train() - one-offs)", loop_t),
+            ("trainer train() end to end", e2e_t), ("  one-off: final save", save_t),
+            ("  one-off: logger close", close_t)]
+    for name, ts in rows:
+        print(f"  {name:34} {med(ts):9.3f} {med(ts) * ms:8.3f} {min(ts):8.3f} {max(ts):8.3f}")
+    print(f"  ratio_loop (trainer loop / plain)     {ratio_loop:.4f}   "
+          f"({(l_med - p_med) / args.steps * 1e6:+.0f} us/step)")
+    print(f"  ratio_e2e  (train() / plain)          {ratio_e2e:.4f}")
+    print(f"  target ratio <= 1.05: {'PASS' if ratio_loop <= 1.05 else 'FAIL'} (loop), "
+          f"{'PASS' if ratio_e2e <= 1.05 else 'FAIL'} (end to end)")
+    print(f"  same computation: max |w_trainer - w_plain| = {max(diffs):.3e}; "
+          f"plain runs among themselves {max(plain_diffs, default=0.0):.3e}; "
+          f"final mse (first 1024 items) plain {loss_plain:.6f}, trainer {loss_trainer:.6f}")
+    print(f"  total wall time {wall:.1f} s")
+
+    if args.profile:
+        prof_p, prof_t = cProfile.Profile(), cProfile.Profile()
+        run_plain(args, init, prof_p)
+        run_trainer(args, prof_t)
+        print_profile("plain loop", prof_p, args.steps)
+        print_profile("trainer.train()", prof_t, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
