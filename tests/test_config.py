@@ -159,3 +159,10 @@ def test_pretrain_key_for_unknown_network(tmp_path):
 def test_shipped_experiments_validate(yml):
     exp = validate_experiment(load_options(REPO / "experiments" / yml))
     assert exp.name and exp.train_opts.niter > 0
+
+
+def test_loss_names_unique_across_steps(tmp_path):
+    second = {"training": "mlp", "optimizer_params": {"lr": 0.1},
+              "losses": {"mse": {"type": "mse", "fake": "pred", "real": "y"}}}
+    problems = problems_of(tmp_path, steps={"again": second})
+    assert "already declared in steps.fit" in problems["steps.again.losses.mse"]

@@ -167,3 +167,41 @@ def test_wandb_offline(tmp_path, monkeypatch):
     make_trainer(tmp_path, wandb=True, train={"niter": 2},
                  logger={"wandb_mode": "offline"}).train()
     assert list((tmp_path / "toy" / "wandb").glob("offline-run-*"))
+
+
+from trainer.evaluators import Evaluator
+
+
+class WeightNormEvaluator(Evaluator):
+    """Test evaluator: reports the norm of a network's head (the EMA copy when there is one)."""
+
+    runtime_args = ("networks", "env", "logger")
+
+    def __init__(self, network: str, networks=None, env=None, logger=None) -> None:
+        super().__init__()
+        self.network, self.networks, self.env, self.logger = network, networks, env, logger
+
+    def evaluate(self, step):
+        assert step == self.env.step
+        return {"head_norm": self.networks[self.network].head.weight.norm().item()}
+
+
+def test_evaluators_run_every_n_steps(tmp_path):
+    trainer = make_trainer(tmp_path, train={"niter": 6, "ema_rate": 0.5},
+                           eval={"every": 3, "evaluators": {"norms": {"type": "weight_norm",
+                                                                       "network": "mlp"}}})
+    trainer.train()
+    logged = tb_scalars(tmp_path / "toy")["eval/head_norm"]
+    assert [s for s, _ in logged] == [3, 6]
+    ema_norm = trainer.ema["mlp"].module.head.weight.norm().item()
+    assert logged[-1][1] == pytest.approx(ema_norm, rel=1e-6)  # evaluators see the EMA weights
+
+
+def test_evaluator_options_are_validated(tmp_path):
+    from utils.schema import ConfigError
+    with pytest.raises(ConfigError) as e:
+        make_trainer(tmp_path, eval={"evaluators": {"norms": {"type": "weight_norm",
+                                                              "netwrk": "mlp"}}})
+    problems = dict(e.value.problems)
+    assert "did you mean 'network'" in problems["eval.evaluators.norms.netwrk"]
+    assert "missing required" in problems["eval.evaluators.norms.network"]

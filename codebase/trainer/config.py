@@ -226,8 +226,14 @@ def _validate_sections(exp: Experiment, problems: Problems) -> None:
         exp.network_specs[name] = _validate_network(name, net, problems, base, MODELS)
     if not exp.networks:
         problems.add("networks", "missing: declare at least one network")
+    loss_owner: dict[str, str] = {}
     for name, step in exp.steps.items():
         exp.step_specs[name] = _validate_step(exp, name, step, problems)
+        for loss in (step.get("losses") or {}) if isinstance(step, dict) else ():
+            if loss in loss_owner:  # losses are logged by name: two steps may not share one
+                problems.add(f"steps.{name}.losses.{loss}", f"a loss called {loss!r} is already "
+                             f"declared in steps.{loss_owner[loss]}; loss names must be unique")
+            loss_owner[loss] = name
     if not exp.steps:
         problems.add("steps", "missing: declare at least one training step")
     for name, ev in exp.eval_opts.evaluators.items():

@@ -196,7 +196,10 @@ class ExtensibleTrainer:
         listener = CommandListener(on_message=self.logger.info)
         if lopts.stdin_commands and self.dist.is_main:
             listener.start()
-        meter, saved_at = Meter(), -1
+        meter, saved_at = Meter(), self.step  # a resumed state is already saved
+        if self.step >= niter:
+            self.logger.info(f"nothing to do: at step {self.step} of train.niter {niter} "
+                             f"(raise it with -o train.niter=N to continue)")
         self._set_train_mode(True)
         try:
             with GracefulInterrupt(on_signal=lambda s: self.logger.info(
