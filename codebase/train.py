@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python codebase/train.py`: make codebase/ the import root
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from trainer.config import validate_experiment  # noqa: E402
-from utils.options import load_options  # noqa: E402
-from utils.schema import ConfigError  # noqa: E402
+# Python puts this file's folder (codebase/) first on sys.path, so `python codebase/train.py`
+# from the repository root imports the same packages as `python train.py` from codebase/.
+from trainer.config import validate_experiment
+from utils.options import load_options
+from utils.schema import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

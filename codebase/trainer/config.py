@@ -275,8 +275,7 @@ def _validate_path(exp: Experiment, problems: Problems) -> PathOptions:
 def _validate_dataset(phase: str, ds: Any, problems: Problems, base: Path,
                       registry: Registry) -> DatasetSpec | None:
     path = f"datasets.{phase}"
-    if not isinstance(ds, dict):
-        problems.add(path, f"expected a mapping, got {type(ds).__name__}")
+    if not _is_mapping(ds, path, problems):
         return None
     if "mode" not in ds:
         problems.add(f"{path}.mode", f"missing required option; registered datasets: "
@@ -298,8 +297,7 @@ def _validate_dataset(phase: str, ds: Any, problems: Problems, base: Path,
 def _validate_network(name: str, net: Any, problems: Problems, base: Path,
                       registry: Registry) -> NetworkSpec | None:
     path = f"networks.{name}"
-    if not isinstance(net, dict):
-        problems.add(path, f"expected a mapping, got {type(net).__name__}")
+    if not _is_mapping(net, path, problems):
         return None
     net = dict(net)
     which = [k for k in ("which_model_G", "which_model_D", "which_model") if k in net]
@@ -324,8 +322,7 @@ def _validate_step(exp: Experiment, name: str, step: Any, problems: Problems) ->
     from trainer.optimizers import OPTIMIZER_RUNTIME_ARGS, OPTIMIZERS
 
     path = f"steps.{name}"
-    if not isinstance(step, dict):
-        problems.add(path, f"expected a mapping, got {type(step).__name__}")
+    if not _is_mapping(step, path, problems):
         return None
     _warn_dlas(step, "steps.*", path)
     spec = build_dataclass(StepSpec, _without(step, "steps.*"), path, problems, exp.base_dir)
@@ -365,8 +362,7 @@ _COMMON_TYPES = {"in": str | list[str] | dict[str, str], "out": str | list[str],
 def _validate_component(registry: Registry, options: Any, path: str, name: str,
                         problems: Problems, base: Path, common_keys: tuple[str, ...]
                         ) -> ComponentSpec | None:
-    if not isinstance(options, dict):
-        problems.add(path, f"expected a mapping, got {type(options).__name__}")
+    if not _is_mapping(options, path, problems):
         return None
     if "type" not in options:
         problems.add(f"{path}.type", f"missing required option; registered {registry.kind}s: "
@@ -384,6 +380,12 @@ def _validate_component(registry: Registry, options: Any, path: str, name: str,
     own = {k: v for k, v in options.items() if k not in common_keys}
     kwargs = cls.check_options(own, path, problems, base, common_keys)
     return ComponentSpec(name=name, path=path, cls=cls, kwargs=kwargs, common=common)
+
+
+def _is_mapping(value: Any, path: str, problems: Problems) -> bool:
+    if not isinstance(value, dict):
+        problems.add(path, f"expected a mapping, got {type(value).__name__}")
+    return isinstance(value, dict)
 
 
 def _lookup(registry: Registry, name: Any, path: str, problems: Problems) -> Any:

@@ -67,23 +67,27 @@ class CrossEntropyLoss(Loss):
                                label_smoothing=self.label_smoothing)
 
 
-class L1Loss(Loss):
+class PairLoss(Loss):
+    """A distance between a prediction ``fake`` and a target ``real`` (both state keys)."""
+
+    abstract = True
+    distance = staticmethod(F.l1_loss)
+
+    def __init__(self, fake: StateKey, real: StateKey) -> None:
+        super().__init__()
+        self.fake, self.real = fake, real
+
+    def forward(self, state: dict[str, Any]) -> torch.Tensor:
+        return self.distance(state[self.fake].float(), state[self.real].float())
+
+
+class L1Loss(PairLoss):
     """Mean absolute error between ``fake`` and ``real``."""
 
-    def __init__(self, fake: StateKey, real: StateKey) -> None:
-        super().__init__()
-        self.fake, self.real = fake, real
-
-    def forward(self, state: dict[str, Any]) -> torch.Tensor:
-        return F.l1_loss(state[self.fake].float(), state[self.real].float())
+    distance = staticmethod(F.l1_loss)
 
 
-class MseLoss(Loss):
+class MseLoss(PairLoss):
     """Mean squared error between ``fake`` and ``real``."""
 
-    def __init__(self, fake: StateKey, real: StateKey) -> None:
-        super().__init__()
-        self.fake, self.real = fake, real
-
-    def forward(self, state: dict[str, Any]) -> torch.Tensor:
-        return F.mse_loss(state[self.fake].float(), state[self.real].float())
+    distance = staticmethod(F.mse_loss)
