@@ -147,15 +147,16 @@ def run_trainer(args: argparse.Namespace, profile: cProfile.Profile | None = Non
         with quiet(args):
             trainer = build_trainer(args, tmp / "run")
             init = clone_state(trainer.raw_networks[NET])
-            oneoff = {"save": 0.0, "close": 0.0}
+            oneoff = {"save": 0.0, "close": 0.0, "cpu": 0.0}
 
             def timed(key: str, fn: Any) -> Any:
                 def wrapper(*a: Any, **kw: Any) -> Any:
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     try:
                         return fn(*a, **kw)
                     finally:
                         oneoff[key] += time.perf_counter() - t
+                        oneoff["cpu"] += time.process_time() - c
                 return wrapper
 
             stamps: list[float] = []  # end of each step's train_step (a step callback)
@@ -170,14 +171,15 @@ def run_trainer(args: argparse.Namespace, profile: cProfile.Profile | None = Non
             gc.collect()
             if profile is not None:
                 profile.enable()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainer.train()
-            total = time.perf_counter() - t0
+            total, cpu = time.perf_counter() - t0, time.process_time() - c0
             if profile is not None:
                 profile.disable()
         assert trainer.step == args.warmup + args.steps, trainer.step
         return {"total": total, "save": oneoff["save"], "close": oneoff["close"],
                 "loop": total - oneoff["save"] - oneoff["close"], "init": init,
+                "cpu": cpu - oneoff["cpu"],
                 "step_times": step_times(t0, stamps),
                 "final": clone_state(trainer.raw_networks[NET])}
     finally:
@@ -222,21 +224,27 @@ def run_plain(args: argparse.Namespace, init: dict[str, torch.Tensor],
     losses, stamps = [], []
     if profile is not None:
         profile.enable()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(1, args.steps + 1):
         loss = step(next(it))
         if i % args.print_freq == 0 or i == args.steps:  # a plain loop reports its loss too
             losses.append(loss.item())
         stamps.append(time.perf_counter())
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     if profile is not None:
         profile.disable()
-    return {"total": total, "final": clone_state(model), "step_times": step_times(t0, stamps)}
+    return {"total": total, "cpu": cpu, "final": clone_state(model),
+            "step_times": step_times(t0, stamps)}
 
 
 def step_times(t0: float, stamps: list[float]) -> list[float]:
     """Durations between consecutive step ends (the first from the start of timing)."""
     return [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
 def eval_loss(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> float:
@@ -308,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     plain_t, loop_t, e2e_t, save_t, close_t = [], [], [], [], []
+    plain_cpu: list[float] = []
+    trainer_cpu: list[float] = []
     plain_steps: list[float] = []
     trainer_steps: list[float] = []
     diffs, plain_diffs = [], []
@@ -330,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         e2e_t.append(tr["total"])
         save_t.append(tr["save"])
         close_t.append(tr["close"])
+        plain_cpu.append(plain["cpu"])
+        trainer_cpu.append(tr["cpu"])
         plain_steps += plain["step_times"]
         trainer_steps += tr["step_times"]
         diffs.append(max_abs_diff(tr["final"], plain["final"]))
@@ -350,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio_min = min(loop_t) / min(plain_t)
     ratio_step = med(trainer_steps) / med(plain_steps)
     ratio_paired = med([tl / pl for tl, pl in zip(loop_t, plain_t)])
+    p10_plain, p10_trainer = quantile(plain_steps, 0.1), quantile(trainer_steps, 0.1)
     loss_plain = eval_loss(args, ref_plain["final"])
     loss_trainer = eval_loss(args, tr["final"])
     ms = 1e3 / args.steps
@@ -378,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ratio of fastest runs (loop)                 {ratio_min:.4f}")
     print(f"  ratio of median step times                   {ratio_step:.4f}   "
           f"({(med(trainer_steps) - med(plain_steps)) * 1e6:+.0f} us/step)")
+    print(f"  ratio of 10th-percentile step times          {p10_trainer / p10_plain:.4f}   "
+          f"({(p10_trainer - p10_plain) * 1e6:+.0f} us/step)")
+    ratio_cpu = med(trainer_cpu) / med(plain_cpu)
+    print(f"  ratio of CPU time (process_time, medians)    {ratio_cpu:.4f}   "
+          f"(plain {med(plain_cpu):.3f} s, trainer loop {med(trainer_cpu):.3f} s)")
     print(f"  target ratio_loop <= 1.05: {'PASS' if ratio_loop <= 1.05 else 'FAIL'} "
           f"(end to end: {'PASS' if ratio_e2e <= 1.05 else 'FAIL'})")
     print(f"  same computation: max |w_trainer - w_plain| = {max(diffs):.3e}; "
@@ -387,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  total wall time {wall:.1f} s; load average {load_before:.2f} -> {load_after:.2f}")
     if spread > 1.15:
         print(f"  WARNING: noisy machine (slowest/fastest run of a side = {spread:.2f}, other "
-              "processes compete for the cores); the paired, fastest-run and median-step "
+              "processes compete for the cores); the paired, fastest-run and per-step "
               "ratios are the more trustworthy figures; rerun on an idle machine for the medians")
 
     if args.profile:

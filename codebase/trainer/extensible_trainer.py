@@ -49,6 +49,7 @@ class ExtensibleTrainer:
         self.checkpoints = CheckpointManager(self.run_dir, exp.logger_opts.keep_last)
         self.step = 0
         self.skipped_steps = 0
+        self._window_skips: dict[str, int] = {}  # skipped updates per step since the last log
         self.step_callbacks: list[Callable[[int, dict[str, Any]], None]] = []
 
         self.datasets = {phase: self._build_dataset(phase, spec)
@@ -166,7 +167,7 @@ class ExtensibleTrainer:
                 for other, net in self.raw_networks.items():
                     net.requires_grad_(other == step.spec.training and
                                        self.exp.network_specs[other].trainable)
-            out = step.train(chunks, self.step)
+            out, skipped = step.train(chunks, self.step)
             step_total = out.pop("_total", None)
             if step_total is not None:
                 total = step_total if total is None else total + step_total
@@ -176,8 +177,9 @@ class ExtensibleTrainer:
                     for k, v in state.items():
                         if isinstance(v, torch.Tensor) and v.requires_grad:
                             state[k] = v.detach()
-            if out[f"skipped/{name}"].item():
+            if skipped:
                 self.skipped_steps += 1
+                self._window_skips[name] = self._window_skips.get(name, 0) + 1
         if total is not None:
             logs["loss/total"] = total
         with warnings.catch_warnings():
@@ -248,6 +250,12 @@ class ExtensibleTrainer:
         scalars = distributed.all_reduce_mean(meter.summary())
         for name, step in self.steps.items():
             scalars[f"lr/{name}"] = step.optimizer.param_groups[0]["lr"]
+            scalars[f"skipped/{name}"] = self._window_skips.get(name, 0)
+            for loss in step.losses:  # weighted values are derived here, not every step
+                raw = scalars.get(f"loss/{loss.component_name}")
+                if raw is not None:
+                    scalars[f"loss/{loss.component_name}_weighted"] = raw * loss.weight
+        self._window_skips.clear()
         scalars["train/skipped_steps"] = self.skipped_steps
         scalars["train/epoch"] = self.loader.epoch
         self.logger.log_scalars(self.step, scalars)

@@ -35,8 +35,6 @@ class Meter:
             keys = list(self.values)
             means = torch.stack([torch.stack(self.values[k]).float().mean() for k in keys])
             out = dict(zip(keys, means.tolist()))
-        for k in [k for k in out if k.startswith("skipped/")]:  # counts, not means
-            out[k] = round(out[k] * len(self.values[k]))
         if self.steps:
             out["perf/samples_per_sec"] = self.items / elapsed
             out["perf/step_time_s"] = elapsed / self.steps

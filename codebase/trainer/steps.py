@@ -51,11 +51,16 @@ class ConfigurableStep:
             value = loss(state)
             logs[loss.component_name] = value.detach()
             if loss.weight != 0:
-                total = value * loss.weight if total is None else total + value * loss.weight
+                weighted = value if loss.weight == 1 else value * loss.weight
+                total = weighted if total is None else total + weighted
         return total, logs
 
-    def train(self, chunks: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
-        """Forward/backward over the micro-batches, then one optimizer step. Returns logs."""
+    def train(self, chunks: list[dict[str, Any]], step: int) -> tuple[dict[str, torch.Tensor], bool]:
+        """Forward/backward over the micro-batches, then one optimizer step.
+
+        Returns the logs (``loss/<name>`` raw values, ``grad_norm/<step>``, ``_total``: the
+        weighted sum) and whether the update was skipped for a non-finite gradient.
+        """
         n_items = sum(batch_size_of(c) for c in chunks)
         logs: dict[str, torch.Tensor] = {}
         total_loss = None
@@ -72,14 +77,11 @@ class ConfigurableStep:
                 logs[k] = _accumulate(logs.get(k), v, share)
         grad_norm, skipped = self.engine.step(self.optimizer, self.params,
                                               self.spec.clip_grad_eps)
-        weights = {loss.component_name: loss.weight for loss in self.losses}
         out = {f"loss/{k}": v for k, v in logs.items()}
-        out.update({f"loss/{k}_weighted": v * weights[k] for k, v in logs.items()})
         if total_loss is not None:
             out["_total"] = total_loss  # the trainer sums the steps' totals into loss/total
         out[f"grad_norm/{self.name}"] = grad_norm
-        out[f"skipped/{self.name}"] = torch.tensor(float(skipped))
-        return out
+        return out, skipped
 
     @torch.no_grad()
     def evaluate(self, state: dict[str, Any], step: int) -> dict[str, torch.Tensor]:

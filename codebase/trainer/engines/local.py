@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from utils.distributed import DistInfo
 
+_NULL = contextlib.nullcontext()  # reusable: entering it has no state
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -51,17 +52,15 @@ class LocalEngine:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
-            return contextlib.nullcontext()
+            return _NULL
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    @contextlib.contextmanager
-    def no_sync(self, net: nn.Module, skip_sync: bool) -> Iterator[None]:
+    @staticmethod
+    def no_sync(net: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch."""
         if skip_sync and isinstance(net, DistributedDataParallel):
-            with net.no_sync():
-                yield
-        else:
-            yield
+            return net.no_sync()
+        return _NULL
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
