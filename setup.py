@@ -21,9 +21,18 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.14",
         "tqdm",
+        "soundfile",
+        "h5py",
+        "matplotlib",
+        "phonemizer>=3.2",
+        "espeakng-loader",
+        "encodec",
+        "vocos",
     ],
     extras_require={
         "wandb": ["wandb"],
+        # DAC pulls librosa/numba and pins an old protobuf: opt in with `pip install -e ".[dac]"`
+        "dac": ["descript-audio-codec"],
         "test": ["pytest>=8", "wandb"],
     },
 )

@@ -1,0 +1,145 @@
+"""Corpus fetchers: read a corpus index into (audio path, text, speaker) items.
+
+A fetcher only reads the index (``metadata.csv``, transcript files, a TSV); it does not open
+audio. Entries it cannot make sense of are returned as ``(entry, reason)`` skips. Checks that
+need the audio file (missing, unreadable, too long) and empty texts are the dataset's job, so
+that every consumer screens items the same way.
+
+Fetchers are registered by DLAS's ``fetcher_mode`` name; add one with
+``@FETCHERS.register("name")`` on a function ``(root: Path) -> (items, skipped)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from trainer.registry import Registry
+
+Skipped = list[tuple[str, str]]
+Fetcher = Callable[[Path], tuple[list["Utterance"], Skipped]]
+
+FETCHERS: Registry = Registry("fetcher_mode")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One corpus entry: its audio file, transcript, speaker name and corpus-wide id."""
+    path: Path
+    text: str
+    speaker: str
+    id: str
+
+
+def _read_lines(file: Path) -> list[str]:
+    if not file.is_file():
+        raise FileNotFoundError(f"corpus index {file} does not exist; check `path` in the "
+                                f"dataset options")
+    # utf-8-sig: strips the byte-order mark spreadsheet tools put at the start of CSV/TSV files
+    return file.read_text(encoding="utf-8-sig").splitlines()
+
+
+@FETCHERS.register("lj")
+def fetch_lj(root: Path) -> tuple[list[Utterance], Skipped]:
+    """LJSpeech: ``root/metadata.csv`` with ``id|text|normalized text`` lines and audio in
+    ``root/wavs/<id>.wav``; ``root`` may also be the ``metadata.csv`` itself. One speaker,
+    named after the corpus folder."""
+    root = Path(root)
+    csv = root if root.is_file() or root.suffix == ".csv" else root / "metadata.csv"
+    folder = csv.parent
+    speaker = folder.resolve().name or "lj"
+    items, skipped = [], []
+    for number, line in enumerate(_read_lines(csv), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("|", 2)
+        uid = fields[0].strip()
+        if len(fields) < 2 or not uid:
+            skipped.append((f"{csv}:{number}", "malformed line: expected id|text|normalized text"))
+            continue
+        normalized = fields[2].strip() if len(fields) > 2 else ""
+        text = normalized or fields[1].strip()  # empty texts are left for the dataset to count
+        items.append(Utterance(folder / "wavs" / f"{uid}.wav", text, speaker, uid))
+    return items, skipped
+
+
+@FETCHERS.register("libritts")
+def fetch_libritts(root: Path) -> tuple[list[Utterance], Skipped]:
+    """LibriTTS: ``<speaker>/<chapter>/<id>.wav`` with ``<id>.normalized.txt`` beside each wav
+    (else ``<id>.original.txt``). Searched recursively, so ``root`` may be the corpus, a split
+    (``train-clean-100``) or one speaker's folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"LibriTTS folder {root} does not exist; check `path` in the "
+                                f"dataset options")
+    items, skipped = [], []
+    for wav in sorted(root.rglob("*.wav")):
+        uid = wav.stem
+        transcript = next((t for t in (wav.with_name(f"{uid}.normalized.txt"),
+                                       wav.with_name(f"{uid}.original.txt")) if t.is_file()), None)
+        if transcript is None:
+            skipped.append((str(wav), f"missing transcript: no {uid}.normalized.txt or "
+                                      f"{uid}.original.txt beside it"))
+            continue
+        try:
+            text = " ".join(transcript.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as e:
+            skipped.append((str(transcript), f"unreadable transcript: {e}"))
+            continue
+        # <speaker>/<chapter>/<id>.wav: the speaker folder is two levels up wherever the
+        # search started (corpus, split, speaker or chapter folder).
+        speaker = wav.parent.parent.name
+        items.append(Utterance(wav, text, speaker, uid))
+    return items, skipped
+
+
+TSV_HEADER = ["path", "text", "speaker"]
+
+
+@FETCHERS.register("tsv")
+def fetch_tsv(root: Path) -> tuple[list[Utterance], Skipped]:
+    """A TSV of ``path<TAB>text<TAB>speaker`` (header line optional); relative audio paths
+    are resolved against the TSV's folder. The id is the path without its suffix."""
+    tsv = Path(root)
+    items, skipped = [], []
+    for number, line in enumerate(_read_lines(tsv), start=1):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if number == 1 and [f.lower() for f in fields] == TSV_HEADER:
+            continue
+        if len(fields) != 3 or not fields[0] or not fields[2]:
+            skipped.append((f"{tsv}:{number}", f"malformed line: expected 3 tab-separated "
+                                               f"columns path, text, speaker (path and speaker "
+                                               f"non-empty), got {len(fields)} column(s)"))
+            continue
+        rel, text, speaker = fields
+        audio = Path(rel).expanduser()
+        audio = audio if audio.is_absolute() else tsv.parent / audio
+        uid = str(Path(rel).with_suffix("")).replace("\\", "/")
+        items.append(Utterance(audio, text, speaker, uid))
+    return items, skipped
+
+
+def fetch(fetcher_mode: str | list[str], path: Path | str | list[Path] | list[str]
+          ) -> tuple[list[Utterance], Skipped]:
+    """Read one corpus or several: ``fetcher_mode`` and ``path`` are single values or lists of
+    equal length (DLAS writes ``fetcher_mode: ['lj']``); one mode with several paths, or one
+    path with several modes, is broadcast."""
+    modes = [fetcher_mode] if isinstance(fetcher_mode, str) else list(fetcher_mode)
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not modes or not paths:
+        raise ValueError("fetch: fetcher_mode and path must not be empty")
+    if len(modes) != len(paths) and 1 not in (len(modes), len(paths)):
+        raise ValueError(f"fetch: {len(modes)} fetcher_mode(s) {modes} for {len(paths)} path(s); "
+                         f"give one mode per path, or a single mode for all paths")
+    n = max(len(modes), len(paths))
+    modes, paths = modes * (n // len(modes)), paths * (n // len(paths))
+    items: list[Utterance] = []
+    skipped: Skipped = []
+    for mode, p in zip(modes, paths):
+        fetcher = FETCHERS.get(mode, where="fetcher_mode")
+        got, bad = fetcher(Path(p))
+        items += got
+        skipped += bad
+    return items, skipped

@@ -1,0 +1,356 @@
+"""``paired_voice_audio``: raw (audio, text, speaker) items read straight from corpus files.
+
+Items are screened when the dataset is built, cheaply (file header only); whatever cannot be
+used is skipped and counted with a reason, never fatal. Run it as a self-check:
+
+    python -m data.audio.paired_dataset -opt ../experiments/x.yml [--phase val] [--samples 4]
+
+prints item/hour/speaker counts, a duration histogram and every skipped item, and writes a few
+items as ``<id>.wav`` + ``<id>.png`` (mel) to listen to and look at.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":
+    # `python -m` runs this file as __main__; run the CLI from the module under its package
+    # name instead, so the dataset class is defined and registered once, not twice.
+    import sys
+
+    from data.audio.paired_dataset import main
+
+    sys.exit(main())
+
+import argparse
+import hashlib
+import logging
+import re
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from data import register_dataset
+from data.audio.fetchers import Skipped, Utterance, fetch
+from utils.audio import (AudioError, audio_info, load_audio, mel_spectrogram, save_audio,
+                         save_mel_png)
+
+log = logging.getLogger(__name__)
+
+
+def screen(items: list[Utterance], sample_rate: int, max_wav_length: int | None = None,
+           max_text_length: int | None = None) -> tuple[list[Utterance], list[float], Skipped]:
+    """Keep the items whose text and audio header are usable: ``(kept, seconds, skipped)``.
+
+    Reads only headers (soundfile.info), so it is fast on large corpora; audio that is corrupt
+    past its header is caught later, when it is loaded.
+    """
+    kept, durations, skipped = [], [], []
+    for item in tqdm(items, desc="screening audio", disable=len(items) < 5000, leave=False):
+        text = item.text.strip()
+        if not text:
+            skipped.append((item.id, "empty text"))
+            continue
+        if max_text_length is not None and len(text) > max_text_length:
+            skipped.append((item.id, f"too long (text): {len(text)} > max_text_length "
+                                     f"{max_text_length} characters"))
+            continue
+        try:
+            frames, rate, _ = audio_info(item.path)
+        except AudioError as e:
+            detail = f" ({e.detail})" if e.reason == "unreadable" else ""
+            skipped.append((item.id, f"{e.reason}: {item.path}{detail}"))
+            continue
+        if frames <= 0 or rate <= 0:
+            skipped.append((item.id, f"empty audio: {item.path}"))
+            continue
+        resampled = frames * sample_rate / rate  # length once resampled to sample_rate
+        if max_wav_length is not None and resampled > max_wav_length:
+            skipped.append((item.id, f"too long (audio): {resampled:.0f} > max_wav_length "
+                                     f"{max_wav_length} samples"))
+            continue
+        kept.append(item if text == item.text else Utterance(item.path, text, item.speaker,
+                                                             item.id))
+        durations.append(frames / rate)
+    return kept, durations, skipped
+
+
+def split_fraction(uid: str) -> float:
+    """A stable number in [0, 1) for an item id (same on every machine and Python run)."""
+    return int(hashlib.sha1(uid.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32
+
+
+def reason_category(reason: str) -> str:
+    """``"too long (audio): 9000 > ..."`` -> ``"too long (audio)"`` (the key skips count by)."""
+    return reason.split(":", 1)[0]
+
+
+@register_dataset("paired_voice_audio")
+class PairedVoiceAudioDataset(Dataset):
+    """Audio + transcript + speaker from LJSpeech, LibriTTS or TSV corpora (DLAS options).
+
+    Args:
+        path: corpus folder or index file, or a list of them (relative: to the YAML's folder).
+        fetcher_mode: how to read each path: ``lj``, ``libritts``, ``tsv`` (or a list).
+        sample_rate: every clip is resampled to this rate.
+        max_wav_length: longest clip kept, in samples at ``sample_rate`` (None: no limit).
+        max_text_length: longest transcript kept, in characters (None: no limit).
+        load_conditioning: also return ``conditioning`` clips from the same speaker.
+        num_conditioning_candidates: clips per item (N).
+        conditioning_length: samples per clip (cropped or zero-padded).
+        phase: ``train`` or ``val``; with ``val_fraction`` it picks the side of the split.
+        val_fraction: share of items (by hashed id, independent of ``seed``) held out for val.
+        seed: seeds the conditioning choice and crops (with the item index).
+    """
+
+    def __init__(self, path: Path | list[Path], fetcher_mode: str | list[str] = "lj",
+                 sample_rate: int = 22050, max_wav_length: int | None = None,
+                 max_text_length: int | None = None, load_conditioning: bool = False,
+                 num_conditioning_candidates: int = 1, conditioning_length: int = 44000,
+                 phase: str = "train", val_fraction: float = 0.0, seed: int = 0) -> None:
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"paired_voice_audio: val_fraction must be in [0, 1), got "
+                             f"{val_fraction}")
+        if val_fraction > 0 and phase not in ("train", "val"):
+            raise ValueError(f"paired_voice_audio: phase must be 'train' or 'val' when "
+                             f"val_fraction is set, got {phase!r}")
+        if num_conditioning_candidates < 1 or conditioning_length < 1:
+            raise ValueError("paired_voice_audio: num_conditioning_candidates and "
+                             "conditioning_length must be >= 1")
+        self.sample_rate, self.max_wav_length = sample_rate, max_wav_length
+        self.load_conditioning = load_conditioning
+        self.num_conditioning = num_conditioning_candidates
+        self.conditioning_length = conditioning_length
+        self.phase, self.seed = phase, seed
+
+        fetched, self.skipped = fetch(fetcher_mode, path)
+        if val_fraction > 0:  # split before screening: only this phase's audio is opened
+            want_val = phase == "val"
+            fetched = [u for u in fetched if (split_fraction(u.id) < val_fraction) == want_val]
+        self.items, self._durations, bad = screen(fetched, sample_rate, max_wav_length,
+                                                  max_text_length)
+        self.skipped += bad
+        self._bad: set[int] = set()  # indices whose audio failed to decode in __getitem__
+        self._by_speaker: dict[str, list[int]] = defaultdict(list)
+        for i, item in enumerate(self.items):
+            self._by_speaker[item.speaker].append(i)
+        counts = ", ".join(f"{k} {v}" for k, v in self.skip_counts().items())
+        log.log(logging.WARNING if self.skipped else logging.INFO,
+                "paired_voice_audio (%s): %d items, %d skipped%s", phase, len(self.items),
+                len(self.skipped), f" ({counts})" if counts else "")
+
+    # ------------------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.load_item(index)[1]
+
+    def load_item(self, index: int) -> tuple[int, dict[str, Any]]:
+        """``(index used, item)``: an item whose audio fails to decode is skipped (recorded in
+        ``skipped``) and the next loadable one is returned instead, so a run never stops."""
+        for attempt in range(len(self.items)):
+            i = (index + attempt) % len(self.items)
+            if i in self._bad:
+                continue
+            wav = self._load_wav(i)
+            if wav is None:
+                continue
+            item = self.items[i]
+            out: dict[str, Any] = {"wav": wav, "wav_length": int(wav.shape[0]), "text": item.text,
+                                   "speaker": item.speaker, "path": str(item.path)}
+            if self.load_conditioning:
+                out["conditioning"] = self._conditioning(i, wav)
+            return i, out
+        raise RuntimeError(f"paired_voice_audio ({self.phase}): none of the {len(self.items)} "
+                           f"items could be decoded; see the skipped reasons: "
+                           f"{self.skip_counts()}")
+
+    def _load_wav(self, i: int) -> torch.Tensor | None:
+        try:
+            wav, _ = load_audio(self.items[i].path, self.sample_rate)
+        except AudioError as e:
+            self._bad.add(i)
+            reason = f"decode failed ({e.reason}): {e}"
+            self.skipped.append((self.items[i].id, reason))
+            log.warning("paired_voice_audio: skipping %s: %s", self.items[i].id, reason)
+            return None
+        if self.max_wav_length is not None:
+            wav = wav[:self.max_wav_length]  # resampling may round one sample past the screen
+        return wav
+
+    def _conditioning(self, index: int, wav: torch.Tensor) -> torch.Tensor:
+        """[N, conditioning_length] clips from other utterances of the same speaker (this one
+        when the speaker has no other), chosen and cropped by a generator seeded by
+        (seed, index) so that an item always gets the same clips."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        pool = self._by_speaker[self.items[index].speaker]
+        order = torch.randperm(len(pool), generator=g).tolist()
+        others = [pool[k] for k in order if pool[k] != index and pool[k] not in self._bad]
+        clips = []
+        for n in range(self.num_conditioning):
+            source = self._load_wav(others[n % len(others)]) if others else None
+            clips.append(self._crop(wav if source is None else source, g))
+        return torch.stack(clips)
+
+    def _crop(self, wav: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        size = self.conditioning_length
+        if wav.shape[0] > size:
+            start = int(torch.randint(0, wav.shape[0] - size + 1, (1,), generator=g))
+            return wav[start:start + size]
+        return torch.nn.functional.pad(wav, (0, size - wav.shape[0]))
+
+    # ----------------------------------------------------------------------------- batching
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        keys = ("wav", "wav_lengths", "text", "speaker", "path")
+        return keys + ("conditioning",) if self.load_conditioning else keys
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Zero-pad ``wav`` to the longest item: ``wav`` [B, T], ``wav_lengths`` [B] long,
+        ``conditioning`` [B, N, L]; text/speaker/path as lists."""
+        lengths = torch.tensor([it["wav_length"] for it in items], dtype=torch.long)
+        wav = torch.zeros(len(items), int(lengths.max()))
+        for b, it in enumerate(items):
+            wav[b, :it["wav_length"]] = it["wav"]
+        batch: dict[str, Any] = {"wav": wav, "wav_lengths": lengths,
+                                 "text": [it["text"] for it in items],
+                                 "speaker": [it["speaker"] for it in items],
+                                 "path": [it["path"] for it in items]}
+        if "conditioning" in items[0]:
+            batch["conditioning"] = torch.stack([it["conditioning"] for it in items])
+        return batch
+
+    # ---------------------------------------------------------------------------- summaries
+    def durations(self) -> list[float]:
+        """Seconds per item, from the file headers."""
+        return list(self._durations)
+
+    def speakers(self) -> list[str]:
+        """Speaker of each item."""
+        return [item.speaker for item in self.items]
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped items per reason category, most frequent first."""
+        return dict(Counter(reason_category(r) for _, r in self.skipped).most_common())
+
+
+# ---------------------------------------------------------------------------------- the CLI
+def dataset_from_options(opt: dict, phase: str) -> PairedVoiceAudioDataset:
+    """Build ``datasets.<phase>`` of a loaded experiment; its keys are checked like the
+    trainer checks them (misspelled keys fail with a did-you-mean)."""
+    import dataclasses
+
+    from data import DATASETS
+    from trainer.config import DatasetSpec
+    from utils.schema import ConfigError, Problems, bind_options, build_dataclass
+
+    source = opt.get("_file")
+    base = Path(opt.get("_base_dir", "."))
+    datasets = opt.get("datasets") or {}
+    where = f"datasets.{phase}"
+    if not isinstance(datasets.get(phase), dict):
+        raise ConfigError([(where, f"missing; this file declares datasets: "
+                                   f"{', '.join(datasets) or '(none)'}")], source)
+    options = datasets[phase]
+    if DATASETS.get(options.get("mode"), where=f"{where}.mode") is not PairedVoiceAudioDataset:
+        raise ConfigError([(f"{where}.mode", f"is {options.get('mode')!r}; this check reads "
+                                             f"'paired_voice_audio' datasets only")], source)
+    own_keys = {f.name for f in dataclasses.fields(DatasetSpec)} - {"cls", "kwargs"}
+    problems = Problems()
+    spec = build_dataclass(DatasetSpec, {k: v for k, v in options.items() if k in own_keys},
+                           where, problems, base)
+    kwargs = bind_options(PairedVoiceAudioDataset,
+                          {k: v for k, v in options.items() if k not in own_keys}, where,
+                          problems, runtime=("phase",), base_dir=base)
+    problems.raise_if_any(source)
+    return PairedVoiceAudioDataset(**kwargs, phase=(spec.phase if spec else None) or phase)
+
+
+def histogram(values: list[float], bins: int = 10, width: int = 40) -> list[str]:
+    """Text histogram lines ``  lo -  hi s | #### count``."""
+    if not values:
+        return ["  (no items)"]
+    counts, edges = np.histogram(values, bins=bins if max(values) > min(values) else 1)
+    top = max(int(counts.max()), 1)
+    return [f"  {lo:7.2f} - {hi:7.2f} s | {'#' * round(width * c / top):<{width}} {c}"
+            for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+
+
+def report(dataset: PairedVoiceAudioDataset, top_speakers: int = 10) -> str:
+    """Counts, hours, speakers, a duration histogram and every skipped item with its reason."""
+    durations = dataset.durations()
+    speakers = Counter(dataset.speakers())
+    total = sum(durations)
+    lines = [f"items: {len(dataset)} (skipped {len(dataset.skipped)})",
+             f"total: {total / 3600:.3f} hours ({total:.1f} s)"
+             + (f"; {min(durations):.2f} to {max(durations):.2f} s per item, mean "
+                f"{total / len(durations):.2f} s" if durations else ""),
+             f"speakers: {len(speakers)}; top: " + ", ".join(
+                 f"{s} ({n})" for s, n in speakers.most_common(top_speakers)),
+             "durations:", *histogram(durations),
+             f"skipped items: {len(dataset.skipped)}"]
+    lines += [f"  {uid}: {reason}" for uid, reason in dataset.skipped]
+    lines.append("skipped per reason:" + ("" if dataset.skipped else " (none)"))
+    lines += [f"  {reason}: {n}" for reason, n in dataset.skip_counts().items()]
+    return "\n".join(lines)
+
+
+def write_samples(dataset: PairedVoiceAudioDataset, out: Path, n: int) -> list[Path]:
+    """Write ``n`` items spread over the dataset as ``<id>.wav`` + ``<id>.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    picks = sorted({round(k * (len(dataset) - 1) / max(n - 1, 1)) for k in range(n)})
+    written = []
+    for index in picks[:len(dataset)]:
+        used, item = dataset.load_item(index)
+        name = re.sub(r"[^\w.-]+", "_", dataset.items[used].id)
+        save_audio(out / f"{name}.wav", item["wav"], dataset.sample_rate)
+        mel = mel_spectrogram(item["wav"], dataset.sample_rate)
+        save_mel_png(out / f"{name}.png", mel, title=f"{item['speaker']}: {item['text'][:80]}")
+        written += [out / f"{name}.wav", out / f"{name}.png"]
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.options import load_options
+    from utils.schema import ConfigError
+
+    p = argparse.ArgumentParser(description="Check a paired_voice_audio dataset: counts, "
+                                            "durations, skipped items, sample wav/png files.")
+    p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an option, e.g. -o datasets.train.max_wav_length=100000")
+    p.add_argument("--phase", default="train", help="which datasets.<phase> to check")
+    p.add_argument("--samples", type=int, default=4, help="items to write as wav + png")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the samples (default: <run folder>/dataset_check/<phase>)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        opt = load_options(args.opt, args.override)
+        dataset = dataset_from_options(opt, args.phase)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{opt['_file']}: datasets.{args.phase} (paired_voice_audio)")
+    print(report(dataset))
+    if args.samples > 0 and len(dataset):
+        out = args.out or _default_out(opt) / "dataset_check" / args.phase
+        files = write_samples(dataset, out, args.samples)
+        print(f"wrote {len(files) // 2} samples (wav + mel png) to {out}")
+    return 0 if len(dataset) else 1
+
+
+def _default_out(opt: dict) -> Path:
+    """The run folder (``path.root`` or ``<yaml folder>/<name>``), else the temp folder."""
+    base = Path(opt["_base_dir"])
+    root = (opt.get("path") or {}).get("root")
+    if root:
+        return base / Path(root).expanduser()
+    if opt.get("name"):
+        return base / str(opt["name"])
+    return Path(tempfile.gettempdir())

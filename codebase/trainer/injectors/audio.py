@@ -1,0 +1,127 @@
+"""Audio injectors: log-mel spectrograms and random crops of waveforms."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.injectors.base import Injector
+from utils.audio import log_mel, mel_transform
+
+
+def load_mel_norms(file: Path, n_mels: int) -> torch.Tensor:
+    """Per-bin mel norms [n_mels] from DLAS's ``clips_mel_norms.pth`` (a tensor saved with
+    torch.save) or a ``.safetensors`` file with key ``mel_norms``."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"mel_norm_file {file} does not exist; point mel_norm_file at a "
+                                f"[n_mels] tensor (.pth or .safetensors) or remove the option")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(file))
+        if "mel_norms" not in tensors:
+            raise ValueError(f"mel_norm_file {file} has no tensor 'mel_norms' (keys: "
+                             f"{sorted(tensors)}); save the norms under that key")
+        norms = tensors["mel_norms"]
+    else:
+        from utils.io import load_torch
+
+        norms = load_torch(file)
+    if not isinstance(norms, torch.Tensor) or norms.reshape(-1).shape[0] != n_mels:
+        shape = list(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
+        raise ValueError(f"mel_norm_file {file} holds {shape}, expected a tensor of {n_mels} "
+                         f"per-bin norms (one per mel channel; check n_mels)")
+    norms = norms.reshape(-1).float()
+    if not torch.isfinite(norms).all() or (norms == 0).any():
+        raise ValueError(f"mel_norm_file {file} contains zero or non-finite norms; the mel is "
+                         f"divided by them")
+    return norms
+
+
+class TorchMelSpectrogramInjector(Injector):
+    """wav [B, T] or [B, 1, T] -> log-mel [B, n_mels, frames] (DLAS/Tortoise settings:
+    slaney mel filters, power 2, natural log floored at 1e-5, optionally / per-bin norms).
+
+    Args:
+        sample_rate: rate of the input audio.
+        n_mels, n_fft, hop_length, win_length, f_min, f_max: mel filterbank and STFT settings
+            (``win_length`` None: ``n_fft``).
+        mel_norm_file: per-bin norms the mel is divided by (DLAS ``clips_mel_norms.pth``).
+        log: take the log (false: the power mel).
+    """
+
+    def __init__(self, sample_rate: int = 22050, n_mels: int = 80, n_fft: int = 1024,
+                 hop_length: int = 256, win_length: int | None = None, f_min: float = 0.0,
+                 f_max: float | None = 8000.0, mel_norm_file: Path | None = None,
+                 log: bool = True) -> None:
+        super().__init__()
+        # a submodule, so moving the injector to a device moves the window and filterbank
+        self.mel = mel_transform(sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max)
+        self.log = log
+        norms = load_mel_norms(mel_norm_file, n_mels) if mel_norm_file is not None else None
+        self.register_buffer("mel_norms", norms, persistent=False)
+
+    def forward(self, state: dict[str, Any]) -> dict[str, Any]:
+        wav = state[self.input]
+        if wav.dim() == 3 and wav.shape[1] == 1:
+            wav = wav.squeeze(1)
+        if wav.dim() != 2:
+            raise ValueError(f"{getattr(self, 'path', 'torch_mel_spectrogram')}: input "
+                             f"{self.input!r} must be audio [B, T] or [B, 1, T], got shape "
+                             f"{list(wav.shape)}")
+        # fp32 even under autocast: the log of tiny half-precision powers underflows to -inf
+        with torch.autocast(device_type=wav.device.type, enabled=False):
+            mel = self.mel(wav.float())  # [B, n_mels, frames]
+            if self.log:
+                mel = log_mel(mel)
+            if self.mel_norms is not None:
+                mel = mel / self.mel_norms[None, :, None]
+        return {self.output: mel}
+
+
+class RandomAudioCropInjector(Injector):
+    """Crops ``crop_size`` samples from each item at a random offset within its true length
+    (zero-padded when shorter). ``in: wav`` or ``in: [wav, wav_lengths]``; ``out`` has as many
+    keys: the crops [B, crop_size] (or [B, 1, crop_size]) and, with lengths, their lengths [B].
+
+    Offsets come from torch's global RNG, which the checkpoint saves, so a resumed run draws
+    the same crops as an uninterrupted one.
+    """
+
+    def __init__(self, crop_size: int) -> None:
+        super().__init__()
+        if crop_size < 1:
+            raise ValueError(f"random_audio_crop: crop_size must be >= 1, got {crop_size}")
+        self.crop_size = crop_size
+
+    def configure(self, common: dict) -> None:
+        super().configure(common)
+        if len(self.inputs) not in (1, 2) or len(self.outputs) != len(self.inputs):
+            raise ValueError(f"random_audio_crop: `in` must be [wav] or [wav, wav_lengths] and "
+                             f"`out` as many keys; got in={self.inputs}, out={self.outputs}")
+
+    def forward(self, state: dict[str, Any]) -> dict[str, Any]:
+        wav = state[self.inputs[0]]  # [B, T] or [B, C, T]
+        batch, total = wav.shape[0], wav.shape[-1]
+        if len(self.inputs) == 2:
+            lengths = state[self.inputs[1]].to(device=wav.device, dtype=torch.long).clamp(max=total)
+        else:
+            lengths = torch.full((batch,), total, dtype=torch.long, device=wav.device)
+        # offsets uniform in [0, length - crop] per item; drawn on the CPU generator so the
+        # stream does not depend on the device
+        room = (lengths - self.crop_size).clamp(min=0).cpu()
+        offsets = (torch.rand(batch) * (room + 1)).long().clamp(max=room).to(wav.device)
+        positions = offsets[:, None] + torch.arange(self.crop_size, device=wav.device)  # [B, crop]
+        new_lengths = torch.minimum(lengths, torch.full_like(lengths, self.crop_size))
+        valid = torch.arange(self.crop_size, device=wav.device)[None, :] < new_lengths[:, None]
+        index = positions.clamp(max=max(total - 1, 0))
+        if wav.dim() == 3:
+            index = index[:, None, :].expand(-1, wav.shape[1], -1)
+            valid = valid[:, None, :]
+        cropped = wav.gather(-1, index) * valid  # padding (past the true length) becomes 0
+        out = {self.outputs[0]: cropped}
+        if len(self.outputs) == 2:
+            out[self.outputs[1]] = new_lengths
+        return out
