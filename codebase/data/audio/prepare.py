@@ -51,6 +51,7 @@ class PrepareOptions:
     min_duration: float = 0.3  # seconds; shorter items are skipped
     max_duration: float | None = 30.0  # seconds; longer items are skipped
     fit_minutes: float = 20.0  # mel_rvq: minutes of audio to fit the quantiser on
+    fit_iters: int = 20  # mel_rvq: k-means iterations per level
     device: str = "cpu"  # where the codec runs ("cuda" speeds up encodec)
     flush_every: int = 64  # items per commit to the partial file
 
@@ -96,7 +97,8 @@ def prepare(h5_path: Path, opts: PrepareOptions, progress: bool = True) -> Prepa
     report = PrepareReport()
     items, report.skipped = fetch(opts.fetcher_mode, opts.path)
     items, duplicates = _unique(items)
-    report.skipped += duplicates
+    items, screened_out = _screen(items, opts)
+    report.skipped += duplicates + screened_out
     if not items:
         raise ValueError(f"no usable items in {opts.path} (fetcher_mode {opts.fetcher_mode}); "
                          f"skipped: {report.skipped[:5]}")
@@ -306,7 +308,24 @@ def fit_mel_rvq(out: Path, items: list[Any], opts: PrepareOptions, progress: boo
     if not wavs:
         raise ValueError("no readable audio to fit the mel_rvq codec on")
     log.info("fitting mel_rvq on %.1f min of audio -> %s", seconds / 60, out)
-    MelRVQCodec.fit(wavs, out, **arch)
+    MelRVQCodec.fit(wavs, out, iters=opts.fit_iters, **arch)
+
+
+def _screen(items: list[Any], opts: PrepareOptions) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Drop items whose text, audio header or duration rule them out (headers only: fast), so
+    a re-run does not count permanently bad items as work left to do."""
+    from data.audio.paired_dataset import screen
+
+    kept, seconds, skipped = screen(items, sample_rate=16000)
+    out = []
+    for u, sec in zip(kept, seconds):
+        if sec < opts.min_duration:
+            skipped.append((u.id, f"shorter than min_duration {opts.min_duration} s"))
+        elif opts.max_duration and sec > opts.max_duration:
+            skipped.append((u.id, f"longer than max_duration {opts.max_duration} s"))
+        else:
+            out.append(u)
+    return out, skipped
 
 
 def _unique(items: list[Any]) -> tuple[list[Any], list[tuple[str, str]]]:

@@ -24,6 +24,8 @@ from models.audio.codecs.base import Codec, as_batch, register_codec, resolve_ch
 # The file `EncodecModel.encodec_model_24khz(pretrained=True)` fetches through torch.hub.
 ENCODEC_24KHZ_FILE = "encodec_24khz-d7cc33bc.th"
 ENCODEC_24KHZ_URL = ROOT_URL + ENCODEC_24KHZ_FILE
+# Its target bandwidths (kbps), checked before building so a typo fails at once.
+ENCODEC_24KHZ_BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)
 
 
 def encodec_cache_path() -> Path:
@@ -145,11 +147,11 @@ class EncodecCodec(Codec):
         if model != "24khz":
             raise ValueError(f"encodec: model {model!r} is not supported; only '24khz' (the "
                              f"48 kHz EnCodec is stereo, this framework is mono)")
+        if float(bandwidth) not in ENCODEC_24KHZ_BANDWIDTHS:
+            raise ValueError(f"encodec: bandwidth {bandwidth} kbps is not one the 24 kHz model "
+                             f"was trained for; use one of {list(ENCODEC_24KHZ_BANDWIDTHS)}")
         self.bandwidth, self.pretrained, self.model_name = float(bandwidth), pretrained, model
         self.model = build_encodec_24khz(pretrained, Path(checkpoint) if checkpoint else None)
-        if self.bandwidth not in self.model.target_bandwidths:
-            raise ValueError(f"encodec: bandwidth {bandwidth} kbps is not one the 24 kHz model "
-                             f"was trained for; use one of {self.model.target_bandwidths}")
         self.model.set_target_bandwidth(self.bandwidth)
         self.model.requires_grad_(False)
         self.sample_rate = self.model.sample_rate
