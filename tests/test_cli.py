@@ -14,7 +14,7 @@ from conftest import REPO, toy_options
 def write_yaml(tmp_path, **sections) -> Path:
     opt = toy_options(**sections)
     path = tmp_path / "exp.yml"
-    path.write_text(yaml.safe_dump(opt))
+    path.write_text(yaml.safe_dump(opt, sort_keys=False))
     return path
 
 

@@ -14,7 +14,7 @@ import models.audio.codecs.dac  # noqa: F401  (registers "dac"; importable witho
 from models.audio.codecs.base import CodecUnavailable, build_codec
 from models.audio.codecs.encodec import (ENCODEC_24KHZ_FILE, ENCODEC_24KHZ_URL, EncodecCodec,
                                          encodec_cache_path)
-from models.audio.codecs.vocos import VOCOS_WEIGHTS, VocosCodec
+from models.audio.codecs.vocos import VOCOS_WEIGHTS, VocosCodec, _vocos_weights
 from trainer.component import TrainerEnv, build_component
 from trainer.config import ComponentSpec
 from trainer.injectors.base import INJECTORS
@@ -172,6 +172,8 @@ def test_vocos_loads_from_hub_cache(encodec, vocos, offline):
     torch.save(state, repo / "snapshots" / "0123abcd" / VOCOS_WEIGHTS)
     encodec_cache_path().parent.mkdir(parents=True)
     torch.save(encodec.model.state_dict(), encodec_cache_path())
+    snapshot = repo / "snapshots" / "0123abcd"
+    assert _vocos_weights(snapshot) == snapshot / VOCOS_WEIGHTS  # `checkpoint:` may be a folder
     loaded = VocosCodec(pretrained=True)
     assert torch.equal(loaded.vocos.head.out.bias, state["head.out.bias"])
     codes = encodec.encode(speech_like(batch=1, samples=3200))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torchaudio.functional as AF
@@ -48,6 +48,7 @@ class _CodecInjector(Injector):
 
     abstract = True
     runtime_args = ("env",)
+    _what: ClassVar[str] = "input"  # what the first `in` key holds, for error messages
 
     def __init__(self, env: TrainerEnv, codec: str, codec_options: dict[str, Any] | None = None,
                  sample_rate: int | None = None) -> None:
@@ -91,8 +92,6 @@ class _CodecInjector(Injector):
                              f"and optionally its lengths; `out` is one key, or two when `in` "
                              f"has lengths (got in={self.inputs}, out={self.outputs})")
 
-    _what = "input"
-
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=False):
             return fn(x.to(self.device))
@@ -111,7 +110,7 @@ class AudioToCodesInjector(_CodecInjector):
     length encode the batch's zero padding.
     """
 
-    _what = "audio"
+    _what: ClassVar[str] = "audio"
 
     def forward(self, state: dict[str, Any]) -> dict[str, Any]:
         wav = state[self.inputs[0]]
@@ -121,7 +120,7 @@ class AudioToCodesInjector(_CodecInjector):
             raise ValueError(f"{self._where()}: {self.inputs[0]!r} must be mono audio [B, T] or "
                              f"[B, 1, T], got shape {tuple(wav.shape)}")
         rate = self.codec.sample_rate
-        wav = wav.float()
+        wav = wav.to(self.device, torch.float32)  # resample where the codec runs
         if self.sample_rate != rate:
             wav = AF.resample(wav, self.sample_rate, rate)
         codes = self._run(self.codec.encode, wav)
@@ -141,7 +140,7 @@ class CodesToAudioInjector(_CodecInjector):
     each length (padding ids) are replaced by 0 before decoding and the audio there is zeroed.
     """
 
-    _what = "codes"
+    _what: ClassVar[str] = "codes"
 
     def forward(self, state: dict[str, Any]) -> dict[str, Any]:
         codes = state[self.inputs[0]]

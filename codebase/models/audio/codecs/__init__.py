@@ -2,6 +2,6 @@
 from models.audio.codecs.base import (CODECS, Codec, CodecUnavailable, build_codec,
                                       register_codec)
 
-from models.audio.codecs import mel_rvq  # noqa: F401,E402 - registers the backends
+from models.audio.codecs import dac, encodec, mel_rvq, vocos  # noqa: F401,E402 - registers the backends
 
 __all__ = ["CODECS", "Codec", "CodecUnavailable", "build_codec", "register_codec"]

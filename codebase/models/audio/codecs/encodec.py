@@ -70,6 +70,7 @@ def check_codes(codes: torch.Tensor, n_levels: int, codebook_size: int, what: st
 
 
 def check_audio(wav: torch.Tensor, what: str) -> None:
+    """Audio must be a non-empty float tensor (an int16 tensor would encode as loud noise)."""
     if not wav.is_floating_point():
         raise TypeError(f"{what}.encode: audio must be a float tensor in [-1, 1], got "
                         f"{wav.dtype}")

@@ -64,7 +64,7 @@ def _vocos_weights(checkpoint: Path | None) -> Path:
     default = Path(cached) if isinstance(cached, str) else vocos_cache_hint()
     return resolve_checkpoint(
         checkpoint, default, f"vocos ({VOCOS_REPO})",
-        f"run `huggingface-cli download {VOCOS_REPO}` on a machine with internet and copy its "
+        f"run `hf download {VOCOS_REPO}` on a machine with internet and copy its "
         f"cache folder {default.parents[2].name} into {constants.HF_HUB_CACHE} here, or download "
         f"https://huggingface.co/{VOCOS_REPO}/resolve/main/{VOCOS_WEIGHTS} and pass it (or its "
         f"folder) as `checkpoint:`")
