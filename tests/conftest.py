@@ -63,3 +63,25 @@ def make_trainer(tmp_path: Path, **sections: Any):
 @pytest.fixture
 def toy_experiment(tmp_path):
     return lambda **sections: make_experiment(tmp_path, **sections)
+
+
+def build_from_yaml(registry, options: dict, runtime: dict | None = None,
+                    base_dir: Path | None = None, path: str = "steps.s.x"):
+    """Validate YAML-style component options as the trainer does, then build the component."""
+    import torch
+
+    from trainer.component import TrainerEnv, build_component
+    from trainer.config import INJECTOR_COMMON, LOSS_COMMON, ComponentSpec
+    from utils.schema import Problems
+
+    common_keys = tuple(dict.fromkeys(INJECTOR_COMMON + LOSS_COMMON))
+    cls = registry.get(options["type"])
+    problems = Problems()
+    kwargs = cls.check_options({k: v for k, v in options.items() if k not in common_keys},
+                               path, problems, base_dir, common_keys)
+    assert not problems, problems.items
+    common = {k: v for k, v in options.items() if k in common_keys and k != "type"}
+    runtime = dict(runtime or {})
+    runtime.setdefault("env", TrainerEnv(device=torch.device("cpu"), run_dir=base_dir or Path(".")))
+    runtime["runtime"] = runtime
+    return build_component(ComponentSpec("x", path, cls, kwargs, common), runtime)

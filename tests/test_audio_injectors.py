@@ -2,11 +2,9 @@
 import pytest
 import torch
 import torchaudio
-from safetensors.torch import save_file
-
 import trainer.injectors.audio  # noqa: F401 - registers the audio injectors
-from trainer.component import build_component
-from trainer.config import ComponentSpec
+from conftest import build_from_yaml
+from safetensors.torch import save_file
 from trainer.injectors import INJECTORS
 from utils.schema import Problems
 
@@ -15,15 +13,7 @@ COMMON = ("type", "in", "out", "train", "eval", "after", "before", "every")
 
 def build(options, path="steps.s.injectors.x"):
     """Validate YAML-style options as the trainer does and build the injector."""
-    cls = INJECTORS.get(options["type"])
-    problems = Problems()
-    kwargs = cls.check_options({k: v for k, v in options.items() if k not in COMMON}, path,
-                               problems, None, COMMON)
-    assert not problems, problems.items
-    common = {k: v for k, v in options.items() if k in COMMON and k != "type"}
-    runtime = {}
-    runtime["runtime"] = runtime
-    return build_component(ComponentSpec("x", path, cls, kwargs, common), runtime)
+    return build_from_yaml(INJECTORS, options, path=path)
 
 
 def reference_mel(wav, **kw):

@@ -1,5 +1,4 @@
 """train.py as a user runs it: from the repo root or codebase/, errors, stdin commands, Ctrl-C."""
-import os
 import signal
 import subprocess
 import sys
@@ -102,4 +101,4 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
     r = run(["codebase/train.py", "-opt", str(path), "-o", f"train.niter={stopped_at + 3}",
              "-o", "path.resume_state=auto", "-o", "logger.print_freq=1"])
     assert r.returncode == 0, r.stderr
-    assert f"resumed from" in r.stdout and f"[step {stopped_at + 1}/" in r.stdout
+    assert "resumed from" in r.stdout and f"[step {stopped_at + 1}/" in r.stdout

@@ -6,17 +6,19 @@ import importlib.util
 import math
 import socket
 
+import models.audio.codecs.dac  # noqa: F401  (registers "dac"; importable without the package)
 import pytest
 import torch
 import torchaudio.functional as AF
-
-import models.audio.codecs.dac  # noqa: F401  (registers "dac"; importable without the package)
+from conftest import build_from_yaml
 from models.audio.codecs.base import CodecUnavailable, build_codec
-from models.audio.codecs.encodec import (ENCODEC_24KHZ_FILE, ENCODEC_24KHZ_URL, EncodecCodec,
-                                         encodec_cache_path)
+from models.audio.codecs.encodec import (
+    ENCODEC_24KHZ_FILE,
+    ENCODEC_24KHZ_URL,
+    EncodecCodec,
+    encodec_cache_path,
+)
 from models.audio.codecs.vocos import VOCOS_WEIGHTS, VocosCodec, _vocos_weights
-from trainer.component import TrainerEnv, build_component
-from trainer.config import ComponentSpec
 from trainer.injectors.base import INJECTORS
 from trainer.injectors.codec import shared_codec
 from utils.schema import Problems
@@ -204,14 +206,7 @@ COMMON = ("type", "in", "out", "train", "eval", "after", "before", "every")
 
 
 def build(options: dict, tmp_path, path: str = "steps.s.injectors.x"):
-    cls = INJECTORS.get(options["type"])
-    problems = Problems()
-    kwargs = cls.check_options({k: v for k, v in options.items() if k not in COMMON}, path,
-                               problems, tmp_path, COMMON)
-    assert not problems, problems.items
-    common = {k: v for k, v in options.items() if k in COMMON and k != "type"}
-    env = TrainerEnv(device=torch.device("cpu"), run_dir=tmp_path)
-    return build_component(ComponentSpec("x", path, cls, kwargs, common), {"env": env})
+    return build_from_yaml(INJECTORS, options, base_dir=tmp_path, path=path)
 
 
 def test_audio_to_codes_resamples_and_counts_frames(encodec, tmp_path):

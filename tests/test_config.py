@@ -1,6 +1,4 @@
 """Every start-up error a user can trigger, and DLAS spellings."""
-import logging
-from pathlib import Path
 
 import pytest
 

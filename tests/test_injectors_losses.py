@@ -1,27 +1,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_from_yaml
 from torch import nn
-
 from trainer.component import Gate
 from trainer.config import ComponentSpec
-from trainer.component import build_component
-from trainer.injectors import INJECTORS, ForEachInjector, GeneratorInjector
+from trainer.injectors import INJECTORS, ForEachInjector
 from trainer.losses import LOSSES, loss_input_keys
 from utils.schema import Problems
 
 
 def build(registry, options, runtime=None, path="steps.s.x"):
-    common_keys = ("type", "in", "out", "train", "eval", "after", "before", "every", "weight")
-    cls = registry.get(options["type"])
-    problems = Problems()
-    kwargs = cls.check_options({k: v for k, v in options.items() if k not in common_keys},
-                               path, problems, None, common_keys)
-    assert not problems, problems.items
-    common = {k: v for k, v in options.items() if k in common_keys and k != "type"}
-    runtime = runtime or {}
-    runtime["runtime"] = runtime
-    return build_component(ComponentSpec("x", path, cls, kwargs, common), runtime)
+    return build_from_yaml(registry, options, runtime, path=path)
 
 
 class TwoHeads(nn.Module):

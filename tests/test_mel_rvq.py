@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from models.audio.codecs.base import CodecUnavailable, build_codec
-from models.audio.codecs.mel_rvq import MelRVQCodec, kmeans
+from models.audio.codecs.kmeans import kmeans
+from models.audio.codecs.mel_rvq import MelRVQCodec
 
 SR = 16000
 SMALL = dict(n_levels=3, codebook_size=16)

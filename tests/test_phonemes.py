@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.audio import phonemes
 from data.audio.phonemes import (PhonemeVocab, Phonemizer, espeak_library, main,
                                  split_symbols)
 from test_injectors_losses import build

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from trainer.component import Component, TrainerEnv
+from trainer.component import Component
 from trainer.registry import Registry
 from utils.schema import Problems
 
