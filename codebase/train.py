@@ -12,15 +12,12 @@ import sys
 # Python puts this file's folder (codebase/) first on sys.path, so `python codebase/train.py`
 # from the repository root imports the same packages as `python train.py` from codebase/.
 from trainer.config import validate_experiment
-from utils.options import load_options
+from utils.options import experiment_parser, load_options
 from utils.schema import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an option, e.g. -o train.niter=100 (value parsed as YAML)")
+    p = experiment_parser(__doc__)
     p.add_argument("--dry-run", action="store_true",
                    help="validate the experiment and exit without training")
     return p.parse_args(argv)

@@ -5,6 +5,7 @@ Validation against the schema lives in :mod:`trainer.config`; this module only t
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import importlib.util
@@ -40,6 +41,16 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError([("", f"invalid YAML: {e}")], source) from None
+
+
+def experiment_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with the options every experiment CLI takes: ``-opt FILE`` and ``-o KEY=VALUE``."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an option, e.g. -o train.niter=100 (value parsed as YAML)")
+    return p
 
 
 def find_options_file(path: str | Path) -> Path:

@@ -19,7 +19,6 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
-import argparse
 import hashlib
 import logging
 import re
@@ -316,14 +315,11 @@ def write_samples(dataset: PairedVoiceAudioDataset, out: Path, n: int) -> list[P
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.options import load_options
+    from utils.options import experiment_parser, load_options
     from utils.schema import ConfigError
 
-    p = argparse.ArgumentParser(description="Check a paired_voice_audio dataset: counts, "
-                                            "durations, skipped items, sample wav/png files.")
-    p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an option, e.g. -o datasets.train.max_wav_length=100000")
+    p = experiment_parser("Check a paired_voice_audio dataset: counts, durations, skipped "
+                          "items, sample wav/png files.")
     p.add_argument("--phase", default="train", help="which datasets.<phase> to check")
     p.add_argument("--samples", type=int, default=4, help="items to write as wav + png")
     p.add_argument("--out", type=Path, default=None,

@@ -15,7 +15,6 @@ attributes: ``codec`` and ``phonemizer`` (JSON configs), ``vocab`` (JSON symbol 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -350,13 +349,10 @@ def read_ids(h5_path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import validate_experiment
-    from utils.options import load_options
+    from utils.options import experiment_parser, load_options
     from utils.schema import ConfigError
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    args = experiment_parser(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         exp = validate_experiment(load_options(args.opt, args.override))
