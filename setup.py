@@ -28,6 +28,7 @@ setup(
         "espeakng-loader",
         "encodec",
         "vocos",
+        "auraloss",
     ],
     extras_require={
         "wandb": ["wandb"],

@@ -114,3 +114,16 @@ def test_on_the_fly_codes_and_phonemes(tmp_path):
     trainer.step_callbacks.append(lambda s, logs: seen.__setitem__(s, logs["loss/ce"].item()))
     trainer.train()
     assert len(seen) == 2 and all(v > 0 for v in seen.values())
+
+
+def test_checkpoints_carry_vocab_phonemizer_and_codec(tmp_path):
+    import json
+
+    from utils.io import read_network_metadata
+    path = h5_experiment(tmp_path, niter=1)
+    trainer = ExtensibleTrainer(validate_experiment(load_options(path)))
+    trainer.train()
+    meta = read_network_metadata(trainer.checkpoints.network_path(1, "lm"))
+    assert json.loads(meta["codec"])["name"] == "mel_rvq"
+    assert json.loads(meta["phonemizer"])["language"] == "en-us"
+    assert meta["phoneme_vocab"] == trainer.datasets["train"].vocab.to_json()

@@ -8,7 +8,9 @@ hooks the loader uses when present:
 - ``batch_keys``: the keys of a batch, used to check injector inputs at start-up without
   loading data (default: read from the first item);
 - ``make_batch_sampler(batch_size, shuffle, seed, rank, world_size, drop_last)``: a
-  :class:`data.loader.ResumableBatchSampler`-like object (e.g. token-budget buckets).
+  :class:`data.loader.ResumableBatchSampler`-like object (e.g. token-budget buckets);
+- ``checkpoint_metadata() -> dict[str, str]``: strings saved in every network checkpoint
+  (e.g. the phoneme vocabulary and codec config that inference needs).
 """
 from __future__ import annotations
 

@@ -57,8 +57,13 @@ class CheckpointManager:
         networks: dict[str, tuple[nn.Module, str, dict]],
         state: dict[str, Any],
         ema: dict[str, nn.Module] | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Path:
-        """Write all networks (and EMA copies), then the training state, then prune old steps."""
+        """Write all networks (and EMA copies), then the training state, then prune old steps.
+
+        ``metadata`` (strings) goes into every network file, e.g. the phoneme vocabulary and
+        codec config that synthesis needs besides the weights.
+        """
         ema = ema or {}
         unknown = sorted(set(ema) - set(networks))
         if unknown:
@@ -68,7 +73,7 @@ class CheckpointManager:
                 f"pass the live network under the same name"
             )
         for name, (module, which_model, kwargs) in networks.items():
-            extra = {"step": str(step), "network": name}
+            extra = {**(metadata or {}), "step": str(step), "network": name}
             save_network(module, self.network_path(step, name), which_model=which_model,
                          kwargs=kwargs, extra=extra)
             if name in ema:

@@ -54,6 +54,9 @@ class ExtensibleTrainer:
 
         self.datasets = {phase: self._build_dataset(phase, spec)
                          for phase, spec in exp.dataset_specs.items()}
+        # e.g. the phoneme vocabulary and codec of the training data, for inference
+        get_metadata = getattr(self.datasets["train"], "checkpoint_metadata", None)
+        self.checkpoint_metadata: dict[str, str] = get_metadata() if get_metadata else {}
         self._check_state_keys()
         self._build_networks()
         self.env = TrainerEnv(device=self.device, run_dir=self.run_dir, precision=exp.precision)
@@ -332,7 +335,8 @@ class ExtensibleTrainer:
                 "config": yaml.safe_dump(self.exp.raw, sort_keys=False),
             }
             path = self.checkpoints.save(self.step, nets, state,
-                                         ema={n: e.module for n, e in self.ema.items()})
+                                         ema={n: e.module for n, e in self.ema.items()},
+                                         metadata=self.checkpoint_metadata)
             self.logger.info(f"saved checkpoint at step {self.step}: {path}")
         distributed.barrier()
         return path

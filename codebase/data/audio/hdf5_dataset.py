@@ -93,6 +93,11 @@ class Hdf5CodesDataset(Dataset):
     def codec_config(self) -> dict:
         return json.loads(self.attrs["codec"])
 
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """What a model trained on this data needs at inference: saved in every checkpoint."""
+        return {"phoneme_vocab": str(self.attrs["vocab"]), "phonemizer": str(self.attrs["phonemizer"]),
+                "codec": str(self.attrs["codec"])}
+
     def __len__(self) -> int:
         return len(self.rows)
 
