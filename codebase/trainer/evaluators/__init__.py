@@ -28,3 +28,6 @@ class Evaluator(Component):
 
     def evaluate(self, step: int) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+from trainer.evaluators import tts_samples  # noqa: E402,F401 - registers tts_samples

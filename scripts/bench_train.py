@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""VALL-E training throughput: tokens/s and (on a GPU) model FLOPs utilisation.
+
+    python scripts/bench_train.py [--size small|reference] [--device auto] [--precision bf16]
+                                  [--batch 8] [--target-frames 300] [--steps 10]
+
+Trains the registered ``valle`` network on random batches of realistic shape (phonemes,
+a 3 s prompt, the target) with AdamW, the way a training step does (AR + NAR losses, backward,
+clip, step). Tokens are the positions the transformer processes per item: phonemes + prompt +
+target, for the AR and the NAR pass each. MFU = achieved FLOPs / the device's peak, with
+FLOPs ~ 6 x parameters x tokens + attention (12 x layers x d_model x seq^2 per sequence).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "codebase"))
+
+import torch  # noqa: E402
+
+import trainer.components  # noqa: E402,F401 - registers the models
+from models import build_network  # noqa: E402
+
+SIZES = {
+    "small": dict(d_model=256, n_layers=4, n_heads=4, n_levels=4, codebook_size=256,
+                  n_phonemes=128),
+    "reference": dict(d_model=1024, n_layers=12, n_heads=16, n_levels=8, codebook_size=1024,
+                      n_phonemes=256),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def batch(cfg: dict, b: int, target: int, prompt: int, phonemes: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    lv, k = cfg["n_levels"], cfg["codebook_size"]
+    return {
+        "phonemes": torch.randint(3, cfg["n_phonemes"], (b, phonemes), generator=g).to(device),
+        "phoneme_lengths": torch.full((b,), phonemes, device=device),
+        "prompt": torch.randint(0, k, (b, lv, prompt), generator=g).to(device),
+        "prompt_lengths": torch.full((b,), prompt, device=device),
+        "codes": torch.randint(0, k, (b, lv, target), generator=g).to(device),
+        "code_lengths": torch.full((b,), target, device=device),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--target-frames", type=int, default=300)
+    p.add_argument("--prompt-frames", type=int, default=120)
+    p.add_argument("--phonemes", type=int, default=80)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--checkpointing", action="store_true")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    cfg = dict(SIZES[args.size], dropout=0.1, checkpointing=args.checkpointing)
+    model = build_network("valle", cfg).to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    data = batch(cfg, args.batch, args.target_frames, args.prompt_frames, args.phonemes, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> None:
+        with autocast:
+            out = model(**data)
+            loss = out["loss_ar"] + out["loss_nar"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up (allocator, kernels)
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    seq = args.phonemes + args.prompt_frames + args.target_frames
+    tokens = 2 * seq * args.batch * args.steps  # AR pass + NAR pass
+    flops = (6 * n_params * tokens
+             + 12 * cfg["n_layers"] * cfg["d_model"] * seq ** 2 * 2 * args.batch * args.steps)
+    print(f"valle {args.size}: {n_params / 1e6:.1f}M parameters, {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"{precision}, batch {args.batch} x {seq} positions, checkpointing "
+          f"{args.checkpointing}")
+    print(f"  {args.steps / elapsed:.2f} steps/s | {tokens / elapsed:,.0f} tokens/s | "
+          f"{args.batch * args.target_frames * args.steps / elapsed:,.0f} target frames/s")
+    peak = peak_flops(device)
+    if peak:
+        print(f"  model FLOPs utilisation: {flops / elapsed / peak * 100:.1f}% of "
+              f"{peak / 1e12:.0f} TFLOP/s")
+    if device.type == "cuda":
+        print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

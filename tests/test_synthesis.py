@@ -1,0 +1,254 @@
+"""Synthesis from a checkpoint (Python API and CLI) and the tts_samples evaluator in training."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO
+from test_prepare import TEXTS, make_corpus
+from test_trainer import tb_scalars
+
+from data.audio.phonemes import Phonemizer, PhonemeVocab
+from models.audio.codecs import CodecUnavailable
+from models.audio.tts.synthesis import Synthesizer, pad_batch  # registers `valle` too
+from trainer.evaluators.tts_samples import TtsSamplesEvaluator, mel_stft_loss  # registers it
+from utils.io import save_network
+
+# Architecture of the random mel_rvq codec the model's codes belong to (16 kHz, 50 frames/s).
+CODEC_ARCH = {"n_levels": 2, "codebook_size": 16, "n_mels": 40, "hop_length": 320}
+TINY = {"n_phonemes": 64, "codebook_size": 16, "n_levels": 2, "d_model": 32, "n_layers": 1,
+        "n_heads": 2, "ff_mult": 2, "dropout": 0.0, "max_positions": 512}
+SYNTH_OPTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def write_checkpoint(path, **extra_override):
+    from models.audio.tts.valle import VALLE
+
+    torch.manual_seed(0)
+    model = VALLE(**TINY)
+    phonemizer = Phonemizer()
+    vocab = PhonemeVocab.build(phonemizer.phonemize_symbols(TEXTS))
+    extra = {"phoneme_vocab": vocab.to_json(), "phonemizer": json.dumps(phonemizer.config()),
+             # a fitted codec file that is not on this machine: tests override `pretrained`
+             "codec": json.dumps({"name": "mel_rvq", "checkpoint": str(path.parent / "gone.st"),
+                                  "pretrained": True, **CODEC_ARCH})}
+    extra.update(extra_override)
+    save_network(model, path, which_model="valle", kwargs=TINY,
+                 extra={k: v for k, v in extra.items() if v is not None})
+    return model
+
+
+def write_prompt(path, seconds=1.5, sr=22050):
+    """A harmonic tone at another rate than the codec's, so loading must resample."""
+    t = np.arange(int(sr * seconds)) / sr
+    wav = sum(np.sin(2 * math.pi * 150 * k * t) / k for k in range(1, 5))
+    sf.write(path, (0.2 * wav).astype(np.float32), sr)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    model = write_checkpoint(root / "valle.safetensors")
+    return root / "valle.safetensors", model, write_prompt(root / "ref.wav")
+
+
+def test_synthesizer_round_trip(checkpoint):
+    path, model, ref = checkpoint
+    synth = Synthesizer.from_checkpoint(path, codec_options={"pretrained": False})
+    assert synth.sample_rate == 16000 and synth.frame_rate == 50
+    for name, tensor in model.state_dict().items():  # the saved weights, not a fresh init
+        assert torch.equal(synth.model.state_dict()[name], tensor), name
+    assert not synth.model.training
+
+    prompt = synth.encode_prompt(ref, seconds=1.0)
+    assert prompt.shape == (2, 16000 // 320 + 1) and prompt.dtype == torch.long
+    assert synth.encode_prompt(ref, seconds=None).shape[1] == int(1.5 * 16000) // 320 + 1
+    wav, _ = sf.read(ref, dtype="float32")
+    from_tensor = synth.encode_prompt(torch.from_numpy(wav), seconds=1.0, sample_rate=22050)
+    assert torch.equal(from_tensor, prompt)  # a tensor at its own rate = the file
+
+    texts = ["the cat sat down", "time flies like an arrow"]
+    wavs = synth.synthesize(texts, prompt, max_duration=0.4, seed=0, **SYNTH_OPTS)
+    assert len(wavs) == 2
+    for w in wavs:
+        assert w.dim() == 1 and 0 < w.numel() <= 0.4 * 16000 and torch.isfinite(w).all()
+        assert w.numel() % 320 == 0  # whole code frames
+    again = synth.synthesize(texts, [prompt, prompt], max_duration=0.4, seed=0, **SYNTH_OPTS)
+    assert all(torch.equal(a, b) for a, b in zip(wavs, again))  # seeded: repeatable
+
+    with pytest.raises(TypeError, match="list of texts"):
+        synth.synthesize("one text", prompt)
+    with pytest.raises(ValueError, match="2 texts but 3 prompts"):
+        synth.synthesize(texts, [prompt] * 3)
+    with pytest.raises(ValueError, match="no phonemes"):
+        synth.synthesize(["  "], prompt)
+
+
+def test_codec_options_override_the_stored_config(checkpoint):
+    path, _, _ = checkpoint
+    with pytest.raises(CodecUnavailable, match="gone.st not found"):
+        Synthesizer.from_checkpoint(path)  # the stored mel_rvq file is missing here
+    synth = Synthesizer.from_checkpoint(path, codec_options={"pretrained": False,
+                                                             "griffin_lim_iters": 2})
+    assert synth.codec.griffin_lim_iters == 2
+
+
+def test_checkpoint_without_synthesis_metadata(tmp_path):
+    path = tmp_path / "bare.safetensors"
+    write_checkpoint(path, phoneme_vocab=None, codec=None)
+    with pytest.raises(ValueError) as e:
+        Synthesizer.from_checkpoint(path)
+    msg = str(e.value)
+    assert "'phoneme_vocab', 'codec'" in msg and "VALL-E checkpoint saved by this trainer" in msg
+    assert str(path) in msg
+
+
+def test_cli_writes_wavs(checkpoint, tmp_path):
+    path, _, ref = checkpoint
+    out = tmp_path / "out.wav"
+    r = subprocess.run(
+        [sys.executable, "synthesize.py", "--model", str(path), "--text", "the cat sat down",
+         "--text", "bring me the red book", "--prompt", str(ref), "--prompt-seconds", "1",
+         "--out", str(out), "--max-duration", "0.5", "--seed", "3", "--device", "cpu",
+         "--codec-option", "pretrained=false"],
+        cwd=REPO / "codebase", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for i in range(2):
+        info = sf.info(str(tmp_path / f"out_{i}.wav"))
+        assert info.samplerate == 16000 and 0 < info.frames <= 0.5 * 16000
+        assert f"wrote {tmp_path / f'out_{i}.wav'}" in r.stdout
+    assert "real-time factor" in r.stdout and not out.exists()
+
+
+def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
+    import synthesize
+
+    path, _, ref = checkpoint
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat down\n\nopen the door slowly\n", encoding="utf-8")
+    rc = synthesize.main(["--model", str(path), "--text-file", str(texts), "--prompt", str(ref),
+                          "--out-dir", str(tmp_path / "wavs"), "--max-duration", "0.3",
+                          "--batch-size", "1", "--device", "cpu",
+                          "--codec-option", "pretrained=false"])
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0.wav", "1.wav"]
+    assert "2 file(s)" in capsys.readouterr().out
+
+    bare = tmp_path / "bare.safetensors"
+    write_checkpoint(bare, codec=None)
+    rc = synthesize.main(["--model", str(bare), "--text", "hi", "--prompt", str(ref),
+                          "--out", str(tmp_path / "x.wav")])
+    assert rc == 2 and "no 'codec' metadata" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        synthesize.main(["--model", str(path), "--prompt", str(ref)])  # no text
+    assert "at least one --text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        synthesize.main(["--model", str(path), "--prompt", str(ref), "--text", "a",
+                         "--codec-option", "pretrained"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_pad_batch():
+    batch, lengths = pad_batch([torch.ones(2, 3, dtype=torch.long), torch.ones(2, 1,
+                                                                                  dtype=torch.long)])
+    assert batch.shape == (2, 2, 3) and lengths.tolist() == [3, 1] and batch[1, :, 1:].sum() == 0
+
+
+def test_mel_stft_score_matches_auraloss_definition():
+    """Zero for identical audio, positive otherwise, and auraloss' mel filters (no librosa)."""
+    loss = mel_stft_loss(16000)
+    x = torch.randn(1, 1, 8000) * 0.1
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-5)
+    assert float(loss(x, torch.randn(1, 1, 8000) * 0.1)) > 0.1
+    assert loss.fb.shape == (1, 80, 513)
+
+
+def test_evaluator_checks_its_runtime_arguments(tmp_path):
+    from trainer.component import TrainerEnv
+
+    env = TrainerEnv(device=torch.device("cpu"), run_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"no network 'valle'; the networks are \['lm'\]"):
+        TtsSamplesEvaluator(networks={"lm": None}, env=env, datasets={}, logger=None)
+    with pytest.raises(ValueError, match=r"no dataset phase 'val'; the datasets are \['train'\]"):
+        TtsSamplesEvaluator(networks={"valle": None}, env=env, datasets={"train": []},
+                            logger=None)
+
+
+def test_tts_samples_evaluator_during_training(tmp_path):
+    make_corpus(tmp_path / "corpus", n=8)
+    data = {"mode": "hdf5_codes", "path": "data/data.h5", "batch_size": 4, "prompt_frames": 8}
+    opt = {
+        "name": "valle", "seed": 3, "device": "cpu",
+        "datasets": {
+            "train": {**data, "prepare": {"fetcher_mode": "tsv", "path": "corpus/index.tsv",
+                                          "codec": "mel_rvq", "codec_options": CODEC_ARCH,
+                                          "fit_iters": 3}},
+            "val": data},
+        "networks": {"valle": {"which_model_G": "valle", "kwargs": TINY}},
+        "steps": {"fit": {
+            "training": "valle", "optimizer_params": {"lr": 1e-3},
+            "injectors": {"fwd": {
+                "type": "generator", "generator": "valle",
+                "in": {k: k for k in ("phonemes", "phoneme_lengths", "prompt", "prompt_lengths",
+                                      "codes", "code_lengths")},
+                "out": ["loss_ar", "loss_nar", "acc_ar", "acc_nar"]}},
+            "losses": {"ar": {"type": "direct", "key": "loss_ar"},
+                       "nar": {"type": "direct", "key": "loss_nar"}}}},
+        "train": {"niter": 2},
+        "eval": {"every": 2, "evaluators": {"samples": {
+            "type": "tts_samples", "dataset": "val", "num_samples": 2,
+            "max_duration_factor": 1.5, "top_k": 4}}},
+        "logger": {"print_freq": 1, "progress_bar": False, "stdin_commands": False},
+    }
+    path = tmp_path / "valle.yml"
+    path.write_text(yaml.safe_dump(opt, sort_keys=False))
+    from trainer.config import validate_experiment
+    from trainer.extensible_trainer import ExtensibleTrainer
+    from utils.options import load_options
+
+    runner = ExtensibleTrainer(validate_experiment(load_options(path)))
+    runner.train()
+    run = tmp_path / "valle"
+    val = runner.datasets["val"]
+    folder = run / "samples" / "2"
+    for j in range(2):
+        name = val.ids[j]
+        for suffix in ("", "_ref"):
+            assert (folder / f"{name}{suffix}.wav").is_file()
+            assert (folder / f"{name}{suffix}.png").is_file()
+        gen = sf.info(str(folder / f"{name}.wav")).frames
+        ref = sf.info(str(folder / f"{name}_ref.wav")).frames
+        assert ref == val.frames(j) * 320 and 0 < gen <= math.ceil(1.5 * val.frames(j)) * 320
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{val.ids[j]}{s}.{e}" for j in range(2) for s in ("", "_ref") for e in ("wav", "png"))
+    scalars = tb_scalars(run)
+    (step, mel), = scalars["eval/mel_stft"]
+    (_, ratio), = scalars["eval/duration_ratio"]
+    assert step == 2 and mel > 0
+    assert 0 < ratio <= max(math.ceil(1.5 * val.frames(j)) / val.frames(j) for j in range(2))
+    acc = EventAccumulator(str(run / "tb_logger"))
+    acc.Reload()
+    name = val.ids[0]
+    assert {f"samples/{name}", f"samples/{name}_ref"} <= set(acc.Tags()["audio"])
+    assert {f"samples/{name}_mel", f"samples/{name}_ref_mel"} <= set(acc.Tags()["images"])
+
+    # The same weights and seed give the same samples: evaluations differ only by training.
+    ev = runner.evaluators[0]
+    again = ev.evaluate(2)
+    assert again["mel_stft"] == pytest.approx(mel, rel=1e-5)
+    assert again["duration_ratio"] == pytest.approx(ratio, rel=1e-6)
+
+    # The trainer's own checkpoint synthesizes with no options: its metadata names the fitted
+    # codec file beside data.h5, the vocab and the phonemizer.
+    synth = Synthesizer.from_checkpoint(runner.checkpoints.network_path(2, "valle"))
+    assert synth.codec.pretrained and synth.vocab == val.vocab
+    wav, = synth.synthesize(["the cat sat down"], val[0]["prompt"], max_duration=0.3, seed=0)
+    assert 0 < wav.numel() <= 0.3 * 16000
