@@ -26,13 +26,15 @@ import torch  # noqa: E402
 
 import trainer.components  # noqa: E402,F401 - registers the models
 from models import build_network  # noqa: E402
+from models.audio.tts.valle import REFERENCE_CONFIG  # noqa: E402
+from trainer.engines import resolve_device  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
 from models.audio.codecs import build_codec  # noqa: E402
 
 SIZES = {
     "small": dict(d_model=256, n_layers=4, n_heads=4, n_levels=8, codebook_size=1024,
                   n_phonemes=128),
-    "reference": dict(d_model=1024, n_layers=12, n_heads=16, n_levels=8, codebook_size=1024,
-                      n_phonemes=256),
+    "reference": REFERENCE_CONFIG,
 }
 
 
@@ -52,8 +54,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device, DistInfo(0, 0, 1))
     cfg = dict(SIZES[args.size], dropout=0.0)
     model = build_network("valle", cfg).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())

@@ -24,12 +24,14 @@ import torch  # noqa: E402
 
 import trainer.components  # noqa: E402,F401 - registers the models
 from models import build_network  # noqa: E402
+from models.audio.tts.valle import REFERENCE_CONFIG  # noqa: E402
+from trainer.engines import resolve_device  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
 
 SIZES = {
     "small": dict(d_model=256, n_layers=4, n_heads=4, n_levels=4, codebook_size=256,
                   n_phonemes=128),
-    "reference": dict(d_model=1024, n_layers=12, n_heads=16, n_levels=8, codebook_size=1024,
-                      n_phonemes=256),
+    "reference": REFERENCE_CONFIG,
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
@@ -72,8 +74,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device, DistInfo(0, 0, 1))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     cfg = dict(SIZES[args.size], dropout=0.1, checkpointing=args.checkpointing)
     model = build_network("valle", cfg).to(device).train()

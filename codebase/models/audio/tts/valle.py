@@ -58,6 +58,11 @@ def take(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
     return h.gather(1, idx[..., None].expand(-1, -1, h.shape[2]))
 
 
+# The reference size of the benchmarks and the full recipe: 168M parameters with shared weights.
+REFERENCE_CONFIG = dict(n_phonemes=256, codebook_size=1024, n_levels=8, d_model=1024, n_layers=12,
+                        n_heads=16)
+
+
 @register_model("valle")
 class VALLE(nn.Module):
     """VALL-E over ``n_levels`` residual codebooks of ``codebook_size`` codes.
