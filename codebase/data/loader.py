@@ -129,6 +129,17 @@ def eval_loader(dataset: Dataset, batch_size: int | None, num_workers: int, rank
                       collate_fn=collate_fn_of(dataset))
 
 
+def pad_batch(sequences: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad along the last dim: [.., n_i] tensors -> ([B, .., max n], lengths [B])."""
+    lengths = torch.tensor([int(s.shape[-1]) for s in sequences], dtype=torch.long)
+    longest = int(lengths.max()) if len(sequences) else 0
+    first = sequences[0]
+    out = first.new_full((len(sequences), *first.shape[:-1], longest), pad)
+    for b, s in enumerate(sequences):
+        out[b, ..., : s.shape[-1]] = s
+    return out, lengths
+
+
 def batch_size_of(batch: Any) -> int:
     """Number of items in a collated batch (first tensor's dim 0, else first list's length)."""
     values = batch.values() if isinstance(batch, dict) else batch

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from data import register_dataset
 from data.audio.bucket_sampler import BucketBatchSampler
+from data.loader import pad_batch
 from data.audio.paired_dataset import split_fraction
 from data.audio.prepare import PrepareOptions, prepare as prepare_corpus
 from utils import distributed
@@ -142,16 +143,10 @@ class Hdf5CodesDataset(Dataset):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
-        for key in ("codes", "prompt"):
-            lengths = [it[key].shape[1] for it in items]
-            padded = torch.zeros(len(items), self.n_levels, max(lengths), dtype=torch.long)
-            for b, it in enumerate(items):
-                padded[b, :, : lengths[b]] = it[key]
-            batch[key] = padded
-            batch["code_lengths" if key == "codes" else "prompt_lengths"] = torch.tensor(lengths)
-        batch["phonemes"] = torch.nn.utils.rnn.pad_sequence(
-            [it["phonemes"] for it in items], batch_first=True, padding_value=self.vocab.pad_id)
-        batch["phoneme_lengths"] = torch.tensor([len(it["phonemes"]) for it in items])
+        batch["codes"], batch["code_lengths"] = pad_batch([it["codes"] for it in items])
+        batch["prompt"], batch["prompt_lengths"] = pad_batch([it["prompt"] for it in items])
+        batch["phonemes"], batch["phoneme_lengths"] = pad_batch(
+            [it["phonemes"] for it in items], pad=self.vocab.pad_id)
         for key in ("speaker", "text", "id"):
             batch[key] = [it[key] for it in items]
         return batch

@@ -23,23 +23,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from data.loader import pad_batch
+from trainer.engines import resolve_device as engine_device
+from utils.distributed import DistInfo
+
 REQUIRED_METADATA = ("phoneme_vocab", "phonemizer", "codec")
 # Networks synthesis knows how to drive; imported on demand so that they are registered.
 _NETWORK_MODULES = {"valle": "models.audio.tts.valle"}
 
 
 # ----------------------------------------------------------------------------- batch helpers
-
-
-def pad_batch(sequences: Sequence[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad along the last dim: [.., n_i] tensors -> ([B, .., max n], lengths [B])."""
-    lengths = torch.tensor([int(s.shape[-1]) for s in sequences], dtype=torch.long)
-    longest = int(lengths.max()) if len(sequences) else 0
-    first = sequences[0]
-    out = first.new_full((len(sequences), *first.shape[:-1], longest), pad)
-    for b, s in enumerate(sequences):
-        out[b, ..., : s.shape[-1]] = s
-    return out, lengths
 
 
 @torch.no_grad()
@@ -94,10 +87,8 @@ def decode_codes(codec: nn.Module, codes: Sequence[torch.Tensor]) -> list[torch.
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as torch reads it."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``auto`` -> cuda when available, else cpu (the trainer's rule, single process)."""
+    return engine_device(str(device), DistInfo(0, 0, 1))
 
 
 def build_codec_from_config(config: dict[str, Any], overrides: dict[str, Any] | None = None,
