@@ -6,22 +6,29 @@ deterministic speech, made in milliseconds per sentence with no download.
 espeak keeps all its state in C globals, so the library is loaded from a private copy (as
 phonemizer's ``EspeakWrapper`` does with its own copy): the two instances never share voice,
 rate or callback settings, and phonemizer keeps working in the same process. The instance is
-a lazy per-process singleton and is NOT thread-safe: synthesize from one thread per process
-(worker pools should use processes).
+a lazy per-process singleton, reloaded for every utterance so that output depends only on the
+arguments (see ``_Espeak.reload``); it is NOT thread-safe: synthesize from one thread per
+process (worker pools should use processes).
 
 Check from ``codebase/``: ``python -m data.audio.espeak_synth "Hello there." --out /tmp/a.wav``.
 """
 from __future__ import annotations
 
+import _ctypes
 import argparse
 import ctypes
+import functools
 import shutil
 import tempfile
+import weakref
+from multiprocessing import util as mp_util
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchaudio.functional as AF
+
+from trainer.registry import did_you_mean
 
 # speak_lib.h constants (espeak-ng 1.5x; the values are part of its stable ABI).
 AUDIO_OUTPUT_SYNCHRONOUS = 2  # espeak_AUDIO_OUTPUT: synthesize in the calling thread
@@ -35,28 +42,48 @@ BUFFER_MS = 200  # callback chunk length; only affects how often the callback ru
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                              ctypes.c_void_p)
 
+RAND_SEED = 0
+_libc = ctypes.CDLL(None)  # the process's C library, whose rand() espeak's noise uses
+_libc.srand.argtypes = [ctypes.c_uint]
+
 SILENCE_THRESHOLD = 1e-3  # |x| below this (about -60 dBFS) counts as silence when trimming
 KEEP_SILENCE_S = 0.1  # silence kept at each end after trimming
 
 
 class _Espeak:
-    """The loaded, initialised library of this process and its sample collector."""
+    """This process's private copy of the library, reloaded fresh for every utterance."""
 
     def __init__(self) -> None:
         import espeakng_loader
 
-        library, data = espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
+        self.data = espeakng_loader.get_data_path()
         # dlopen returns the same handle for the same path: load a private copy so phonemizer's
-        # instance (its own copy) and ours have separate global state. Once loaded, the file
-        # can go; the mapping stays valid on Linux and macOS.
-        tmp = Path(tempfile.mkdtemp(prefix="espeak_synth_"))
-        try:
-            copy = tmp / Path(library).name
-            shutil.copy(library, copy)
-            self.lib = ctypes.CDLL(str(copy))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        lib = self.lib
+        # instance (its own copy) and ours have separate global state. The copy lives until
+        # the process exits (also a pool worker, which skips atexit: hence util.Finalize);
+        # copying it afresh per reload instead would cost a third of the build's time.
+        self.tmp = tempfile.mkdtemp(prefix="espeak_synth_")
+        weakref.finalize(self, shutil.rmtree, self.tmp, True)
+        mp_util.Finalize(self, shutil.rmtree, (self.tmp, True), exitpriority=0)
+        self.path = Path(self.tmp) / Path(espeakng_loader.get_library_path()).name
+        shutil.copy(espeakng_loader.get_library_path(), self.path)
+        self.chunks: list[np.ndarray] = []
+        # Keep a reference: ctypes would free the trampoline and espeak would call garbage.
+        self._callback = _CALLBACK(self._collect)
+        self.lib: ctypes.CDLL | None = None
+        self.sample_rate = self.reload()
+
+    def reload(self) -> int:
+        """Unload and load the library again; returns its sample rate.
+
+        espeak keeps synthesis state in C statics (the pitch-flutter phase, for one) that
+        espeak_Initialize does not reset, so the same call gives different samples depending
+        on what was spoken before. A fresh load (about 0.5 ms) makes every utterance depend
+        only on its own arguments: same corpus whatever the order or the number of workers.
+        """
+        if self.lib is not None:
+            self.lib.espeak_Terminate()
+            _ctypes.dlclose(self.lib._handle)  # last reference: the next dlopen starts afresh
+        self.lib = lib = ctypes.CDLL(str(self.path))
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
                                           ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
@@ -68,18 +95,20 @@ class _Espeak:
                                      ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
                                      ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
         for fn in ("espeak_SetVoiceByName", "espeak_SetParameter", "espeak_Synth",
-                   "espeak_Synchronize"):
+                   "espeak_Synchronize", "espeak_Terminate"):
             getattr(lib, fn).restype = ctypes.c_int
-        self.sample_rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, BUFFER_MS,
-                                                 data.encode(), 0)
-        if self.sample_rate <= 0:
-            raise RuntimeError(f"espeak_Initialize failed (data folder {data}); reinstall "
+        rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, BUFFER_MS, self.data.encode(), 0)
+        if rate <= 0:
+            raise RuntimeError(f"espeak_Initialize failed (data folder {self.data}); reinstall "
                                "espeakng-loader")
-        self.chunks: list[np.ndarray] = []
-        # Keep a reference: ctypes would free the trampoline and espeak would call garbage.
-        self._callback = _CALLBACK(self._collect)
         lib.espeak_SetSynthCallback(self._callback)
-        self.voice: bytes | None = None
+        # espeak_Initialize seeds the noise generators (breathy voices such as f2, f5) from
+        # the clock: fix both seeds, or the same call gives different samples each second.
+        # libc's srand is process-wide; nothing else in this process relies on rand().
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed(RAND_SEED)
+        _libc.srand(RAND_SEED)
+        return rate
 
     def _collect(self, wav, numsamples: int, events) -> int:
         if wav and numsamples > 0:  # a NULL wav with 0 samples marks the end of synthesis
@@ -100,6 +129,15 @@ def _espeak() -> _Espeak:
     if _instance is None:
         _instance = _Espeak()
     return _instance
+
+
+@functools.lru_cache(maxsize=1)
+def variants() -> frozenset[str]:
+    """Voice variants bundled with espeak-ng (``m1``..``m8``, ``f1``..``f5``, ``klatt`` ...)."""
+    import espeakng_loader
+
+    folder = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
+    return frozenset(f.name for f in folder.iterdir() if f.is_file())
 
 
 def trim_silence(wav: torch.Tensor, sample_rate: int, threshold: float = SILENCE_THRESHOLD,
@@ -140,12 +178,15 @@ class EspeakSynth:
             word_gap: extra pause between words, in units of 10 ms at the default rate.
         """
         es = _espeak()
+        if variant is not None and variant not in variants():
+            # espeak would silently speak the plain voice instead
+            raise ValueError(f"espeak variant {variant!r} does not exist"
+                             f"{did_you_mean(variant, variants())}; choose from "
+                             f"{', '.join(sorted(variants()))}")
+        es.reload()
         name = (f"{voice}+{variant}" if variant else voice).encode()
-        if name != es.voice:  # switching voice reloads files: skip it when unchanged
-            es.check(es.lib.espeak_SetVoiceByName(name), f"voice {name.decode()!r}")
-            es.voice = name
-        # Set after the voice, every call: SetVoiceByName resets pitch and range to the
-        # variant's own, and the singleton may have been left with another caller's values.
+        es.check(es.lib.espeak_SetVoiceByName(name), f"voice {name.decode()!r}")
+        # After the voice: SetVoiceByName resets pitch and range to the variant's own.
         for param, value in ((ESPEAK_RATE, rate), (ESPEAK_VOLUME, 100), (ESPEAK_PITCH, pitch),
                              (ESPEAK_RANGE, pitch_range), (ESPEAK_WORDGAP, word_gap)):
             es.check(es.lib.espeak_SetParameter(param, int(value), 0), f"parameter {param}")
