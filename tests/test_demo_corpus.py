@@ -181,3 +181,24 @@ def test_changed_arguments_rebuild(tmp_path):
                                progress=False)
     assert first.train_utterances + 2 == second.train_utterances
     assert json.loads((tmp_path / "corpus.json").read_text())["utterances"] == 26
+
+
+def test_demo_fetcher_builds_missing_corpus(tmp_path, monkeypatch):
+    from data.audio import demo_corpus
+    from data.audio.fetchers import fetch
+
+    calls = []
+    real = demo_corpus.build_demo_corpus
+
+    def small_build(out, **kwargs):
+        calls.append(out)
+        return real(out, utterances=30, speakers=3, workers=1, progress=False)
+
+    monkeypatch.setattr(demo_corpus, "build_demo_corpus", small_build)
+    items, skipped = fetch("demo", tmp_path / "corpus" / "train.tsv")
+    assert calls == [tmp_path / "corpus"] and items and not skipped
+    held, _ = fetch("demo", tmp_path / "corpus" / "heldout.tsv")
+    assert calls == [tmp_path / "corpus"]  # built once
+    assert not {u.text for u in held} & {u.text for u in items}
+    with pytest.raises(ValueError, match="train.tsv or heldout.tsv"):
+        fetch("demo", tmp_path / "elsewhere")

@@ -121,6 +121,21 @@ def fetch_tsv(root: Path) -> tuple[list[Utterance], Skipped]:
     return items, skipped
 
 
+@FETCHERS.register("demo")
+def fetch_demo(root: Path) -> tuple[list[Utterance], Skipped]:
+    """The offline demo corpus: ``path`` is its ``train.tsv`` or ``heldout.tsv``. When the corpus
+    is missing it is built first (``data.audio.demo_corpus`` with its defaults, about a minute)."""
+    from data.audio.demo_corpus import build_demo_corpus
+
+    root = Path(root)
+    if not root.is_file():
+        if root.name not in ("train.tsv", "heldout.tsv"):
+            raise ValueError(f"fetcher_mode demo: path must be a demo corpus's train.tsv or "
+                             f"heldout.tsv, got {root}")
+        build_demo_corpus(root.parent)
+    return fetch_tsv(root)
+
+
 def fetch(fetcher_mode: str | list[str], path: Path | str | list[Path] | list[str]
           ) -> tuple[list[Utterance], Skipped]:
     """Read one corpus or several: ``fetcher_mode`` and ``path`` are single values or lists of
