@@ -15,6 +15,7 @@ import argparse
 import json
 import multiprocessing as mp
 import random
+from typing import Callable
 import re
 import shutil
 import time
@@ -128,30 +129,29 @@ def _np(rng: random.Random) -> str:
     return " ".join([det] + words)
 
 
+# Sentence templates: (rng, transitive verb, its past, intransitive past) -> sentence.
+# Statements, questions, commands, counts and coordination, so prosody varies.
+_TEMPLATES: tuple[Callable[[random.Random, str, str, str], str], ...] = (
+    lambda r, verb, past, ipast: f"{_np(r)} {past} {_np(r)}.",
+    lambda r, verb, past, ipast: f"{_np(r)} {ipast} {r.choice(PREPOSITIONS)} {_np(r)}.",
+    lambda r, verb, past, ipast: (f"{r.choice(NAMES)} {r.choice(ADVERBS)} {past} {_np(r)} "
+                                  f"{r.choice(TIMES)}."),
+    lambda r, verb, past, ipast: f"did {_np(r)} {verb} {_np(r)}?",
+    lambda r, verb, past, ipast: (f"{r.choice(['where', 'when', 'why'])} did "
+                                  f"{r.choice(NAMES)} {verb} {_np(r)}?"),
+    lambda r, verb, past, ipast: f"{verb} {_np(r)} {r.choice(PREPOSITIONS)} {_np(r)}.",
+    lambda r, verb, past, ipast: f"please {verb} {_np(r)} {r.choice(ADVERBS)}.",
+    lambda r, verb, past, ipast: (f"{r.choice(NAMES)} and {r.choice(NAMES)} {past} "
+                                  f"{r.choice(NUMBERS)} {r.choice(ADJECTIVES)} "
+                                  f"{_plural(r.choice(NOUNS))}."),
+    lambda r, verb, past, ipast: f"{_np(r)} {ipast} and {_np(r)} {r.choice(INTRANSITIVE)[1]}.",
+)
+
+
 def _sentence_once(rng: random.Random) -> str:
-    np_, r = _np, rng
-    verb, past = r.choice(VERBS)
-    iverb, ipast = r.choice(INTRANSITIVE)
-    kind = r.randrange(9)
-    if kind == 0:
-        s = f"{np_(r)} {past} {np_(r)}."
-    elif kind == 1:
-        s = f"{np_(r)} {ipast} {r.choice(PREPOSITIONS)} {np_(r)}."
-    elif kind == 2:
-        s = f"{r.choice(NAMES)} {r.choice(ADVERBS)} {past} {np_(r)} {r.choice(TIMES)}."
-    elif kind == 3:
-        s = f"did {np_(r)} {verb} {np_(r)}?"
-    elif kind == 4:
-        s = f"{r.choice(['where', 'when', 'why'])} did {r.choice(NAMES)} {verb} {np_(r)}?"
-    elif kind == 5:
-        s = f"{verb} {np_(r)} {r.choice(PREPOSITIONS)} {np_(r)}."
-    elif kind == 6:
-        s = f"please {verb} {np_(r)} {r.choice(ADVERBS)}."
-    elif kind == 7:
-        s = (f"{r.choice(NAMES)} and {r.choice(NAMES)} {past} {r.choice(NUMBERS)} "
-             f"{r.choice(ADJECTIVES)} {_plural(r.choice(NOUNS))}.")
-    else:
-        s = f"{np_(r)} {ipast} and {np_(r)} {r.choice(INTRANSITIVE)[1]}."
+    verb, past = rng.choice(VERBS)
+    _, ipast = rng.choice(INTRANSITIVE)
+    s = _TEMPLATES[rng.randrange(len(_TEMPLATES))](rng, verb, past, ipast)
     return s[0].upper() + s[1:]
 
 
