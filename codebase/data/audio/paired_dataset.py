@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from data.loader import pad_batch
 from tqdm import tqdm
 
 from data import register_dataset
@@ -212,10 +214,7 @@ class PairedVoiceAudioDataset(Dataset):
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Zero-pad ``wav`` to the longest item: ``wav`` [B, T], ``wav_lengths`` [B] long,
         ``conditioning`` [B, N, L]; text/speaker/path as lists."""
-        lengths = torch.tensor([it["wav_length"] for it in items], dtype=torch.long)
-        wav = torch.zeros(len(items), int(lengths.max()))
-        for b, it in enumerate(items):
-            wav[b, :it["wav_length"]] = it["wav"]
+        wav, lengths = pad_batch([it["wav"] for it in items])
         batch: dict[str, Any] = {"wav": wav, "wav_lengths": lengths,
                                  "text": [it["text"] for it in items],
                                  "speaker": [it["speaker"] for it in items],

@@ -1,6 +1,7 @@
 """The one codec interface used by injectors, data preparation and synthesis."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,11 @@ class Codec(nn.Module):
     frame_rate: float
     n_levels: int
     codebook_size: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where the codec's weights are (inputs are moved there)."""
+        return next(itertools.chain(self.parameters(), self.buffers())).device
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:

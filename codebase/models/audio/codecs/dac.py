@@ -112,10 +112,6 @@ class DacCodec(Codec):
         self.n_levels = n_levels or int(self.model.n_codebooks)
         self.codebook_size = int(self.model.codebook_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         wav, added = as_batch(wav, 2)

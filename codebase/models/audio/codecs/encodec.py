@@ -162,10 +162,6 @@ class EncodecCodec(Codec):
             self.model.frame_rate, self.bandwidth)
         self.codebook_size = self.model.quantizer.bins
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         wav, added = as_batch(wav, 2)
