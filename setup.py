@@ -29,6 +29,8 @@ setup(
         "encodec",
         "vocos",
         "auraloss",
+        "scipy",
+        "dtw-python",  # DTW-aligned mel distance of the tts_samples evaluator
     ],
     extras_require={
         "wandb": ["wandb"],

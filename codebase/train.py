@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train()
+    if trainer.dist.is_main:
+        from trainer.run_summary import run_summary
+
+        print("\n" + run_summary(trainer), flush=True)
     return 0
 
 

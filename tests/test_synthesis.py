@@ -203,8 +203,8 @@ def test_tts_samples_evaluator_during_training(tmp_path):
             "losses": {"ar": {"type": "direct", "key": "loss_ar"},
                        "nar": {"type": "direct", "key": "loss_nar"}}}},
         "train": {"niter": 2},
-        "eval": {"every": 2, "evaluators": {"samples": {
-            "type": "tts_samples", "dataset": "val", "num_samples": 2,
+        "eval": {"every": 2, "at_start": True, "evaluators": {"samples": {
+            "type": "tts_samples", "dataset": "val", "num_samples": 2, "batch_size": 3,
             "max_duration_factor": 1.5, "top_k": 4}}},
         "logger": {"print_freq": 1, "progress_bar": False, "stdin_commands": False},
     }
@@ -218,8 +218,11 @@ def test_tts_samples_evaluator_during_training(tmp_path):
     runner.train()
     run = tmp_path / "valle"
     val = runner.datasets["val"]
+    ev = runner.evaluators[0]
+    picked = ev.picked  # taken in turn from each speaker
+    assert len(picked) == 2 and len({val.speakers[j] for j in picked}) == 2
     folder = run / "samples" / "2"
-    for j in range(2):
+    for j in picked:
         name = val.ids[j]
         for suffix in ("", "_ref"):
             assert (folder / f"{name}{suffix}.wav").is_file()
@@ -228,20 +231,38 @@ def test_tts_samples_evaluator_during_training(tmp_path):
         ref = sf.info(str(folder / f"{name}_ref.wav")).frames
         assert ref == val.frames(j) * 320 and 0 < gen <= math.ceil(1.5 * val.frames(j)) * 320
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"{val.ids[j]}{s}.{e}" for j in range(2) for s in ("", "_ref") for e in ("wav", "png"))
+        f"{val.ids[j]}{s}.{e}" for j in picked for s in ("", "_ref") for e in ("wav", "png"))
     scalars = tb_scalars(run)
-    (step, mel), = scalars["eval/mel_stft"]
-    (_, ratio), = scalars["eval/duration_ratio"]
-    assert step == 2 and mel > 0
-    assert 0 < ratio <= max(math.ceil(1.5 * val.frames(j)) / val.frames(j) for j in range(2))
+    (step0, _), (step, mel) = scalars["eval/mel_stft"]  # at_start: before the first step too
+    (_, ratio) = scalars["eval/duration_ratio"][-1]
+    assert (step0, step) == (0, 2) and mel > 0
+    assert 0 < ratio <= max(math.ceil(1.5 * val.frames(j)) / val.frames(j) for j in picked)
+    for key in ("tf_loss_ar", "tf_loss_nar", "tf_acc_ar", "tf_acc_ar_repeat_baseline",
+                "tf_acc_ar_changes", "tf_acc_nar", "dtw_own", "dtw_others", "own_closest",
+                "own_closest_chance"):
+        assert [s for s, _ in scalars[f"eval/{key}"]] == [0, 2], key
+    # The teacher-forced loss is the training loss on held-out items: the step-0 figure equals
+    # a forward pass of the initial model (log(vocab) for near-uniform logits).
+    (_, tf0), (_, tf2) = scalars["eval/tf_loss_ar"]
+    assert tf0 == pytest.approx(math.log(TINY["codebook_size"] + 1), rel=0.1) and tf2 != tf0
+    # All 8 held-out references are compared (8 items, 2 speakers: chance 1/4 each).
+    assert scalars["eval/own_closest_chance"][-1][1] == pytest.approx(0.25)
+    report = ev.report()
+    assert "step 0" in report and "step 2" in report and "repeat previous code" in report
+    assert str(folder) in report
+    from trainer.run_summary import run_summary
+
+    summary = run_summary(runner)
+    assert "evaluator samples:" in summary and "tensorboard --logdir" in summary
+    assert "synthesize.py --model" in summary and "2_valle_ema.safetensors" not in summary
+    assert "2_valle.safetensors --prompt" in summary and "_ref.wav" in summary
     acc = EventAccumulator(str(run / "tb_logger"))
     acc.Reload()
-    name = val.ids[0]
+    name = val.ids[picked[0]]
     assert {f"samples/{name}", f"samples/{name}_ref"} <= set(acc.Tags()["audio"])
     assert {f"samples/{name}_mel", f"samples/{name}_ref_mel"} <= set(acc.Tags()["images"])
 
     # The same weights and seed give the same samples: evaluations differ only by training.
-    ev = runner.evaluators[0]
     again = ev.evaluate(2)
     assert again["mel_stft"] == pytest.approx(mel, rel=1e-5)
     assert again["duration_ratio"] == pytest.approx(ratio, rel=1e-6)

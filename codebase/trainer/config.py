@@ -62,8 +62,10 @@ class PathOptions:
 
 @dataclass
 class EvalOptions:
-    """``eval:`` section: evaluators run every ``every`` steps (and on `eval`)."""
+    """``eval:`` section: evaluators run every ``every`` steps (and on `eval`); ``at_start``
+    also runs them and the validation once before the first step (a "before" figure)."""
     every: int | None = None
+    at_start: bool = False
     evaluators: dict[str, dict] = field(default_factory=dict)
 
 

@@ -205,6 +205,10 @@ class ExtensibleTrainer:
         if self.step >= niter:
             self.logger.info(f"nothing to do: at step {self.step} of train.niter {niter} "
                              f"(raise it with -o train.niter=N to continue)")
+        if self.step == 0 and self.exp.eval_opts.at_start and niter > 0:
+            if opts.val_freq:
+                self.validate()
+            self.run_evaluators()
         self._set_train_mode(True)
         try:
             with GracefulInterrupt(on_signal=lambda s: self.logger.info(

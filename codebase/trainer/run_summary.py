@@ -1,0 +1,55 @@
+"""What a finished run prints: what it learned, and where its results are."""
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+
+def run_summary(trainer: Any) -> str:
+    """Evaluator reports (first vs latest evaluation), then the run's folders and the commands
+    to look at them: TensorBoard, and ``synthesize.py`` on the newest checkpoint."""
+    lines = [f"finished at step {trainer.step}; run folder {_show(trainer.run_dir)}"]
+    for name, ev in zip(trainer.exp.evaluator_specs, trainer.evaluators):
+        report = getattr(ev, "report", None)
+        if callable(report):
+            lines += ["", f"evaluator {name.name}:", report()]
+    models = trainer.checkpoints.models_dir
+    lines += ["", f"checkpoints:  {_show(models)}",
+              f"TensorBoard:  tensorboard --logdir {_show(trainer.run_dir / 'tb_logger')}"]
+    model = _newest_network(models)
+    prompt = _a_reference_wav(trainer.run_dir / "samples")
+    if model is not None and prompt is not None:
+        lines += ["synthesize:   python synthesize.py --model " + _show(model)
+                  + " --prompt " + _show(prompt)
+                  + " --text " + shlex.quote("The quick brown fox jumps over the lazy dog.")
+                  + " --out hello.wav"]
+    return "\n".join(lines)
+
+
+def _newest_network(models: Path) -> Path | None:
+    """The newest EMA network file (else the newest plain one) in a models folder."""
+    files = sorted(models.glob("*.safetensors"), key=lambda p: (_step_of(p), "_ema" in p.stem))
+    return files[-1] if files else None
+
+
+def _step_of(path: Path) -> int:
+    head = path.stem.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def _a_reference_wav(samples: Path) -> Path | None:
+    steps = sorted((p for p in samples.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    refs = sorted(steps[-1].glob("*_ref.wav")) if steps else []
+    return refs[0] if refs else None
+
+
+def _show(path: Path) -> str:
+    """A path relative to the working directory when that is shorter, quoted for a shell."""
+    path = Path(path).resolve()
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
+        rel = str(path)
+    return shlex.quote(rel if len(rel) < len(str(path)) else str(path))
