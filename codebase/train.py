@@ -20,6 +20,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = experiment_parser(__doc__)
     p.add_argument("--dry-run", action="store_true",
                    help="validate the experiment and exit without training")
+    p.add_argument("--evaluate", action="store_true",
+                   help="run validation and the evaluators on the checkpoint that "
+                        "path.resume_state names (or the initial weights), print the report "
+                        "and exit without training")
     return p.parse_args(argv)
 
 
@@ -42,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # start-up checks that need data (state keys)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.train()
+    if args.evaluate:
+        trainer.evaluate()
+    else:
+        trainer.train()
     if trainer.dist.is_main:
         from trainer.run_summary import run_summary
 

@@ -88,8 +88,9 @@ def test_overfits_one_batch():
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_padding_changes_no_items_loss(positions, shared):
-    model = tiny(positions=positions, shared_weights=shared)
+@pytest.mark.parametrize("segment", [False, True])
+def test_padding_changes_no_items_loss(positions, shared, segment):
+    model = tiny(positions=positions, shared_weights=shared, segment_positions=segment)
     batch = make_batch()
     for level in (1, 2):
         together = model.item_losses(**batch, nar_level=level)
@@ -114,8 +115,11 @@ def test_loss_is_token_mean_over_the_batch():
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])
-def test_cached_logits_match_uncached(positions):
-    model = tiny(positions=positions)
+@pytest.mark.parametrize("segment", [False, True])
+def test_cached_logits_match_uncached(positions, segment):
+    model = tiny(positions=positions, segment_positions=segment)
+    if segment:  # scales unlike each other and large, so a wrong segment index shows
+        model.segment_scale.data = torch.tensor([0.5, 1.0, 2.0])
     batch = make_batch()
     codes0, lengths = batch["codes"][:, 0], batch["code_lengths"]
     full = model.ar_logits(**prefix(batch), codes0=codes0, code_lengths=lengths)  # [B, T+1, V]
@@ -301,3 +305,24 @@ def test_built_and_validated_through_the_framework(tmp_path):
     loaded = load_network(path).eval()
     batch = make_batch()
     torch.testing.assert_close(loaded(**batch, _nar_level=1), model.eval()(**batch, _nar_level=1))
+
+
+def test_segment_positions_restart_in_each_segment():
+    from models.audio.tts.valle import sinusoids
+
+    model = tiny(segment_positions=True)
+    model.segment_scale.data = torch.tensor([1.0, 2.0, 3.0])
+    starts = [torch.tensor([0, 0]), torch.tensor([3, 2]), torch.tensor([5, 2])]
+    lengths = [torch.tensor([3, 2]), torch.tensor([2, 0]), torch.tensor([2, 4])]
+    pos = model._segment_positions(starts, lengths, 7)  # [2, 7, D]
+    want_index = [[0, 1, 2, 0, 1, 0, 1], [0, 1, 0, 1, 2, 3, 0]]
+    want_scale = [[1, 1, 1, 2, 2, 3, 3], [1, 1, 3, 3, 3, 3, 1]]  # item 1: no prompt, then pad
+    for b in range(2):
+        for j in range(7 if b == 0 else 6):
+            torch.testing.assert_close(pos[b, j], want_scale[b][j]
+                                       * sinusoids(torch.tensor(want_index[b][j]), 32))
+    # the scale is learned: a training step moves it
+    batch = make_batch()
+    model.train()
+    model(**batch)["loss_ar"].backward()
+    assert model.segment_scale.grad is not None and model.segment_scale.grad.abs().sum() > 0

@@ -10,7 +10,7 @@ from typing import Any
 def run_summary(trainer: Any) -> str:
     """Evaluator reports (first vs latest evaluation), then the run's folders and the commands
     to look at them: TensorBoard, and ``synthesize.py`` on the newest checkpoint."""
-    lines = [f"finished at step {trainer.step}; run folder {_show(trainer.run_dir)}"]
+    lines = [f"step {trainer.step}; run folder {_show(trainer.run_dir)}"]
     for name, ev in zip(trainer.exp.evaluator_specs, trainer.evaluators):
         report = getattr(ev, "report", None)
         if callable(report):

@@ -12,7 +12,7 @@ Every evaluation generates the same ``num_samples`` items of the dataset (taken 
 each speaker; same phonemes, prompt and seed), so audio and curves are comparable across steps.
 Per item it writes ``samples/<step>/<id>.wav``, ``<id>_ref.wav`` (the reference codes decoded
 by the same codec), ``<id>.png`` and ``<id>_ref.png`` (log-mels), and logs the audio and mel
-images under ``samples/<id>``. The scalars it returns (logged as ``eval/<name>/<scalar>``):
+images under ``samples/<id>``. The scalars it returns (logged as ``eval/<scalar>``):
 
 - teacher-forced, over the dataset's items (see :mod:`trainer.evaluators.speech_metrics`):
   ``tf_loss_ar``, ``tf_loss_nar``, ``tf_acc_ar`` with ``tf_acc_ar_repeat_baseline`` (predict

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -250,7 +251,10 @@ class MelRVQCodec(Codec):
         # a clip of 1-2 frames is too short for that, so silent frames lengthen it, cut after.
         padded = max(frames, (a["n_fft"] // 2 + 1) // hop + 2)
         spec = torch.nn.functional.pad(spec, (0, padded - frames))
-        with torch.random.fork_rng(devices=[spec.device] if spec.is_cuda else []):
+        with torch.random.fork_rng(devices=[spec.device] if spec.is_cuda else []), \
+                warnings.catch_warnings():
+            # istft zero-fills the last hop - 1 samples of that length, and says so: intended.
+            warnings.filterwarnings("ignore", message="The length of signal is shorter")
             torch.manual_seed(0)
             # The length must give back exactly `padded` centred frames: padded * hop - 1
             # samples. The result is cut/padded to frames * hop, as other codecs return.

@@ -52,6 +52,14 @@ def pack(segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, list[torc
     return cat.gather(1, src[..., None].expand(b, s, d)), total, starts
 
 
+def sinusoids(index: torch.Tensor, d: int) -> torch.Tensor:
+    """Transformer sinusoidal embeddings of integer positions [...] -> [..., d] (float32)."""
+    freq = torch.exp(torch.arange(0, d, 2, device=index.device, dtype=torch.float32)
+                     * (-math.log(10000.0) / d))  # [d / 2]
+    angles = index.float()[..., None] * freq
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 def take(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
     """h[b, start[b] : start[b] + n] for every item: [B, S, D] -> [B, n, D] (clamped at S)."""
     idx = (start[:, None] + torch.arange(n, device=h.device)).clamp(max=h.shape[1] - 1)
@@ -79,6 +87,11 @@ class VALLE(nn.Module):
         positions: "rope" (rotary on queries/keys, no length limit) or "learned" (an
             absolute table of ``max_positions`` rows, added to the input).
         max_positions: longest item (phonemes + prompt + 1 + target) with learned positions.
+        segment_positions: also add sinusoidal positions that restart at 0 in each segment
+            (phonemes, prompt, start + target), scaled by a learned factor per segment, to
+            the input (VALL-E's and TransformerTTS's scheme). It gives every target frame
+            its distance from the first frame and every phoneme its index in the text, which
+            makes the text-to-audio alignment much faster to learn on small data.
         checkpointing: recompute each block in the backward pass (training only) to save
             activation memory.
     """
@@ -87,7 +100,7 @@ class VALLE(nn.Module):
                  d_model: int = 512, n_layers: int = 12, n_heads: int = 8, ff_mult: int = 4,
                  dropout: float = 0.1, shared_weights: bool = True,
                  positions: Literal["rope", "learned"] = "rope", max_positions: int = 4096,
-                 checkpointing: bool = False) -> None:
+                 segment_positions: bool = False, checkpointing: bool = False) -> None:
         super().__init__()
         if n_levels < 2:
             raise ValueError(f"valle: n_levels must be >= 2 (level 0 for the AR, the rest for "
@@ -109,6 +122,10 @@ class VALLE(nn.Module):
         self.start = nn.Parameter(torch.zeros(d_model))  # marks where the target begins
         self.task_emb = nn.Embedding(n_levels, d_model)  # 0 = AR; L = NAR predicting level L
         self.pos_emb = nn.Embedding(max_positions, d_model) if positions == "learned" else None
+        # One scale per segment (phonemes, prompt, target), as TransformerTTS's alpha. The
+        # sinusoids' RMS is 1/sqrt(2): this starts them at the embeddings' scale (std 0.02).
+        self.segment_scale = (nn.Parameter(torch.full((3,), 0.02 * math.sqrt(2)))
+                              if segment_positions else None)
         self.drop = nn.Dropout(dropout)
         self.trunks = nn.ModuleList(Trunk(d_model, n_layers, n_heads, ff_mult, dropout,
                                           checkpointing)
@@ -153,14 +170,29 @@ class VALLE(nn.Module):
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Packed input [B, S, D] for the target segment ``target`` [B, T, D] (start included),
         with lengths [B] and where the target segment starts [B]."""
+        segments = [phoneme_lengths, prompt_lengths, target_lengths]
         x, lengths, starts = pack([(self.phoneme_emb(phonemes), phoneme_lengths),
                                    (self._embed_codes(prompt), prompt_lengths),
                                    (target, target_lengths)])
         x = x + self.task_emb(task)[:, None]
+        if self.segment_scale is not None:
+            x = x + self._segment_positions(starts, segments, x.shape[1]).to(x.dtype)
         if self.pos_emb is not None:
             self._check_positions(x.shape[1])
             x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))
         return self.drop(x), lengths, starts[2]
+
+    def _segment_positions(self, starts: list[torch.Tensor], lengths: list[torch.Tensor],
+                           s: int) -> torch.Tensor:
+        """[B, S, D] scaled sinusoids of each packed token's index within its segment."""
+        j = torch.arange(s, device=starts[0].device)[None]  # [1, S]
+        index = torch.zeros(starts[0].shape[0], s, dtype=torch.long, device=j.device)
+        segment = torch.zeros_like(index)
+        for k, (start, n) in enumerate(zip(starts, lengths)):
+            inside = (j >= start[:, None]) & (j < (start + n)[:, None])
+            index = torch.where(inside, j - start[:, None], index)
+            segment = torch.where(inside, k, segment)
+        return self.segment_scale[segment][..., None] * sinusoids(index, self.d_model)
 
     def _check_positions(self, n: int) -> None:
         if self.pos_emb is not None and n > self.max_positions:
@@ -284,10 +316,12 @@ class VALLE(nn.Module):
         ``capacity`` more tokens; returns the logits of frame 0 [B, codebook_size + 1]."""
         b, dev = phonemes.shape[0], phonemes.device
         task = torch.zeros(b, dtype=torch.long, device=dev)
-        x, lengths, _ = self._sequence(phonemes, phoneme_lengths, prompt, prompt_lengths,
-                                       self.start.expand(b, 1, -1), torch.ones_like(task), task)
+        x, lengths, target_start = self._sequence(phonemes, phoneme_lengths, prompt,
+                                                  prompt_lengths, self.start.expand(b, 1, -1),
+                                                  torch.ones_like(task), task)
         s = x.shape[1]
         cache = KVCache(self.n_layers, s + capacity)
+        cache.target_start = target_start  # [B] where each item's start token sits
         cache.begin(torch.zeros_like(task), s)
         rope = (rope_angles(torch.arange(s, device=dev)[None], self.d_model // self.n_heads)
                 if self.pos_emb is None else None)
@@ -302,6 +336,9 @@ class VALLE(nn.Module):
         x = self.code_embs[0](tokens)[:, None] + self.task_emb.weight[0]  # [B, 1, D]
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)[:, None]
+        if self.segment_scale is not None:  # index within the target segment (start = 0)
+            x = x + (self.segment_scale[2] * sinusoids(pos - cache.target_start, self.d_model)
+                     )[:, None].to(x.dtype)
         cache.begin(pos, cache.longest + 1)
         keys = torch.arange(cache.visible, device=pos.device)[None]
         mask = (keys <= pos[:, None])[:, None, None]  # [B, 1, 1, K]: own tokens only
