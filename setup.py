@@ -36,6 +36,8 @@ setup(
         "wandb": ["wandb"],
         # DAC pulls librosa/numba and pins an old protobuf: opt in with `pip install -e ".[dac]"`
         "dac": ["descript-audio-codec"],
-        "test": ["pytest>=8", "wandb"],
+        # DeepSpeed >= 0.17 for its torch_autocast mode; `engine: deepspeed` in the YAML
+        "deepspeed": ["deepspeed>=0.17"],
+        "test": ["pytest>=8", "wandb", "deepspeed>=0.17"],
     },
 )

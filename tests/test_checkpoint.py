@@ -90,6 +90,21 @@ def test_keep_last_never_deletes_the_step_just_saved(tmp_path: Path) -> None:
     assert mgr.network_path(300, "gen").exists()
 
 
+def test_keep_last_prunes_engine_folders(tmp_path: Path) -> None:
+    """An engine's own folder (DeepSpeed's shards) goes with its step, also an orphan one
+    left by a save that died before its state file."""
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    for step in (1, 2, 3):
+        folder = mgr.engine_dir(step, "deepspeed")
+        assert folder == tmp_path / "training_state" / f"{step}.deepspeed"
+        (folder / "net").mkdir(parents=True)
+        (folder / "net" / "shard.pt").write_bytes(b"x")
+        if step != 2:  # step 2 "died" before its state file
+            _save(mgr, step)
+    assert _files(tmp_path / "training_state") == ["3.deepspeed", "3.state"]
+    assert mgr.steps() == [3]
+
+
 def test_keep_last_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)

@@ -13,7 +13,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of indices, reshuffled each epoch from ``(seed, epoch)``, this rank's share only.
 
     Each rank takes a disjoint, equal-sized slice of every epoch's permutation (as
-    DistributedSampler does), so all ranks run the same number of steps. ``start_batch``
+    DistributedSampler does), so all ranks run the same number of steps. Rank r's slice is
+    ``order[r::world_size]``, so with ``batch_size = B / world_size`` the ranks' batches at
+    step s together are exactly batch s of one process with batch size B. ``start_batch``
     skips batches already consumed, which is what makes a mid-epoch resume exact.
     """
 

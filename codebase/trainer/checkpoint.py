@@ -5,6 +5,7 @@ Layout under the run root::
     models/<step>_<net>.safetensors        each network, carrying its which_model and kwargs
     models/<step>_<net>_ema.safetensors    its EMA copy, when there is one
     training_state/<step>.state            optimizers, schedulers, RNG, counters
+    training_state/<step>.<engine>/        files an engine writes itself (DeepSpeed's shards)
 
 The state file is written last, so its existence marks a complete checkpoint.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT_VERSION = 1
 _STATE_NAME = re.compile(r"^(\d+)\.state$")
 _MODEL_NAME = re.compile(r"^(\d+)_.+\.safetensors$")
+_ENGINE_DIR = re.compile(r"^(\d+)\.[a-z_]+$")
 
 
 class CheckpointManager:
@@ -48,6 +51,10 @@ class CheckpointManager:
 
     def state_path(self, step: int) -> Path:
         return self.state_dir / f"{step}.state"
+
+    def engine_dir(self, step: int, engine: str) -> Path:
+        """Folder for the files an engine saves itself (written before the state file)."""
+        return self.state_dir / f"{step}.{engine}"
 
     # ------------------------------------------------------------------ saving
 
@@ -98,6 +105,11 @@ class CheckpointManager:
             if step not in keep:
                 # State first: once it is gone the step no longer counts as complete.
                 self.state_path(step).unlink(missing_ok=True)
+        for path in self.state_dir.iterdir():
+            match = _ENGINE_DIR.match(path.name)
+            step = int(match.group(1)) if match else None
+            if step is not None and path.is_dir() and step not in keep and step < oldest_kept:
+                shutil.rmtree(path, ignore_errors=True)
         if not self.models_dir.is_dir():
             return
         for path in self.models_dir.iterdir():

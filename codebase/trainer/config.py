@@ -74,6 +74,8 @@ class DatasetSpec:
     """``datasets.<phase>``: loader options here, the rest goes to the dataset's constructor."""
     mode: str
     name: str = ""
+    # The global batch: items per update over all ranks; each of N DDP/DeepSpeed ranks loads
+    # batch_size / N (must divide). A dataset's token budget (max_tokens) is per rank instead.
     batch_size: int | None = None
     n_workers: int = 0
     phase: Literal["train", "val"] | None = None
@@ -126,6 +128,7 @@ class Experiment:
     model: Literal["extensibletrainer"] = "extensibletrainer"
     seed: int | None = None
     device: str = "auto"
+    engine: Literal["local", "deepspeed"] = "local"  # local: one process or DDP (torchrun)
     precision: Precision = "fp32"
     fp16: bool | None = None  # DLAS spelling of precision: fp16
     checkpointing_enabled: bool = False  # gradient checkpointing in networks that support it
@@ -139,6 +142,7 @@ class Experiment:
     train: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     logger: dict = field(default_factory=dict)
+    deepspeed: dict = field(default_factory=dict)  # engine: deepspeed options (see engines/)
     gpu_ids: list[int] | None = None  # DLAS: the first id picks the cuda device
     # filled by validation, not options
     file: str = field(default="", init=False)
@@ -153,13 +157,14 @@ class Experiment:
     path_opts: PathOptions = field(default_factory=PathOptions, init=False)
     eval_opts: EvalOptions = field(default_factory=EvalOptions, init=False)
     evaluator_specs: list = field(default_factory=list, init=False)
+    deepspeed_opts: Any = field(default=None, init=False)
 
     @property
     def run_dir(self) -> Path:
         return self.path_opts.root or (self.base_dir / self.name)
 
 
-SECTION_FIELDS = {"datasets", "networks", "steps", "path", "train", "eval", "logger"}
+SECTION_FIELDS = {"datasets", "networks", "steps", "path", "train", "eval", "logger", "deepspeed"}
 
 
 def validate_experiment(opt: dict) -> Experiment:
@@ -196,6 +201,7 @@ def validate_experiment(opt: dict) -> Experiment:
 def _validate_sections(exp: Experiment, problems: Problems) -> None:
     from data import DATASETS
     from models import MODELS
+    from trainer.engines import validate_engine_options
     from trainer.evaluators import EVALUATORS
     from trainer.lr_scheduler import SCHEDULER_RUNTIME_ARGS, SCHEDULERS
 
@@ -219,6 +225,7 @@ def _validate_sections(exp: Experiment, problems: Problems) -> None:
                                       problems, base) or LoggerOptions()
     exp.path_opts = _validate_path(exp, problems)
     exp.eval_opts = build_dataclass(EvalOptions, exp.eval, "eval", problems, base) or EvalOptions()
+    validate_engine_options(exp, problems)
 
     for phase, ds in exp.datasets.items():
         exp.dataset_specs[phase] = _validate_dataset(phase, ds, problems, base, DATASETS)

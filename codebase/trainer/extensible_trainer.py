@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import random
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -19,22 +17,19 @@ from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
 from trainer.component import TrainerEnv, build_component
 from trainer.config import Experiment
-from trainer.engines import LocalEngine, resolve_device
+from trainer.engines import build_engine, resolve_device
 from trainer.logger import TrainingLogger
 from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
 from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
+from trainer.training_state import TrainingStateMixin, per_rank_batch_size, rank_seed
 from utils import distributed
-from utils.io import load_module
 from utils.schema import Problems
-from utils.seed import rng_state, set_rng_state, set_seed
-
-log = logging.getLogger(__name__)
-STATE_FORMAT = 1
+from utils.seed import set_seed
 
 
-class ExtensibleTrainer:
+class ExtensibleTrainer(TrainingStateMixin):
     """Trains the networks of one experiment through its steps, with checkpoints and logs."""
 
     def __init__(self, exp: Experiment) -> None:
@@ -42,9 +37,10 @@ class ExtensibleTrainer:
         self.train_opts = exp.train_opts
         self.dist = distributed.init_distributed(resolve_device(exp.device, distributed.DistInfo(0, 0, 1)).type)
         self.device = resolve_device(exp.device, self.dist)
-        self.seed = exp.seed if exp.seed is not None else random.SystemRandom().randrange(2**31)
+        seed = exp.seed if exp.seed is not None else random.SystemRandom().randrange(2**31)
+        # One seed for all ranks: their data shares are slices of one shuffled order.
+        self.seed = distributed.broadcast_object(seed)
         set_seed(self.seed)
-        self.engine = LocalEngine(self.device, exp.precision, self.dist)
         self.run_dir = exp.run_dir
         self.checkpoints = CheckpointManager(self.run_dir, exp.logger_opts.keep_last)
         self.step = 0
@@ -52,38 +48,51 @@ class ExtensibleTrainer:
         self._window_skips: dict[str, int] = {}  # skipped updates per step since the last log
         self.step_callbacks: list[Callable[[int, dict[str, Any]], None]] = []
 
+        train_spec = exp.dataset_specs["train"]
+        batch_size = per_rank_batch_size(exp, "train", self.dist.world_size)  # before any data
+        self.val_batch_size = per_rank_batch_size(exp, "val", self.dist.world_size)
         self.datasets = {phase: self._build_dataset(phase, spec)
                          for phase, spec in exp.dataset_specs.items()}
         # e.g. the phoneme vocabulary and codec of the training data, for inference
         get_metadata = getattr(self.datasets["train"], "checkpoint_metadata", None)
         self.checkpoint_metadata: dict[str, str] = get_metadata() if get_metadata else {}
         self._check_state_keys()
+        self.engine = build_engine(exp, self.device, self.dist, batch_size)
         self._build_networks()
+        # Every rank checks (a bad path fails everywhere, not in one rank while the others
+        # wait); rank 0's choice is taken, so all resume from the same checkpoint.
+        resume = self.checkpoints.resolve_resume(exp.path_opts.resume_state)
+        resume = distributed.broadcast_object(resume)
+        state = self.checkpoints.load_state(resume) if resume is not None else None
+        # Weights go in before the engine wraps the networks: DDP broadcasts them and
+        # DeepSpeed copies them into its optimizer.
+        if state is not None:
+            self._load_network_weights(resume, int(state["step"]), state)
+        else:
+            self._load_pretrained()
+        if self.dist.rank > 0:  # after building the networks, whose init must match everywhere
+            set_seed(rank_seed(self.seed, self.dist.rank))
         self.env = TrainerEnv(device=self.device, run_dir=self.run_dir, precision=exp.precision)
         runtime: dict[str, Any] = {"networks": self.networks, "env": self.env}
         runtime["runtime"] = runtime
-        self.steps = {name: self._build_step(name, spec, runtime)
-                      for name, spec in exp.step_specs.items()}
+        self.steps = self._build_steps(runtime)
         self.schedulers = {name: build_scheduler(exp.train_opts.default_lr_scheme, s.optimizer,
                                                  exp.train_opts.niter, exp.scheduler_kwargs,
                                                  "train.default_lr_scheme")
                            for name, s in self.steps.items()}
-        train_spec = exp.dataset_specs["train"]
-        sampler = make_batch_sampler(self.datasets["train"], train_spec.batch_size,
+        sampler = make_batch_sampler(self.datasets["train"], batch_size,
                                      _default(train_spec.shuffle, True), self.seed,
                                      _default(train_spec.drop_last, True), self.dist.rank,
                                      self.dist.world_size)
         self.loader = TrainLoader(self.datasets["train"], sampler, train_spec.n_workers,
-                                  pin_memory=self.device.type == "cuda", seed=self.seed)
+                                  pin_memory=self.device.type == "cuda",
+                                  seed=self.seed + self.dist.rank)
         eval_runtime = {**runtime, "networks": self.eval_networks(), "datasets": self.datasets}
         self._eval_runtime = eval_runtime
         self.evaluators = []
 
-        resume = self.checkpoints.resolve_resume(exp.path_opts.resume_state)
-        if resume is not None:
-            self._load_training_state(resume)
-        else:
-            self._load_pretrained()
+        if state is not None:
+            self._load_training_state(resume, state)
         self.logger = TrainingLogger(
             self.run_dir, name=exp.name, total_steps=exp.train_opts.niter, start_step=self.step,
             print_freq=exp.logger_opts.print_freq, use_tb=exp.use_tb_logger, wandb=exp.wandb,
@@ -94,8 +103,10 @@ class ExtensibleTrainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yml").write_text(yaml.safe_dump(exp.raw, sort_keys=False))
+        ranks = (f"; {self.dist.world_size} ranks, {batch_size} items each per step"
+                 if self.dist.world_size > 1 else "")
         self.logger.info(f"run folder {self.run_dir}; seed {self.seed}; device {self.device}; "
-                         f"precision {exp.precision}"
+                         f"precision {exp.precision}; engine {self.engine.name}{ranks}"
                          + (f"; resumed from {resume} at step {self.step}" if resume else ""))
 
     # ----------------------------------------------------------------------------- building
@@ -119,6 +130,7 @@ class ExtensibleTrainer:
         problems.raise_if_any(self.exp.file)
 
     def _build_networks(self) -> None:
+        """Build every network on the device (unwrapped; the engine wraps the trained ones)."""
         self.raw_networks: dict[str, nn.Module] = {}
         self.networks: dict[str, nn.Module] = {}
         self.ema: dict[str, AveragedModel] = {}
@@ -132,23 +144,36 @@ class ExtensibleTrainer:
                 raise TypeError(f"networks.{name}: model {spec.which_model!r} returned "
                                 f"{type(net).__name__}, not a torch.nn.Module")
             net.requires_grad_(spec.trainable)
-            self.raw_networks[name] = net.to(self.device)
-            self.networks[name] = self.engine.wrap(net) if spec.trainable else net.to(self.device)
+            self.raw_networks[name] = self.networks[name] = net.to(self.device)
             if spec.trainable and self.train_opts.ema_rate:
                 self.ema[name] = AveragedModel(
                     net, multi_avg_fn=get_ema_multi_avg_fn(self.train_opts.ema_rate),
                     use_buffers=True)
 
-    def _build_step(self, name: str, spec: Any, runtime: dict[str, Any]) -> ConfigurableStep:
-        if not self.exp.network_specs[spec.training].trainable:
-            raise ValueError(f"steps.{name}.training: network {spec.training!r} has "
-                             "trainable: false")
-        optimizer = build_optimizer(spec.optimizer, self.raw_networks[spec.training],
-                                    spec.optimizer_params, f"steps.{name}.optimizer")
-        injectors = [build_component(c, runtime).to(self.device) for c in spec.injector_specs]
-        losses = [build_component(c, runtime).to(self.device) for c in spec.loss_specs]
-        return ConfigurableStep(name, spec, self.networks[spec.training], optimizer, injectors,
-                                losses, self.engine)
+    def _build_steps(self, runtime: dict[str, Any]) -> dict[str, ConfigurableStep]:
+        """Optimizers first, then the engine wraps each trainable network with its optimizer,
+        then the injectors and losses (which call the wrapped networks)."""
+        optimizers, trained_by = {}, {}
+        for name, spec in self.exp.step_specs.items():
+            if not self.exp.network_specs[spec.training].trainable:
+                raise ValueError(f"steps.{name}.training: network {spec.training!r} has "
+                                 "trainable: false")
+            optimizers[name] = build_optimizer(spec.optimizer, self.raw_networks[spec.training],
+                                               spec.optimizer_params, f"steps.{name}.optimizer")
+            trained_by.setdefault(spec.training, name)
+        for net_name, net_spec in self.exp.network_specs.items():
+            if net_spec.trainable:
+                step = trained_by.get(net_name)
+                clip = self.exp.step_specs[step].clip_grad_eps if step else None
+                self.networks[net_name] = self.engine.prepare(
+                    net_name, self.raw_networks[net_name], optimizers.get(step), clip)
+        steps = {}
+        for name, spec in self.exp.step_specs.items():
+            injectors = [build_component(c, runtime).to(self.device) for c in spec.injector_specs]
+            losses = [build_component(c, runtime).to(self.device) for c in spec.loss_specs]
+            steps[name] = ConfigurableStep(name, spec, self.networks[spec.training],
+                                           optimizers[name], injectors, losses, self.engine)
+        return steps
 
     def eval_networks(self) -> dict[str, nn.Module]:
         """Networks for evaluators: the EMA copy where there is one."""
@@ -213,7 +238,8 @@ class ExtensibleTrainer:
         try:
             with GracefulInterrupt(on_signal=lambda s: self.logger.info(
                     "interrupted: saving a checkpoint after this step (again to abort)")) as stop:
-                while self.step < niter and not stop.requested:
+                # All ranks stop at the same step, whichever of them got the signal first.
+                while self.step < niter and not distributed.any_rank(stop.requested):
                     t0 = time.perf_counter()
                     batch = next(self.loader)
                     data_time = time.perf_counter() - t0
@@ -246,6 +272,15 @@ class ExtensibleTrainer:
             listener.stop()
             self.logger.close()
 
+    def evaluate(self) -> dict[str, float]:
+        """Validation and every evaluator on the current weights, without training."""
+        try:
+            results = self.validate()
+            results.update(self.run_evaluators())
+        finally:
+            self.logger.close()
+        return results
+
     def _poll(self, listener: CommandListener) -> set[str]:
         if self.dist.world_size == 1:
             return set(listener.poll())
@@ -255,6 +290,8 @@ class ExtensibleTrainer:
 
     def _log_train(self, meter: Meter) -> None:
         scalars = distributed.all_reduce_mean(meter.summary())
+        for key in [k for k in scalars if k.endswith("_per_sec")]:
+            scalars[key] *= self.dist.world_size  # throughput of the whole job, not one rank
         for name, step in self.steps.items():
             scalars[f"lr/{name}"] = step.optimizer.param_groups[0]["lr"]
             scalars[f"skipped/{name}"] = self._window_skips.get(name, 0)
@@ -285,7 +322,7 @@ class ExtensibleTrainer:
         sums: dict[str, float] = {}
         count = 0
         try:
-            for batch in eval_loader(self.datasets["val"], spec.batch_size, spec.n_workers,
+            for batch in eval_loader(self.datasets["val"], self.val_batch_size, spec.n_workers,
                                      self.dist.rank, self.dist.world_size):
                 batch = _to_device(batch, self.device)
                 n = batch_size_of(batch)
@@ -319,62 +356,6 @@ class ExtensibleTrainer:
             self._set_train_mode(True)
         self.logger.log_scalars(self.step, results)
         return results
-
-    # ----------------------------------------------------------------------------- state
-    def save(self) -> Path | None:
-        """Write networks, EMA copies and the training state (rank 0); atomic, then prune."""
-        path = None
-        if self.dist.is_main:
-            nets = {n: (net, self.exp.network_specs[n].which_model, self.exp.network_specs[n].kwargs)
-                    for n, net in self.raw_networks.items()}
-            state = {
-                "format_version": STATE_FORMAT, "step": self.step, "seed": self.seed,
-                "skipped_steps": self.skipped_steps,
-                "optimizers": {n: s.optimizer.state_dict() for n, s in self.steps.items()},
-                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-                "engine": self.engine.state_dict(),
-                "loader": self.loader.state_dict(),
-                "ema_n_averaged": {n: int(e.n_averaged) for n, e in self.ema.items()},
-                "rng": rng_state(),
-                "config": yaml.safe_dump(self.exp.raw, sort_keys=False),
-            }
-            path = self.checkpoints.save(self.step, nets, state,
-                                         ema={n: e.module for n, e in self.ema.items()},
-                                         metadata=self.checkpoint_metadata)
-            self.logger.info(f"saved checkpoint at step {self.step}: {path}")
-        distributed.barrier()
-        return path
-
-    def _load_training_state(self, path: Path) -> None:
-        state = self.checkpoints.load_state(path)
-        step = int(state["step"])
-        for name, net in self.raw_networks.items():
-            load_module(net, self.checkpoints.network_path(step, name), strict=True)
-        for name, ema in self.ema.items():
-            ema_path = self.checkpoints.network_path(step, name, ema=True)
-            if ema_path.exists():
-                load_module(ema.module, ema_path, strict=True)
-                ema.n_averaged.fill_(state.get("ema_n_averaged", {}).get(name, 1))
-            else:
-                log.warning("no EMA weights for %s in %s; restarting its average", name, path)
-        for name, step_obj in self.steps.items():
-            if name in state["optimizers"]:
-                step_obj.optimizer.load_state_dict(state["optimizers"][name])
-                self.schedulers[name].load_state_dict(state["schedulers"][name])
-        self.engine.load_state_dict(state.get("engine", {}))
-        self.loader.load_state_dict(state["loader"])
-        self.step = step
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        set_rng_state(state["rng"])
-
-    def _load_pretrained(self) -> None:
-        for name, path in self.exp.path_opts.pretrain.items():
-            report = load_module(self.raw_networks[name], path, strict=self.exp.path_opts.strict_load)
-            for ema_name, ema in self.ema.items():
-                if ema_name == name:
-                    ema.module.load_state_dict(self.raw_networks[name].state_dict())
-            msg = f"initialised {name} from {path}"
-            log.warning("%s:\n%s", msg, report.describe()) if not report.ok else log.info(msg)
 
 
 def _on_console(key: str, value: float) -> bool:

@@ -71,11 +71,11 @@ class ConfigurableStep:
                     self.run_injectors(state, step, training=True)
                     total, chunk_logs = self.compute_losses(state, step)
                 if total is not None:
-                    self.engine.backward(total * share if share != 1.0 else total)
+                    self.engine.backward(self.network, total * share if share != 1.0 else total)
                     total_loss = _accumulate(total_loss, total.detach(), share)
             for k, v in chunk_logs.items():
                 logs[k] = _accumulate(logs.get(k), v, share)
-        grad_norm, skipped = self.engine.step(self.optimizer, self.params,
+        grad_norm, skipped = self.engine.step(self.network, self.optimizer, self.params,
                                               self.spec.clip_grad_eps)
         out = {f"loss/{k}": v for k, v in logs.items()}
         if total_loss is not None:

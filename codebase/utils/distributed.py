@@ -107,3 +107,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in one process."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. one rank got a Ctrl-C)."""
+    if not is_initialized() or world_size() == 1:
+        return flag
+    buf = torch.tensor([int(flag)], device=_reduce_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return bool(buf.item())

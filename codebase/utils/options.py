@@ -50,6 +50,9 @@ def experiment_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override an option, e.g. -o train.niter=100 (value parsed as YAML)")
+    # The `deepspeed` launcher appends --local_rank=N; the LOCAL_RANK variable it also sets is
+    # what the trainer reads.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 

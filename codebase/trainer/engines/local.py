@@ -9,37 +9,28 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.engines.base import NULL_CONTEXT, Engine, resolve_device
 from utils.distributed import DistInfo
 
-_NULL = contextlib.nullcontext()  # reusable: entering it has no state
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+__all__ = ["LocalEngine", "resolve_device"]
 
 
-def resolve_device(device: str, dist: DistInfo) -> torch.device:
-    """``auto`` -> cuda (this rank's GPU) when available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; "
-                               "set `device: cpu` (or auto)")
-        if dev.index is None:
-            dev = torch.device("cuda", dist.local_rank)
-    return dev
-
-
-class LocalEngine:
+class LocalEngine(Engine):
     """Autocast in bf16/fp16, a GradScaler for fp16 (unscaled before clipping), DDP when the
     world size is above one, and an optimizer step that skips non-finite gradients."""
 
+    name = "local"
+
     def __init__(self, device: torch.device, precision: str, dist: DistInfo) -> None:
-        self.device, self.precision, self.dist = device, precision, dist
-        self.dtype = _DTYPES[precision]
+        super().__init__(device, precision, dist)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    def wrap(self, net: nn.Module) -> nn.Module:
-        """Move to the device; wrap in DDP if distributed and it has trainable parameters."""
+    def prepare(self, name: str, net: nn.Module, optimizer: torch.optim.Optimizer | None,
+                clip: float | None = None) -> nn.Module:
+        """Move to the device; wrap in DDP if distributed and it has trainable parameters.
+
+        DDP broadcasts rank 0's parameters and buffers here, so every rank starts equal.
+        """
         net = net.to(self.device)
         if self.dist.world_size > 1 and any(p.requires_grad for p in net.parameters()):
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -50,23 +41,17 @@ class LocalEngine:
     def unwrap(net: nn.Module) -> nn.Module:
         return net.module if isinstance(net, DistributedDataParallel) else net
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return _NULL
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @staticmethod
-    def no_sync(net: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
+    def no_sync(self, net: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch."""
         if skip_sync and isinstance(net, DistributedDataParallel):
             return net.no_sync()
-        return _NULL
+        return NULL_CONTEXT
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, net: nn.Module, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
-             clip: float | None) -> tuple[torch.Tensor, bool]:
+    def step(self, net: nn.Module, optimizer: torch.optim.Optimizer,
+             params: Iterable[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, bool]:
         """Unscale, clip, and step unless the gradient is non-finite. Returns (norm, skipped)."""
         params = [p for p in params if p.grad is not None]
         self.scaler.unscale_(optimizer)

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Training throughput and peak memory of the local engine vs DeepSpeed ZeRO, on VALL-E.
+
+    python scripts/bench_engines.py [--size tiny|small|reference] [--zero-stage 2]
+                                    [--precision bf16] [--batch 8] [--steps 10]
+
+Each engine trains the registered ``valle`` network (AdamW, clip 1.0) on the same synthetic
+batch (see bench_train.py) through the calls ConfigurableStep makes: ``prepare``,
+``autocast``, ``backward``, ``step``. One process, so ZeRO shards nothing here: the figures
+show the engine's own overhead and memory layout; run it under torchrun/deepspeed with N GPUs
+to see ZeRO's sharding (each rank prints its own table). Prints steps/s, tokens/s and (CUDA)
+``torch.cuda.max_memory_allocated``, with DeepSpeed / local ratios. ``--size tiny`` on CPU
+checks that it works in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from bench_train import SIZES, batch  # noqa: E402 - also puts codebase/ on sys.path
+
+import torch  # noqa: E402
+
+from models import build_network  # noqa: E402
+from trainer.engines import Engine, LocalEngine, resolve_device  # noqa: E402
+from utils import distributed  # noqa: E402
+
+SIZES = {"tiny": dict(d_model=64, n_layers=2, n_heads=2, n_levels=2, codebook_size=64,
+                      n_phonemes=64), **SIZES}
+
+
+def make_engine(name: str, device: torch.device, precision: str, dist: distributed.DistInfo,
+                zero_stage: int, micro_batch: int) -> Engine:
+    if name == "local":
+        return LocalEngine(device, precision, dist)
+    from trainer.engines.deepspeed import DeepSpeedEngine, DeepSpeedOptions
+
+    return DeepSpeedEngine(device, precision, dist, DeepSpeedOptions(zero_stage=zero_stage),
+                           micro_batch)
+
+
+def run(name: str, args: argparse.Namespace, device: torch.device, precision: str,
+        dist: distributed.DistInfo) -> dict[str, float]:
+    """Train ``args.steps`` timed steps (after 2 warm-up steps) with one engine."""
+    torch.manual_seed(0)
+    cfg = dict(SIZES[args.size], dropout=0.1, checkpointing=args.checkpointing)
+    model = build_network("valle", cfg).to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine = make_engine(name, device, precision, dist, args.zero_stage, args.batch)
+    net = engine.prepare("valle", model, opt, clip=1.0)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    data = batch(cfg, args.batch, args.target_frames, args.prompt_frames, args.phonemes, device)
+
+    def step() -> None:
+        with engine.no_sync(net, skip_sync=False), engine.autocast():
+            out = net(**data)
+            loss = out["loss_ar"] + out["loss_nar"]
+        engine.backward(net, loss)
+        engine.step(net, opt, params, 1.0)
+
+    for _ in range(2):  # warm-up (allocator, kernels)
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    seq = args.phonemes + args.prompt_frames + args.target_frames
+    tokens = 2 * seq * args.batch * args.steps  # AR pass + NAR pass, as in bench_train.py
+    result = {"params_m": n_params / 1e6, "steps_per_s": args.steps / elapsed,
+              "tokens_per_s": tokens / elapsed,
+              "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                           if device.type == "cuda" else float("nan"))}
+    return result
+
+
+def release(device: torch.device) -> None:
+    """Free the previous engine's memory so the next one's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--engines", default="local,deepspeed", help="comma-separated, in order")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--target-frames", type=int, default=300)
+    p.add_argument("--prompt-frames", type=int, default=120)
+    p.add_argument("--phonemes", type=int, default=80)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device_type = resolve_device(args.device, distributed.DistInfo(0, 0, 1)).type
+    dist = distributed.init_distributed(device_type)  # under torchrun: one row per rank
+    device = resolve_device(args.device, dist)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    results = {}
+    for name in names:
+        results[name] = run(name, args, device, precision, dist)
+        release(device)
+
+    seq = args.phonemes + args.prompt_frames + args.target_frames
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    first = next(iter(results.values()))
+    print(f"valle {args.size}: {first['params_m']:.1f}M parameters, {device} ({where}), "
+          f"{precision}, batch {args.batch} x {seq} positions, rank {dist.rank} of "
+          f"{dist.world_size}, deepspeed ZeRO-{args.zero_stage}")
+    print(f"  {'engine':<10} {'steps/s':>9} {'tokens/s':>12} {'peak GiB':>9}")
+    for name, r in results.items():
+        print(f"  {name:<10} {r['steps_per_s']:>9.2f} {r['tokens_per_s']:>12,.0f} "
+              f"{r['peak_gib']:>9.2f}")
+    if "local" in results and "deepspeed" in results:
+        ds, local = results["deepspeed"], results["local"]
+        memory = (f", peak memory {ds['peak_gib'] / local['peak_gib']:.2f}x"
+                  if device.type == "cuda" else "")
+        print(f"  deepspeed / local: throughput {ds['tokens_per_s'] / local['tokens_per_s']:.2f}x"
+              f"{memory}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""DDP on CPU (2 gloo processes under torchrun): the same weights as one process with the same
+global batch, exact resume, gradient accumulation, rank-averaged logs, rank-0-only writes."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_trainer, merge, toy_options
+import dist_worker
+
+NITER = 8
+# 40 items, global batch 8: 5 steps per epoch, so the run crosses a reshuffle. No dropout,
+# fp32; clipping and a schedule so that more than the plain gradient has to agree.
+SECTIONS = dict(
+    datasets={"train": {"batch_size": 8, "num_items": 40},
+              "val": {"mode": "toy_regression", "batch_size": 8, "num_items": 16}},
+    steps={"fit": {"clip_grad_eps": 0.5}},
+    train={"niter": NITER, "default_lr_scheme": "CosineAnnealing", "warmup_iter": 2,
+           "val_freq": 4},
+    logger={"save_checkpoint_freq": 4},
+)
+
+
+def write_yaml(folder: Path, **sections) -> str:
+    return dist_worker.write_yaml(folder, merge(toy_options(**SECTIONS), sections))
+
+
+def weights(run: Path, step: int, ema: bool = False) -> dict[str, torch.Tensor]:
+    return dist_worker.saved_weights(run / "toy", step, ema=ema)
+
+
+def logged(run: Path, tag: str) -> list[float]:
+    return dist_worker.logged(run / "toy", tag)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-process launch: a straight run, a run killed at step 6 and resumed (from its
+    step-4 checkpoint), and a run with gradient accumulation; plus the 1-process reference."""
+    root = tmp_path_factory.mktemp("ddp")
+    straight = write_yaml(root / "straight")
+    killed = write_yaml(root / "resumed")
+    accum = write_yaml(root / "accum", train={"mega_batch_factor": 2})
+    dist_worker.launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
+                        ["-opt", killed, "-o", "path.resume_state=auto"], ["-opt", accum]],
+                       root, nproc=2)
+    make_trainer(root / "single", **SECTIONS).train()
+    return root
+
+
+def test_ddp_matches_one_process_with_the_same_global_batch(runs):
+    ddp, single = weights(runs / "straight", NITER), weights(runs / "single", NITER)
+    assert ddp.keys() == single.keys()
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the weights moved: equality is not just two untouched initialisations
+    first = weights(runs / "straight", 4)
+    assert any(not torch.equal(first[k], ddp[k]) for k in ddp)
+
+
+def test_ddp_logs_are_averaged_over_ranks_and_written_once(runs):
+    ddp, single = logged(runs / "straight", "loss/mse"), logged(runs / "single", "loss/mse")
+    assert len(ddp) == len(single) == NITER  # one writer: no duplicated points
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-4, atol=1e-6)
+    val_ddp, val_single = logged(runs / "straight", "val/mse"), logged(runs / "single", "val/mse")
+    assert len(val_ddp) == 2  # each rank validated on half of datasets.val
+    torch.testing.assert_close(torch.tensor(val_ddp), torch.tensor(val_single), rtol=1e-4, atol=1e-6)
+    assert len(list((runs / "straight" / "toy" / "tb_logger").iterdir())) == 1
+    state = torch.load(runs / "straight" / "toy" / "training_state" / f"{NITER}.state",
+                       weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    # each rank's share is half the global batch: the sampler stepped the same as one process
+    assert state["loader"] == {"epoch": 1, "batches_done": 3}
+
+
+def test_ddp_resume_matches_uninterrupted_run(runs):
+    resumed, straight = weights(runs / "resumed", NITER), weights(runs / "straight", NITER)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+    assert logged(runs / "resumed", "loss/mse")[-4:] == logged(runs / "straight", "loss/mse")[-4:]
+
+
+def test_ddp_gradient_accumulation_matches(runs):
+    accum, single = weights(runs / "accum", NITER), weights(runs / "single", NITER)
+    for k in single:
+        torch.testing.assert_close(accum[k], single[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_global_batch_must_divide_by_world_size(tmp_path):
+    bad = write_yaml(tmp_path, datasets={"train": {"batch_size": 7}})
+    with pytest.raises(AssertionError, match="batch_size: 7 is the global batch and must be "
+                                             "divisible by the 2 ranks"):
+        dist_worker.launch([["-opt", bad]], tmp_path, nproc=2)
