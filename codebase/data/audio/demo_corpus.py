@@ -271,7 +271,7 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def build_demo_corpus(out: Path = DEFAULT_OUT, utterances: int = 3000, speakers: int = 8,
+def build_demo_corpus(out: Path = DEFAULT_OUT, utterances: int = 5000, speakers: int = 8,
                       seed: int = 0, workers: int = 2, progress: bool = True) -> DemoCorpus:
     """Build the corpus into ``out`` (or return the one already there for the same arguments).
 
@@ -331,7 +331,7 @@ def _corpus(out: Path, meta: dict) -> DemoCorpus:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--utterances", type=int, default=3000)
+    p.add_argument("--utterances", type=int, default=5000)
     p.add_argument("--speakers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
