@@ -21,7 +21,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from bench_train import SIZES, batch  # noqa: E402 - also puts codebase/ on sys.path
+from bench_train import SIZES, add_workload_args, batch  # noqa: E402 - also puts codebase/ on sys.path
 
 import torch  # noqa: E402
 
@@ -95,16 +95,7 @@ def main() -> None:
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--engines", default="local,deepspeed", help="comma-separated, in order")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--target-frames", type=int, default=300)
-    p.add_argument("--prompt-frames", type=int, default=120)
-    p.add_argument("--phonemes", type=int, default=80)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_workload_args(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device_type = resolve_device(args.device, distributed.DistInfo(0, 0, 1)).type

@@ -59,9 +59,8 @@ def batch(cfg: dict, b: int, target: int, prompt: int, phonemes: int, device: to
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", choices=SIZES, default="small")
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The synthetic VALL-E workload's options, shared with bench_engines.py."""
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="default: bf16 on cuda, fp32 on cpu")
@@ -72,6 +71,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="small")
+    add_workload_args(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device, DistInfo(0, 0, 1))

@@ -1,37 +1,12 @@
 """DDP on CPU (2 gloo processes under torchrun): the same weights as one process with the same
 global batch, exact resume, gradient accumulation, rank-averaged logs, rank-0-only writes."""
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_trainer, merge, toy_options
+from conftest import make_trainer
 import dist_worker
-
-NITER = 8
-# 40 items, global batch 8: 5 steps per epoch, so the run crosses a reshuffle. No dropout,
-# fp32; clipping and a schedule so that more than the plain gradient has to agree.
-SECTIONS = dict(
-    datasets={"train": {"batch_size": 8, "num_items": 40},
-              "val": {"mode": "toy_regression", "batch_size": 8, "num_items": 16}},
-    steps={"fit": {"clip_grad_eps": 0.5}},
-    train={"niter": NITER, "default_lr_scheme": "CosineAnnealing", "warmup_iter": 2,
-           "val_freq": 4},
-    logger={"save_checkpoint_freq": 4},
-)
-
-
-def write_yaml(folder: Path, **sections) -> str:
-    return dist_worker.write_yaml(folder, merge(toy_options(**SECTIONS), sections))
-
-
-def weights(run: Path, step: int, ema: bool = False) -> dict[str, torch.Tensor]:
-    return dist_worker.saved_weights(run / "toy", step, ema=ema)
-
-
-def logged(run: Path, tag: str) -> list[float]:
-    return dist_worker.logged(run / "toy", tag)
-
+from toy_runs import NITER, SECTIONS, logged, weights, write_yaml
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -6,36 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_experiment, make_trainer, merge, toy_options
+from conftest import make_experiment, make_trainer, merge
 import dist_worker
+import toy_runs
+from toy_runs import NITER, logged, weights
+from toy_runs import SECTIONS as TOY_SECTIONS
 from utils.schema import ConfigError
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason='deepspeed is not installed '
                                      '(pip install -e ".[deepspeed]")')
 
-NITER = 8
-SECTIONS = dict(
-    datasets={"train": {"batch_size": 8, "num_items": 40},
-              "val": {"mode": "toy_regression", "batch_size": 8, "num_items": 16}},
-    steps={"fit": {"clip_grad_eps": 0.5}},
-    train={"niter": NITER, "default_lr_scheme": "CosineAnnealing", "warmup_iter": 2,
-           "val_freq": 4},
-    logger={"save_checkpoint_freq": 4, "keep_last": 1},
-)
+SECTIONS = merge(TOY_SECTIONS, {"logger": {"keep_last": 1}})
 DS = dict(engine="deepspeed", deepspeed={"zero_stage": 2})
 
 
 def write_yaml(folder: Path, **sections) -> str:
-    return dist_worker.write_yaml(folder, merge(toy_options(**SECTIONS), sections))
-
-
-def weights(run: Path, step: int, ema: bool = False) -> dict[str, torch.Tensor]:
-    return dist_worker.saved_weights(run / "toy", step, ema=ema)
-
-
-def logged(run: Path, tag: str) -> list[float]:
-    return dist_worker.logged(run / "toy", tag)
+    return toy_runs.write_yaml(folder, SECTIONS, **sections)
 
 
 @pytest.fixture(scope="module")
