@@ -326,3 +326,21 @@ def test_segment_positions_restart_in_each_segment():
     model.train()
     model(**batch)["loss_ar"].backward()
     assert model.segment_scale.grad is not None and model.segment_scale.grad.abs().sum() > 0
+
+
+def test_ar_input_noise_changes_training_inputs_only():
+    batch = make_batch()
+    clean = tiny()
+    noisy = tiny(ar_input_noise=0.5)
+    noisy.load_state_dict(clean.state_dict())
+    args = dict(**prefix(batch), codes0=batch["codes"][:, 0], code_lengths=batch["code_lengths"])
+    # eval mode (validation, generation): no noise, the same logits
+    torch.testing.assert_close(noisy.ar_logits(**args), clean.ar_logits(**args))
+    noisy.train()
+    torch.manual_seed(1)
+    train_logits = noisy.ar_logits(**args)
+    # position 0 sees only the prefix; later positions see (partly) replaced inputs
+    torch.testing.assert_close(train_logits[:, 0], clean.ar_logits(**args)[:, 0])
+    assert not torch.allclose(train_logits[:, 1:], clean.ar_logits(**args)[:, 1:])
+    with pytest.raises(ValueError, match="ar_input_noise"):
+        VALLE(**{**TINY, "ar_input_noise": 1.0})

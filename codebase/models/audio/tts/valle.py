@@ -92,6 +92,9 @@ class VALLE(nn.Module):
             the input (VALL-E's and TransformerTTS's scheme). It gives every target frame
             its distance from the first frame and every phoneme its index in the text, which
             makes the text-to-audio alignment much faster to learn on small data.
+        ar_input_noise: while training, replace this fraction of the AR's input codes (the
+            previous frames it is conditioned on, not its targets) with random codes, so that
+            copying the previous frames predicts less and the text must be used (0: off).
         checkpointing: recompute each block in the backward pass (training only) to save
             activation memory.
     """
@@ -100,7 +103,8 @@ class VALLE(nn.Module):
                  d_model: int = 512, n_layers: int = 12, n_heads: int = 8, ff_mult: int = 4,
                  dropout: float = 0.1, shared_weights: bool = True,
                  positions: Literal["rope", "learned"] = "rope", max_positions: int = 4096,
-                 segment_positions: bool = False, checkpointing: bool = False) -> None:
+                 segment_positions: bool = False, ar_input_noise: float = 0.0,
+                 checkpointing: bool = False) -> None:
         super().__init__()
         if n_levels < 2:
             raise ValueError(f"valle: n_levels must be >= 2 (level 0 for the AR, the rest for "
@@ -108,6 +112,9 @@ class VALLE(nn.Module):
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"valle: d_model ({d_model}) must split into n_heads ({n_heads}) "
                              f"heads of even size (rotary positions rotate pairs)")
+        if not 0.0 <= ar_input_noise < 1.0:
+            raise ValueError(f"valle: ar_input_noise must be in [0, 1), got {ar_input_noise}")
+        self.ar_input_noise = ar_input_noise
         if positions not in ("rope", "learned"):
             raise ValueError(f"valle: positions must be 'rope' or 'learned', got {positions!r}")
         self.n_phonemes, self.codebook_size, self.n_levels = n_phonemes, codebook_size, n_levels
@@ -237,6 +244,9 @@ class VALLE(nn.Module):
         """Teacher-forced AR logits [B, T + 1, codebook_size + 1] for level-0 codes0 [B, T]:
         position i predicts frame i, position code_lengths[b] the stop (later ones: padding)."""
         b = codes0.shape[0]
+        if self.training and self.ar_input_noise > 0:
+            noisy = torch.rand(codes0.shape, device=codes0.device) < self.ar_input_noise
+            codes0 = torch.where(noisy, torch.randint_like(codes0, self.codebook_size), codes0)
         target = torch.cat([self.start.expand(b, 1, -1), self.code_embs[0](codes0)], dim=1)
         task = torch.zeros(b, dtype=torch.long, device=codes0.device)
         x, lengths, start = self._sequence(phonemes, phoneme_lengths, prompt, prompt_lengths,
