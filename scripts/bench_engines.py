@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from bench_train import SIZES, add_workload_args, batch  # noqa: E402 - also puts codebase/ on sys.path
+from bench_train import SIZES, add_workload_args, batch, timed  # noqa: E402 - also puts codebase/ on sys.path
 
 import torch  # noqa: E402
 
@@ -63,17 +62,7 @@ def run(name: str, args: argparse.Namespace, device: torch.device, precision: st
         engine.backward(net, loss)
         engine.step(net, opt, params, 1.0)
 
-    for _ in range(2):  # warm-up (allocator, kernels)
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed = timed(step, args.steps, device)
     seq = args.phonemes + args.prompt_frames + args.target_frames
     tokens = 2 * seq * args.batch * args.steps  # AR pass + NAR pass, as in bench_train.py
     result = {"params_m": n_params / 1e6, "steps_per_s": args.steps / elapsed,

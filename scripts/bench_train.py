@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "codebase"))
@@ -59,6 +60,22 @@ def batch(cfg: dict, b: int, target: int, prompt: int, phonemes: int, device: to
     }
 
 
+def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step`` after two warm-up calls (allocator, kernels);
+    peak-memory statistics are reset after the warm-up."""
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """The synthetic VALL-E workload's options, shared with bench_engines.py."""
     p.add_argument("--device", default="auto")
@@ -97,17 +114,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # warm-up (allocator, kernels)
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed = timed(step, args.steps, device)
     seq = args.phonemes + args.prompt_frames + args.target_frames
     tokens = 2 * seq * args.batch * args.steps  # AR pass + NAR pass
     flops = (6 * n_params * tokens
