@@ -6,13 +6,12 @@ Runs from ``codebase/`` or as ``python codebase/train.py`` from the repository r
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 # Python puts this file's folder (codebase/) first on sys.path, so `python codebase/train.py`
 # from the repository root imports the same packages as `python train.py` from codebase/.
-from trainer.config import validate_experiment
-from utils.options import experiment_parser, load_options
+from trainer.config import load_experiment_cli
+from utils.options import experiment_parser
 from utils.schema import ConfigError
 
 
@@ -29,11 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        exp = validate_experiment(load_options(args.opt, args.override))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    exp = load_experiment_cli(args)
+    if exp is None:
         return 2
     if args.dry_run:
         print(f"{exp.file}: OK ({len(exp.network_specs)} network(s), {len(exp.step_specs)} "

@@ -167,6 +167,22 @@ class Experiment:
 SECTION_FIELDS = {"datasets", "networks", "steps", "path", "train", "eval", "logger", "deepspeed"}
 
 
+def load_experiment_cli(args: Any) -> Experiment | None:
+    """The validated experiment of a CLI's ``-opt``/``-o`` arguments (see
+    :func:`utils.options.experiment_parser`); on a bad file or option, print the error to
+    stderr and return None (the CLI exits with 2). Also sets up warning-level logging."""
+    import sys
+
+    from utils.options import load_options
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return validate_experiment(load_options(args.opt, args.override))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def validate_experiment(opt: dict) -> Experiment:
     """Check an options dict (from :func:`utils.options.load_options`); raise ConfigError with
     every problem found, or return the validated :class:`Experiment`."""

@@ -348,16 +348,11 @@ def read_ids(h5_path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import validate_experiment
-    from utils.options import experiment_parser, load_options
-    from utils.schema import ConfigError
+    from trainer.config import load_experiment_cli
+    from utils.options import experiment_parser
 
-    args = experiment_parser(__doc__).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        exp = validate_experiment(load_options(args.opt, args.override))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    exp = load_experiment_cli(experiment_parser(__doc__).parse_args(argv))
+    if exp is None:
         return 2
     done = set()
     for phase, spec in exp.dataset_specs.items():
