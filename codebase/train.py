@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if exp is None:
         return 2
     if args.dry_run:
-        print(f"{exp.file}: OK ({len(exp.network_specs)} network(s), {len(exp.step_specs)} "
+        print(f"{exp.file}: OK ({len(exp.networks)} network(s), {len(exp.steps)} "
               f"step(s), run folder {exp.run_dir})")
         return 0
     from trainer.extensible_trainer import ExtensibleTrainer

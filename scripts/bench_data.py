@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import trainer.components  # noqa: E402,F401 - registers datasets and codecs
 from data.audio.hdf5_dataset import Hdf5CodesDataset  # noqa: E402
 from data.audio.paired_dataset import PairedVoiceAudioDataset  # noqa: E402
-from data.audio.prepare import PrepareOptions, codec_options_for, prepare  # noqa: E402
+from data.audio.corpus_to_h5 import PrepareOptions, codec_options_for, prepare  # noqa: E402
 from models.audio.codecs import build_codec  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars shine above "

@@ -25,7 +25,8 @@ from bench_train import SIZES, add_workload_args, batch, timed  # noqa: E402 - a
 import torch  # noqa: E402
 
 from models import build_network  # noqa: E402
-from trainer.engines import Engine, LocalEngine, resolve_device  # noqa: E402
+from trainer.engines import Engine, LocalEngine  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 from utils import distributed  # noqa: E402
 
 SIZES = {"tiny": dict(d_model=64, n_layers=2, n_heads=2, n_levels=2, codebook_size=64,

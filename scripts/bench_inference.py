@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import trainer.components  # noqa: E402,F401 - registers the models
 from models import build_network  # noqa: E402
 from models.audio.tts.valle import REFERENCE_CONFIG  # noqa: E402
-from trainer.engines import resolve_device  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from models.audio.codecs import build_codec  # noqa: E402
 

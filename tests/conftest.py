@@ -65,23 +65,20 @@ def toy_experiment(tmp_path):
     return lambda **sections: make_experiment(tmp_path, **sections)
 
 
-def build_from_yaml(registry, options: dict, runtime: dict | None = None,
+def build_from_yaml(registry, options: dict, provided: dict | None = None,
                     base_dir: Path | None = None, path: str = "steps.s.x"):
     """Validate YAML-style component options as the trainer does, then build the component."""
     import torch
 
     from trainer.component import TrainerEnv, build_component
-    from trainer.config import INJECTOR_COMMON, LOSS_COMMON, ComponentSpec
+    from trainer.config import INJECTOR_SHARED, LOSS_SHARED, validate_component
     from utils.schema import Problems
 
-    common_keys = tuple(dict.fromkeys(INJECTOR_COMMON + LOSS_COMMON))
-    cls = registry.get(options["type"])
     problems = Problems()
-    kwargs = cls.check_options({k: v for k, v in options.items() if k not in common_keys},
-                               path, problems, base_dir, common_keys)
+    shared = tuple(dict.fromkeys(INJECTOR_SHARED + LOSS_SHARED))
+    spec = validate_component(registry, options, path, "x", problems, base_dir or Path("."),
+                               shared)
     assert not problems, problems.items
-    common = {k: v for k, v in options.items() if k in common_keys and k != "type"}
-    runtime = dict(runtime or {})
-    runtime.setdefault("env", TrainerEnv(device=torch.device("cpu"), run_dir=base_dir or Path(".")))
-    runtime["runtime"] = runtime
-    return build_component(ComponentSpec("x", path, cls, kwargs, common), runtime)
+    provided = dict(provided or {})
+    provided.setdefault("env", TrainerEnv(device=torch.device("cpu"), run_dir=base_dir or Path(".")))
+    return build_component(spec, provided)

@@ -10,9 +10,10 @@ import yaml
 
 from conftest import REPO
 from data.audio.fetchers import FETCHERS, Utterance, fetch
-from data.audio.paired_dataset import PairedVoiceAudioDataset, split_fraction
+from data.audio.corpus import split_fraction
+from data.audio.paired_dataset import PairedVoiceAudioDataset
 from data.loader import eval_loader
-from trainer.registry import RegistryError
+from utils.registry import RegistryError
 from utils.audio import (AudioError, audio_info, load_audio, mel_spectrogram, save_audio,
                          save_mel_png)
 

@@ -47,9 +47,9 @@ def test_prepare_section_is_validated(tmp_path):
     problems = dict(e.value.problems)
     assert "did you mean 'fetcher_mode'" in problems["datasets.train.prepare.fetcher_mod"]
     exp = validate_experiment(load_options(path))
-    prep = exp.dataset_specs["train"].kwargs["prepare"]
+    prep = exp.datasets["train"].kwargs["prepare"]
     assert prep.path == tmp_path.resolve() / "corpus" / "index.tsv"  # relative to the YAML
-    assert exp.dataset_specs["train"].kwargs["path"] == tmp_path.resolve() / "data" / "data.h5"
+    assert exp.datasets["train"].kwargs["path"] == tmp_path.resolve() / "data" / "data.h5"
 
 
 def test_prepare_cli_then_training_resumes_sampler_position(tmp_path):

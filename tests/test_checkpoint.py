@@ -40,7 +40,7 @@ def test_save_writes_networks_ema_and_state(tmp_path: Path) -> None:
         "10_disc.safetensors", "10_gen.safetensors", "10_gen_ema.safetensors",
     ]
     state = mgr.load_state(state_path)
-    assert state["iter"] == 10 and state["step"] == 10 and state["format_version"] == 1
+    assert state["iter"] == 10 and state["step"] == 10 and state["format_version"] == 2
 
     meta = read_network_metadata(mgr.network_path(10, "gen"))
     assert meta["which_model"] == "linear" and meta["kwargs"] == {"dim": 3}

@@ -16,8 +16,8 @@ def problems_of(tmp_path, **sections) -> dict[str, str]:
 
 def test_valid_toy_experiment(tmp_path):
     exp = make_experiment(tmp_path)
-    assert exp.train_opts.niter == 5 and exp.precision == "fp32"
-    assert exp.step_specs["fit"].optimizer_params == {"lr": 1e-2}
+    assert exp.train.niter == 5 and exp.precision == "fp32"
+    assert exp.steps["fit"].optimizer_params == {"lr": 1e-2}
     assert exp.run_dir == tmp_path.resolve() / "toy"
 
 
@@ -136,8 +136,8 @@ def test_dlas_spellings(tmp_path, caplog):
                                  "lr_gamma": 0.5},
                           datasets={"val": {"mode": "toy_regression", "batch_size": 4}})
     assert exp.precision == "fp16"
-    assert exp.train_opts.mega_batch_factor == 2
-    assert exp.scheduler_kwargs == {"gen_lr_steps": [2, 4], "lr_gamma": 0.5, "warmup_iter": -1}
+    assert exp.train.mega_batch_factor == 2
+    assert exp.train.scheduler_kwargs == {"gen_lr_steps": [2, 4], "lr_gamma": 0.5, "warmup_iter": -1}
     assert any("'scale' has no effect" in r.message for r in caplog.records)
     assert any("'visuals' has no effect" in r.message for r in caplog.records)
 
@@ -145,7 +145,7 @@ def test_dlas_spellings(tmp_path, caplog):
 def test_relative_paths_resolve_against_yaml_folder(tmp_path):
     exp = make_experiment(tmp_path, path={"root": "runs/a", "resume_state": "runs/a/x.state"})
     assert exp.run_dir == tmp_path.resolve() / "runs" / "a"
-    assert exp.path_opts.resume_state == str(tmp_path.resolve() / "runs" / "a" / "x.state")
+    assert exp.path.resume_state == str(tmp_path.resolve() / "runs" / "a" / "x.state")
 
 
 def test_pretrain_key_for_unknown_network(tmp_path):
@@ -156,7 +156,7 @@ def test_pretrain_key_for_unknown_network(tmp_path):
 @pytest.mark.parametrize("yml", sorted(p.name for p in (REPO / "experiments").glob("*.yml")))
 def test_shipped_experiments_validate(yml):
     exp = validate_experiment(load_options(REPO / "experiments" / yml))
-    assert exp.name and exp.train_opts.niter > 0
+    assert exp.name and exp.train.niter > 0
 
 
 def test_loss_names_unique_across_steps(tmp_path):

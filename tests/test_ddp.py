@@ -43,7 +43,7 @@ def test_ddp_logs_are_averaged_over_ranks_and_written_once(runs):
     assert len(list((runs / "straight" / "toy" / "tb_logger").iterdir())) == 1
     state = torch.load(runs / "straight" / "toy" / "training_state" / f"{NITER}.state",
                        weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
     # each rank's share is half the global batch: the sampler stepped the same as one process
     assert state["loader"] == {"epoch": 1, "batches_done": 3}
 

@@ -66,7 +66,7 @@ def test_deepspeed_checkpoint_layout_and_pruning(runs):
     assert sorted(p.name for p in state_dir.iterdir()) == ["8.deepspeed", "8.state"]
     assert (state_dir / "8.deepspeed" / "mlp").is_dir()  # DeepSpeed's files for network mlp
     state = torch.load(state_dir / "8.state", weights_only=True)
-    assert state["engine_name"] == "deepspeed" and state["optimizers"] == {}
+    assert state["engine_name"] == "deepspeed" and "optimizers" not in state
 
 
 @needs_deepspeed

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainer.lr_scheduler import SCHEDULER_RUNTIME_ARGS, SCHEDULERS, build_scheduler
+from trainer.lr_scheduler import SCHEDULERS, build_scheduler
 from trainer.optimizers import build_optimizer
-from trainer.registry import RegistryError
+from utils.registry import RegistryError
 from utils.schema import Problems, bind_options
 
 
@@ -87,8 +87,7 @@ def test_cosine_period() -> None:
 
 def test_options_and_names_are_checked() -> None:
     problems = Problems()
-    bind_options(SCHEDULERS.get("MultiStepLR"), {"gen_lr_step": [5]}, "train", problems,
-                 runtime=SCHEDULER_RUNTIME_ARGS)
+    bind_options(SCHEDULERS.get("MultiStepLR"), {"gen_lr_step": [5]}, "train", problems)
     messages = dict(problems.items)
     assert "did you mean 'gen_lr_steps'" in messages["train.gen_lr_step"]
     assert "total_steps" not in messages["train.gen_lr_step"]

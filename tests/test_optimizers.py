@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.optimizers import (OPTIMIZER_RUNTIME_ARGS, OPTIMIZERS, build_optimizer,
+from trainer.optimizers import (OPTIMIZERS, build_optimizer,
                                 param_groups)
-from trainer.registry import RegistryError
+from utils.registry import RegistryError
 from utils.schema import Problems, bind_options
 
 
@@ -94,7 +94,7 @@ def test_sgd_hyperparameters() -> None:
 def test_yaml_options_are_checked_against_the_factory() -> None:
     problems = Problems()
     kwargs = bind_options(OPTIMIZERS.get("adamw"), {"lr": 1e-3, "weight_dacay": 0.1},
-                          "steps.g.optimizer_params", problems, runtime=OPTIMIZER_RUNTIME_ARGS)
+                          "steps.g.optimizer_params", problems)
     assert kwargs == {"lr": 1e-3}
     [(path, message)] = problems.items
     assert path == "steps.g.optimizer_params.weight_dacay"
@@ -104,8 +104,7 @@ def test_yaml_options_are_checked_against_the_factory() -> None:
 
 def test_yaml_cannot_set_runtime_args_and_needs_lr() -> None:
     problems = Problems()
-    bind_options(OPTIMIZERS.get("sgd"), {"module": "x"}, "p", problems,
-                 runtime=OPTIMIZER_RUNTIME_ARGS)
+    bind_options(OPTIMIZERS.get("sgd"), {"module": "x"}, "p", problems)
     assert dict(problems.items) == {"p.module": "is set by the trainer and cannot be given in "
                                                 "the YAML", "p.lr": "missing required option "
                                                                     "(float)"}

@@ -8,9 +8,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from data.audio import prepare as prep
+from data.audio import corpus_to_h5 as prep
 from data.audio.hdf5_dataset import Hdf5CodesDataset
-from data.audio.prepare import PrepareOptions, prepare, read_ids
+from data.audio.corpus_to_h5 import PrepareOptions, prepare, read_ids
 
 TEXTS = ["the cat sat down", "a dog ran home", "she sells sea shells", "we went out again",
          "it is very cold today", "bring me the red book", "open the door slowly",

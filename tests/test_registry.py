@@ -2,7 +2,7 @@ import pytest
 
 from trainer.injectors import INJECTORS, Injector
 from trainer.losses import LOSSES
-from trainer.registry import Registry, RegistryError, component_name, snake_case
+from utils.registry import Registry, RegistryError, component_name, snake_case
 
 
 def test_snake_case_and_suffix():

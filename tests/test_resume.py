@@ -55,7 +55,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         assert resumed[step] == straight[step], step
     a = torch.load(tmp_path / "straight" / "toy" / "training_state" / "20.state", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "toy" / "training_state" / "20.state", weights_only=True)
-    assert a["loader"] == b["loader"] and a["rng"]["torch"].equal(b["rng"]["torch"])
+    assert a["loader"] == b["loader"] and a["rng"][0]["torch"].equal(b["rng"][0]["torch"])
 
 
 def test_explicit_resume_state_and_missing_file(tmp_path):

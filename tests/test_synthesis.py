@@ -218,7 +218,7 @@ def test_tts_samples_evaluator_during_training(tmp_path):
     runner.train()
     run = tmp_path / "valle"
     val = runner.datasets["val"]
-    ev = runner.evaluators[0]
+    [ev] = runner.evaluators.values()
     picked = ev.picked  # taken in turn from each speaker
     assert len(picked) == 2 and len({val.speakers[j] for j in picked}) == 2
     folder = run / "samples" / "2"
@@ -273,3 +273,16 @@ def test_tts_samples_evaluator_during_training(tmp_path):
     assert synth.codec.pretrained and synth.vocab == val.vocab
     wav, = synth.synthesize(["the cat sat down"], val[0]["prompt"], max_duration=0.3, seed=0)
     assert 0 < wav.numel() <= 0.3 * 16000
+
+    # Resumed (from step 2, to step 3): the evaluator's history is part of the checkpoint, so
+    # the end-of-run report still puts step 0 beside the last step.
+    resumed = ExtensibleTrainer(validate_experiment(load_options(
+        path, ["path.resume_state=auto", "train.niter=3", "eval.every=3"])))
+    [ev2] = resumed.evaluators.values()
+    assert [step for step, _ in ev2.history] == [0, 2]
+    resumed.train()
+    assert [step for step, _ in ev2.history] == [0, 2, 3]
+    report = ev2.report()
+    assert "step 0" in report and "step 3" in report
+    first_row = report.splitlines()[1].split()  # label, step-0 value, step-3 value
+    assert first_row[-2] == ev.report().splitlines()[1].split()[-2]  # the first run's step 0

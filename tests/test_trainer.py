@@ -8,7 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import make_trainer
 from models import load_network
+from trainer.component import TrainerEnv
 from trainer.injectors import Injector
+from utils.schema import Runtime
 
 
 def tb_scalars(run_dir):
@@ -73,11 +75,9 @@ def test_mixed_precision_trains(tmp_path, precision):
 class NanAtStepInjector(Injector):
     """Test helper: multiplies its input by NaN on one step."""
 
-    def __init__(self, nan_step: int, env=None) -> None:
+    def __init__(self, nan_step: int, env: Runtime[TrainerEnv]) -> None:
         super().__init__()
         self.nan_step, self.env = nan_step, env
-
-    runtime_args = ("env",)
 
     def forward(self, state):
         x = state[self.input]
@@ -96,7 +96,7 @@ def test_non_finite_gradient_skips_step(tmp_path, precision):
 
     def callback(step, logs):
         weights[step] = {k: v.clone() for k, v in trainer.raw_networks["mlp"].state_dict().items()}
-        skipped[step] = trainer.skipped_steps - sum(skipped.values())
+        skipped[step] = trainer.counters.skipped_steps - sum(skipped.values())
 
     trainer.step_callbacks.append(callback)
     trainer.train()
@@ -106,9 +106,9 @@ def test_non_finite_gradient_skips_step(tmp_path, precision):
     assert all(torch.isfinite(v).all() for v in weights[6].values())
     assert not any(skipped[s] for s in (4, 5, 6))  # training goes on
     if precision == "fp32":
-        assert trainer.skipped_steps == 1
+        assert trainer.counters.skipped_steps == 1
     # fp16: GradScaler's first steps overflow while it calibrates its scale; those count too
-    assert tb_scalars(tmp_path / "toy")["train/skipped_steps"][-1] == (6, trainer.skipped_steps)
+    assert tb_scalars(tmp_path / "toy")["train/skipped_steps"][-1] == (6, trainer.counters.skipped_steps)
 
 
 def test_ema_saved_beside_weights(tmp_path):
@@ -175,10 +175,8 @@ from trainer.evaluators import Evaluator
 class WeightNormEvaluator(Evaluator):
     """Test evaluator: reports the norm of a network's head (the EMA copy when there is one)."""
 
-    runtime_args = ("networks", "env", "logger")
-
-    def __init__(self, network: str, networks=None, env=None, logger=None) -> None:
-        super().__init__()
+    def __init__(self, network: str, networks: Runtime[dict], env: Runtime[TrainerEnv],
+                 logger: Runtime[object]) -> None:
         self.network, self.networks, self.env, self.logger = network, networks, env, logger
 
     def evaluate(self, step):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from trainer.registry import Registry
+from utils.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
 

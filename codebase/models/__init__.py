@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from trainer.registry import Registry
+from utils.registry import Registry
 
 MODELS: Registry = Registry("model")
 

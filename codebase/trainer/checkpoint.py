@@ -23,7 +23,10 @@ from utils.io import load_torch, save_network, save_torch
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT_VERSION = 1
+# 2: the trainer's registered parts by name (1: fixed keys; still read, see
+# trainer.training_state.upgrade)
+STATE_FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 _STATE_NAME = re.compile(r"^(\d+)\.state$")
 _MODEL_NAME = re.compile(r"^(\d+)_.+\.safetensors$")
 _ENGINE_DIR = re.compile(r"^(\d+)\.[a-z_]+$")
@@ -154,10 +157,10 @@ class CheckpointManager:
                 f"{path} is not a training state written by CheckpointManager (no "
                 f"'format_version'); point resume_state at a training_state/<step>.state file"
             )
-        if state["format_version"] != STATE_FORMAT_VERSION:
+        if state["format_version"] not in READABLE_FORMATS:
             raise ValueError(
                 f"{path} has training state format version {state['format_version']!r}, this "
-                f"code reads version {STATE_FORMAT_VERSION}; resume with the code version that "
+                f"code reads versions {READABLE_FORMATS}; resume with the code version that "
                 f"wrote it"
             )
         return state

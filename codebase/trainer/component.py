@@ -1,15 +1,21 @@
-"""Base of injectors, losses and evaluators: auto-registration, gates, runtime arguments."""
+"""Base of injectors, losses and evaluators: auto-registration, the validated spec, building.
+
+A component's YAML options are its constructor's keyword arguments; the runtime objects it
+needs (networks, env, datasets, logger) are constructor arguments annotated
+:class:`utils.schema.Runtime`, filled by :func:`build_component` from what the trainer
+provides. The options every component of a kind shares (``in``/``out``, ``weight``, the step
+gates) are validated once into a :class:`ComponentSpec` and applied by ``configure``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
-from torch import nn
 
-from trainer.registry import Registry, component_name
-from utils.schema import Problems, bind_options
+from utils.registry import Registry, component_name
+from utils.schema import Problems, bind_options, construct
 
 
 @dataclass
@@ -25,27 +31,40 @@ class Gate:
 
 
 @dataclass
+class ComponentSpec:
+    """A validated injector, loss or evaluator: its class, constructor options and the
+    options shared by its kind, each in one normalised form."""
+    name: str
+    path: str  # its key path in the YAML, for messages
+    cls: Any
+    kwargs: dict  # constructor options (a ComponentSpec value is built first: for_each's sub)
+    gate: Gate = field(default_factory=Gate)
+    inputs: list[str] = field(default_factory=list)  # `in` as a list of state keys
+    input_map: dict[str, str] | None = None  # `in` as argument name -> state key
+    outputs: list[str] = field(default_factory=list)  # `out`
+    train: bool = True  # an injector runs in training steps
+    eval: bool = True  # ... and in validation / evaluation
+    weight: float = 1.0  # a loss's weight (0: log only)
+
+
+@dataclass
 class TrainerEnv:
-    """What the trainer shares with components at run time (passed as the ``env`` argument)."""
+    """What the trainer shares with components at run time (the ``env`` argument)."""
     device: torch.device
     run_dir: Path
     step: int = 0
     precision: str = "fp32"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Component(nn.Module):
+class Component:
     """A YAML-declared part. Subclasses register under snake_case(ClassName) minus the kind
     suffix (``TorchMelSpectrogramInjector`` -> ``torch_mel_spectrogram``) unless they set
-    ``name``; a class with ``abstract = True`` in its body is not registered.
-
-    The constructor's keyword arguments are the YAML options. Names in ``runtime_args`` are
-    passed by the trainer (``networks``, ``env`` ...) and cannot be set from the YAML.
-    """
+    ``name``; a class with ``abstract = True`` in its body is not registered."""
 
     registry: ClassVar[Registry]
     kind: ClassVar[str] = "component"
-    runtime_args: ClassVar[tuple[str, ...]] = ()
+    component_name: str
+    path: str
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -53,24 +72,27 @@ class Component(nn.Module):
             cls.registry.add(component_name(cls, cls.kind), cls)
 
     @classmethod
-    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path,
-                      common_keys: tuple[str, ...] = ()) -> dict:
+    def check_options(cls, options: dict, path: str, problems: Problems,
+                      base_dir: Path) -> dict:
         """Validate this component's own YAML options; returns the constructor kwargs."""
-        return bind_options(cls, options, path, problems, runtime=cls.runtime_args,
-                            base_dir=base_dir)
+        return bind_options(cls, options, path, problems, base_dir=base_dir)
 
-    def configure(self, common: dict) -> None:
-        """Apply the options every component of this kind shares (gates ...)."""
-        self.gate = Gate(common.get("after", 0), common.get("before"), common.get("every", 1))
+    def configure(self, spec: ComponentSpec) -> None:
+        """Apply the options every component of this kind shares."""
+        self.gate = spec.gate
 
 
-def build_component(spec: Any, runtime: dict[str, Any]) -> Component:
-    """Construct a validated :class:`trainer.config.ComponentSpec` with its runtime arguments."""
-    missing = [a for a in spec.cls.runtime_args if a not in runtime]
-    if missing:
-        raise RuntimeError(f"{spec.path}: the trainer cannot provide {missing} to {spec.cls.__name__}")
-    obj = spec.cls(**spec.kwargs, **{a: runtime[a] for a in spec.cls.runtime_args})
-    obj.configure(spec.common)
+def build_component(spec: ComponentSpec, provided: Mapping[str, Any]) -> Any:
+    """Construct a validated component with the runtime objects it declares."""
+    obj = _construct(spec, provided)
+    obj.configure(spec)
     obj.component_name = spec.name
     obj.path = spec.path
     return obj
+
+
+def _construct(spec: ComponentSpec, provided: Mapping[str, Any]) -> Any:
+    """The object alone; a nested spec (for_each's sub-injector) is configured by its parent."""
+    kwargs = {k: _construct(v, provided) if isinstance(v, ComponentSpec) else v
+              for k, v in spec.kwargs.items()}
+    return construct(spec.cls, kwargs, provided, spec.path)

@@ -1,21 +1,31 @@
-"""The experiment schema: trainer-level sections as dataclasses, components bound by signature.
+"""The experiment schema: one typed :class:`Experiment`, produced once by validation.
 
 :func:`validate_experiment` walks the whole experiment (datasets, networks, steps with their
-injectors and losses, the LR schedule, evaluators) and reports every problem at once, before
-any tensor exists. It returns an :class:`Experiment` whose component specs hold the already
-type-checked constructor arguments.
+injectors and losses, the LR schedule, evaluators, the engine) and reports every problem at
+once, before any tensor exists. Everything downstream reads the typed result; the options as
+loaded are kept only to be written out (``config.yml``, checkpoints).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
-from trainer.registry import Registry, RegistryError, did_you_mean
-from utils.schema import (ConfigError, Problems, _MISSING, bind_options, build_dataclass, coerce,
-                          join, signature_params)
+from data.spec import DatasetSpec, validate_dataset
+from models import MODELS
+from trainer import components  # noqa: F401 - imports every built-in component family
+from trainer.component import ComponentSpec, Gate
+from trainer.engines import validate_engine_options
+from trainer.evaluators import EVALUATORS
+from trainer.injectors import INJECTORS
+from trainer.losses import LOSSES
+from trainer.lr_scheduler import SCHEDULERS
+from trainer.optimizers import OPTIMIZERS
+from utils.options import import_plugins, load_cli, public
+from utils.registry import Registry, did_you_mean
+from utils.schema import (_MISSING, ConfigError, Problems, bind_options, bind_shared_section,
+                          build_dataclass, coerce, is_mapping, join, lookup)
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +34,12 @@ Precision = Literal["fp32", "bf16", "fp16"]
 # DLAS keys that have no effect here: accepted (so DLAS files load) with a warning.
 DLAS_NO_EFFECT = {
     "": {"scale", "start_step", "distortion", "dist"},
-    "logger": {"visuals", "visual_debug_rate", "is_mel_spectrogram", "disable_state_saving"},
+    "logger": {"visuals", "visual_debug_rate", "is_mel_spectrogram",
+               "disable_state_saving"},
     "steps.*": {"loss_log_buffer"},
 }
+SECTIONS = ("datasets", "networks", "steps", "path", "train", "eval", "logger", "deepspeed")
+DLAS_SPELLINGS = {"fp16": bool | None, "gpu_ids": list[int] | None}
 
 
 @dataclass
@@ -37,6 +50,7 @@ class TrainOptions:
     val_freq: int | None = None  # validate every N steps (needs datasets.val)
     default_lr_scheme: str = "Constant"  # MultiStepLR | CosineAnnealing | Constant
     ema_rate: float | None = None  # e.g. 0.999; keeps an EMA copy of every trainable network
+    scheduler_kwargs: dict = field(default_factory=dict, init=False)  # the schedule's options
 
 
 @dataclass
@@ -57,7 +71,7 @@ class PathOptions:
     root: Path | None = None  # run folder; default: <experiment file's folder>/<name>
     resume_state: str | None = None  # "auto" or a training_state file
     strict_load: bool = True  # pretrain_model_* must match the network exactly
-    pretrain: dict[str, Path] = field(default_factory=dict)
+    pretrain: dict[str, Path] = field(default_factory=dict, init=False)
 
 
 @dataclass
@@ -66,59 +80,35 @@ class EvalOptions:
     also runs them and the validation once before the first step (a "before" figure)."""
     every: int | None = None
     at_start: bool = False
-    evaluators: dict[str, dict] = field(default_factory=dict)
-
-
-@dataclass
-class DatasetSpec:
-    """``datasets.<phase>``: loader options here, the rest goes to the dataset's constructor."""
-    mode: str
-    name: str = ""
-    # The global batch: items per update over all ranks; each of N DDP/DeepSpeed ranks loads
-    # batch_size / N (must divide). A dataset's token budget (max_tokens) is per rank instead.
-    batch_size: int | None = None
-    n_workers: int = 0
-    phase: Literal["train", "val"] | None = None
-    shuffle: bool | None = None  # default: true for train, false for val
-    drop_last: bool | None = None  # default: true for train, false for val
-    cls: Any = None  # filled by validation: the registered dataset
-    kwargs: dict = field(default_factory=dict)
+    evaluators: list[ComponentSpec] = field(default_factory=list, init=False)
 
 
 @dataclass
 class NetworkSpec:
     """``networks.<name>``: ``which_model_G`` (or ``_D`` / plain ``which_model``) + ``kwargs``."""
-    type: Literal["generator", "discriminator"] = "generator"
-    which_model: str = ""
-    kwargs: dict = field(default_factory=dict)
+    which_model: str
+    type: Literal["generator", "discriminator"] = "generator"  # must agree with which_model_G/_D
+    kwargs: dict = field(default_factory=dict)  # the factory's options (saved in checkpoints)
     trainable: bool = True
-    factory: Any = None
-
-
-@dataclass
-class ComponentSpec:
-    """An injector, loss or evaluator: its class, gates, state keys and constructor kwargs."""
-    name: str
-    path: str
-    cls: Any
-    kwargs: dict
-    common: dict  # in/out/weight/train/eval/after/before/every ...
+    factory: Any = field(default=None, init=False)  # the registered model
 
 
 @dataclass
 class StepSpec:
     """``steps.<name>``: one optimizer over one network, fed by injectors and losses."""
-    training: str
+    training: str  # the network this step trains
     optimizer: str = "adamw"
-    optimizer_params: dict = field(default_factory=dict)
-    injectors: dict[str, dict] = field(default_factory=dict)
-    losses: dict[str, dict] = field(default_factory=dict)
-    clip_grad_eps: float | None = None
+    optimizer_params: dict = field(default_factory=dict)  # the optimizer's options
+    clip_grad_eps: float | None = None  # clip the gradient norm to this
     after: int = 0
     before: int | None = None
     every: int = 1
-    injector_specs: list = field(default_factory=list)
-    loss_specs: list = field(default_factory=list)
+    injectors: list[ComponentSpec] = field(default_factory=list, init=False)
+    losses: list[ComponentSpec] = field(default_factory=list, init=False)
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.after, self.before, self.every)
 
 
 @dataclass
@@ -130,163 +120,147 @@ class Experiment:
     device: str = "auto"
     engine: Literal["local", "deepspeed"] = "local"  # local: one process or DDP (torchrun)
     precision: Precision = "fp32"
-    fp16: bool | None = None  # DLAS spelling of precision: fp16
     checkpointing_enabled: bool = False  # gradient checkpointing in networks that support it
     use_tb_logger: bool = True
     wandb: bool = False
     plugins: list[str] = field(default_factory=list)
-    datasets: dict[str, dict] = field(default_factory=dict)
-    networks: dict[str, dict] = field(default_factory=dict)
-    steps: dict[str, dict] = field(default_factory=dict)
-    path: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-    logger: dict = field(default_factory=dict)
-    deepspeed: dict = field(default_factory=dict)  # engine: deepspeed options (see engines/)
-    gpu_ids: list[int] | None = None  # DLAS: the first id picks the cuda device
-    # filled by validation, not options
+    # the sections, validated
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict, init=False)
+    networks: dict[str, NetworkSpec] = field(default_factory=dict, init=False)
+    steps: dict[str, StepSpec] = field(default_factory=dict, init=False)
+    train: TrainOptions = field(default=None, init=False)  # type: ignore[assignment]
+    logger: LoggerOptions = field(default_factory=LoggerOptions, init=False)
+    path: PathOptions = field(default_factory=PathOptions, init=False)
+    eval: EvalOptions = field(default_factory=EvalOptions, init=False)
+    deepspeed: Any = field(default=None, init=False)  # engine: deepspeed's options
+    # where it came from
     file: str = field(default="", init=False)
     base_dir: Path = field(default=Path("."), init=False)
-    raw: dict = field(default_factory=dict, init=False)
-    dataset_specs: dict[str, DatasetSpec] = field(default_factory=dict, init=False)
-    network_specs: dict[str, NetworkSpec] = field(default_factory=dict, init=False)
-    step_specs: dict[str, StepSpec] = field(default_factory=dict, init=False)
-    train_opts: TrainOptions | None = field(default=None, init=False)
-    scheduler_kwargs: dict = field(default_factory=dict, init=False)
-    logger_opts: LoggerOptions = field(default_factory=LoggerOptions, init=False)
-    path_opts: PathOptions = field(default_factory=PathOptions, init=False)
-    eval_opts: EvalOptions = field(default_factory=EvalOptions, init=False)
-    evaluator_specs: list = field(default_factory=list, init=False)
-    deepspeed_opts: Any = field(default=None, init=False)
+    options: dict = field(default_factory=dict, init=False)  # as loaded: written out, not read
 
     @property
     def run_dir(self) -> Path:
-        return self.path_opts.root or (self.base_dir / self.name)
-
-
-SECTION_FIELDS = {"datasets", "networks", "steps", "path", "train", "eval", "logger", "deepspeed"}
+        return self.path.root or (self.base_dir / self.name)
 
 
 def load_experiment_cli(args: Any) -> Experiment | None:
-    """The validated experiment of a CLI's ``-opt``/``-o`` arguments (see
-    :func:`utils.options.experiment_parser`); on a bad file or option, print the error to
-    stderr and return None (the CLI exits with 2). Also sets up warning-level logging."""
-    import sys
-
-    from utils.options import load_options
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return validate_experiment(load_options(args.opt, args.override))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+    """The validated experiment of a CLI's ``-opt``/``-o`` arguments, or None after printing
+    the error (see :func:`utils.options.load_cli`)."""
+    return load_cli(args, validate_experiment)
 
 
 def validate_experiment(opt: dict) -> Experiment:
     """Check an options dict (from :func:`utils.options.load_options`); raise ConfigError with
     every problem found, or return the validated :class:`Experiment`."""
-    from trainer import components  # noqa: F401 - imports every built-in component family
-    from utils.options import import_plugins
-
     source = opt.get("_file")
-    base_dir = Path(opt.get("_base_dir", "."))
-    raw = {k: v for k, v in opt.items() if not k.startswith("_")}
+    base = Path(opt.get("_base_dir", "."))
+    options = public(opt)
     problems = Problems()
-    _warn_dlas(raw, "")
-    exp = build_dataclass(Experiment, _without(raw, ""), "", problems, base_dir)
+    _warn_dlas(options, "")
+    exp = build_dataclass(Experiment, _without(options, ""), "", problems, base,
+                          handled=(*SECTIONS, *DLAS_SPELLINGS))
     if exp is None:
         problems.raise_if_any(source)
-    exp.file, exp.base_dir, exp.raw = str(source or ""), base_dir, raw
-    if exp.fp16 is not None and "precision" not in raw:
-        exp.precision = "fp16" if exp.fp16 else "fp32"
-    if exp.gpu_ids and "device" not in raw:
-        exp.device = f"cuda:{exp.gpu_ids[0]}"
+    exp.file, exp.base_dir, exp.options = str(source or ""), base, options
+    _apply_dlas_spellings(exp, options, problems)
     try:
-        import_plugins(exp.plugins, base_dir)
+        import_plugins(exp.plugins, base)
     except ConfigError as e:
         problems.items.extend(e.problems)
     except Exception as e:  # a plugin that fails to import
         problems.add("plugins", f"importing a plugin failed: {type(e).__name__}: {e}")
-
-    _validate_sections(exp, problems)
+    sections = {name: _section(options, name, problems) for name in SECTIONS}
+    _validate_sections(exp, sections, problems)
     problems.raise_if_any(source)
     return exp
 
 
-def _validate_sections(exp: Experiment, problems: Problems) -> None:
-    from data import DATASETS
-    from models import MODELS
-    from trainer.engines import validate_engine_options
-    from trainer.evaluators import EVALUATORS
-    from trainer.lr_scheduler import SCHEDULER_RUNTIME_ARGS, SCHEDULERS
+def _apply_dlas_spellings(exp: Experiment, options: dict, problems: Problems) -> None:
+    """``fp16: true`` -> precision fp16; ``gpu_ids: [n]`` -> device cuda:n (unless set)."""
+    values = {k: coerce(options[k], hint, k, problems, None)
+              for k, hint in DLAS_SPELLINGS.items() if k in options}
+    if values.get("fp16") not in (None, _MISSING) and "precision" not in options:
+        exp.precision = "fp16" if values["fp16"] else "fp32"
+    if values.get("gpu_ids") not in (None, _MISSING) and values["gpu_ids"] and (
+            "device" not in options):
+        exp.device = f"cuda:{values['gpu_ids'][0]}"
 
+
+def _section(options: dict, name: str, problems: Problems) -> dict:
+    value = options.get(name)
+    if value is None:
+        return {}
+    return value if is_mapping(value, name, problems) else {}
+
+
+def _validate_sections(exp: Experiment, sections: dict[str, dict], problems: Problems) -> None:
     base = exp.base_dir
-    # train: trainer fields + the LR scheduler's own options
-    train = dict(exp.train)
-    scheme = train.get("default_lr_scheme", TrainOptions.default_lr_scheme)
-    sched = _lookup(SCHEDULERS, scheme, "train.default_lr_scheme", problems)
-    own, rest = _split(train, TrainOptions)
-    exp.train_opts = build_dataclass(TrainOptions, own, "train", problems, base)
-    if "train" not in exp.raw:
+    if "train" not in exp.options:
         problems.add("train", "missing required section (needs at least niter)")
-    if sched is not None:
-        _report_unknown(rest, TrainOptions, sched, "train", problems, SCHEDULER_RUNTIME_ARGS)
-        exp.scheduler_kwargs = bind_options(sched, {k: v for k, v in rest.items()
-                                                    if _accepts(sched, k)},
-                                            "train", problems, runtime=SCHEDULER_RUNTIME_ARGS,
-                                            base_dir=base)
-    _warn_dlas(exp.logger, "logger")
-    exp.logger_opts = build_dataclass(LoggerOptions, _without(exp.logger, "logger"), "logger",
-                                      problems, base) or LoggerOptions()
-    exp.path_opts = _validate_path(exp, problems)
-    exp.eval_opts = build_dataclass(EvalOptions, exp.eval, "eval", problems, base) or EvalOptions()
-    validate_engine_options(exp, problems)
+    exp.train = _validate_train(sections["train"], problems, base)
+    _warn_dlas(sections["logger"], "logger")
+    exp.logger = build_dataclass(LoggerOptions, _without(sections["logger"], "logger"), "logger",
+                                 problems, base) or LoggerOptions()
+    exp.path = _validate_path(sections["path"], exp, problems)
+    exp.eval = _validate_eval(sections["eval"], problems, base)
 
-    for phase, ds in exp.datasets.items():
-        exp.dataset_specs[phase] = _validate_dataset(phase, ds, problems, base, DATASETS)
-    if "train" not in exp.datasets:
+    for phase, ds in sections["datasets"].items():
+        exp.datasets[phase] = validate_dataset(phase, ds, problems, base)
+    if "train" not in sections["datasets"]:
         problems.add("datasets.train", "missing required section")
-    for name, net in exp.networks.items():
-        exp.network_specs[name] = _validate_network(name, net, problems, base, MODELS)
-    if not exp.networks:
+    for name, net in sections["networks"].items():
+        exp.networks[name] = _validate_network(name, net, problems, base)
+    if not sections["networks"]:
         problems.add("networks", "missing: declare at least one network")
     loss_owner: dict[str, str] = {}
-    for name, step in exp.steps.items():
-        exp.step_specs[name] = _validate_step(exp, name, step, problems)
+    for name, step in sections["steps"].items():
+        exp.steps[name] = _validate_step(name, step, sections["networks"], problems, base)
         for loss in (step.get("losses") or {}) if isinstance(step, dict) else ():
             if loss in loss_owner:  # losses are logged by name: two steps may not share one
                 problems.add(f"steps.{name}.losses.{loss}", f"a loss called {loss!r} is already "
                              f"declared in steps.{loss_owner[loss]}; loss names must be unique")
             loss_owner[loss] = name
-    if not exp.steps:
+    if not sections["steps"]:
         problems.add("steps", "missing: declare at least one training step")
-    for name, ev in exp.eval_opts.evaluators.items():
-        spec = _validate_component(EVALUATORS, ev, f"eval.evaluators.{name}", name, problems,
-                                   base, common_keys=("type",))
-        if spec:
-            exp.evaluator_specs.append(spec)
-    t = exp.train_opts
-    if t is not None:
-        if t.niter < 1:
-            problems.add("train.niter", f"must be >= 1, got {t.niter}")
-        if t.mega_batch_factor < 1:
-            problems.add("train.mega_batch_factor", f"must be >= 1, got {t.mega_batch_factor}")
-        if t.ema_rate is not None and not 0.0 < t.ema_rate < 1.0:
-            problems.add("train.ema_rate", f"must be between 0 and 1 (e.g. 0.999), got {t.ema_rate}")
-        if t.val_freq and "val" not in exp.datasets:
-            problems.add("train.val_freq", "is set but there is no datasets.val to validate on")
+    exp.deepspeed = validate_engine_options(exp.engine, sections["deepspeed"], exp, problems)
+    t = exp.train
+    if t is not None and t.val_freq and "val" not in sections["datasets"]:
+        problems.add("train.val_freq", "is set but there is no datasets.val to validate on")
 
 
-def _validate_path(exp: Experiment, problems: Problems) -> PathOptions:
-    path = dict(exp.path)
+def _validate_train(train: dict, problems: Problems, base: Path) -> TrainOptions | None:
+    """``train:`` holds the trainer's own options and the LR schedule's options."""
+    scheme = train.get("default_lr_scheme", TrainOptions.default_lr_scheme)
+    sched = lookup(SCHEDULERS, scheme, "train.default_lr_scheme", problems)
+    if sched is None:
+        opts = build_dataclass(TrainOptions, {k: v for k, v in train.items()
+                                              if k in TrainOptions.__dataclass_fields__},
+                               "train", problems, base)
+    else:
+        opts, kwargs = bind_shared_section(TrainOptions, sched, train, "train", problems, base)
+        if opts is not None:
+            opts.scheduler_kwargs = kwargs
+    if opts is not None:
+        if opts.niter < 1:
+            problems.add("train.niter", f"must be >= 1, got {opts.niter}")
+        if opts.mega_batch_factor < 1:
+            problems.add("train.mega_batch_factor", f"must be >= 1, got {opts.mega_batch_factor}")
+        if opts.ema_rate is not None and not 0.0 < opts.ema_rate < 1.0:
+            problems.add("train.ema_rate", f"must be between 0 and 1 (e.g. 0.999), got "
+                                           f"{opts.ema_rate}")
+    return opts
+
+
+def _validate_path(section: dict, exp: Experiment, problems: Problems) -> PathOptions:
+    path = dict(section)
     pretrain = {}
+    networks = exp.options.get("networks") or {}
     for key in [k for k in path if k.startswith("pretrain_model_")]:
         net = key[len("pretrain_model_"):]
         value = path.pop(key)
-        if net not in exp.networks:
-            problems.add(f"path.{key}", f"no network called {net!r}{did_you_mean(net, exp.networks)}"
-                                        f"; networks: {', '.join(exp.networks) or '(none)'}")
+        if net not in networks:
+            problems.add(f"path.{key}", f"no network called {net!r}{did_you_mean(net, networks)}"
+                                        f"; networks: {', '.join(networks) or '(none)'}")
         elif value is not None:
             pretrain[net] = coerce(value, Path, f"path.{key}", problems, exp.base_dir)
     resume = path.get("resume_state")
@@ -297,32 +271,22 @@ def _validate_path(exp: Experiment, problems: Problems) -> PathOptions:
     return opts
 
 
-def _validate_dataset(phase: str, ds: Any, problems: Problems, base: Path,
-                      registry: Registry) -> DatasetSpec | None:
-    path = f"datasets.{phase}"
-    if not _is_mapping(ds, path, problems):
-        return None
-    if "mode" not in ds:
-        problems.add(f"{path}.mode", f"missing required option; registered datasets: "
-                                     f"{', '.join(registry.names()) or '(none)'}")
-        return None
-    cls = _lookup(registry, ds["mode"], f"{path}.mode", problems)
-    own, rest = _split(ds, DatasetSpec, exclude=("cls", "kwargs"))
-    spec = build_dataclass(DatasetSpec, own, path, problems, base)
-    if cls is None or spec is None:
-        return spec
-    runtime = ("phase",)
-    _report_unknown(rest, DatasetSpec, cls, path, problems, runtime)
-    spec.cls = cls
-    spec.kwargs = bind_options(cls, {k: v for k, v in rest.items() if _accepts(cls, k)}, path,
-                               problems, runtime=runtime, base_dir=base)
-    return spec
+def _validate_eval(section: dict, problems: Problems, base: Path) -> EvalOptions:
+    opts = build_dataclass(EvalOptions, section, "eval", problems, base,
+                           handled=("evaluators",)) or EvalOptions()
+    evaluators = section.get("evaluators") or {}
+    if is_mapping(evaluators, "eval.evaluators", problems):
+        for name, ev in evaluators.items():
+            spec = validate_component(EVALUATORS, ev, f"eval.evaluators.{name}", name,
+                                       problems, base, shared=())
+            if spec:
+                opts.evaluators.append(spec)
+    return opts
 
 
-def _validate_network(name: str, net: Any, problems: Problems, base: Path,
-                      registry: Registry) -> NetworkSpec | None:
+def _validate_network(name: str, net: Any, problems: Problems, base: Path) -> NetworkSpec | None:
     path = f"networks.{name}"
-    if not _is_mapping(net, path, problems):
+    if not is_mapping(net, path, problems):
         return None
     net = dict(net)
     which = [k for k in ("which_model_G", "which_model_D", "which_model") if k in net]
@@ -333,7 +297,11 @@ def _validate_network(name: str, net: Any, problems: Problems, base: Path,
     model = net.pop(which[0])
     net["which_model"] = model
     spec = build_dataclass(NetworkSpec, net, path, problems, base)
-    factory = _lookup(registry, model, f"{path}.{which[0]}", problems)
+    implied = {"which_model_G": "generator", "which_model_D": "discriminator"}.get(which[0])
+    if spec is not None and implied and "type" in net and spec.type != implied:
+        problems.add(f"{path}.type", f"is {spec.type!r} but the network is declared with "
+                                     f"{which[0]} (a {implied}); make them agree")
+    factory = lookup(MODELS, model, f"{path}.{which[0]}", problems)
     if spec is None or factory is None:
         return spec
     spec.factory = factory
@@ -341,107 +309,89 @@ def _validate_network(name: str, net: Any, problems: Problems, base: Path,
     return spec
 
 
-def _validate_step(exp: Experiment, name: str, step: Any, problems: Problems) -> StepSpec | None:
-    from trainer.injectors import INJECTORS
-    from trainer.losses import LOSSES
-    from trainer.optimizers import OPTIMIZER_RUNTIME_ARGS, OPTIMIZERS
-
+def _validate_step(name: str, step: Any, networks: dict, problems: Problems,
+                   base: Path) -> StepSpec | None:
     path = f"steps.{name}"
-    if not _is_mapping(step, path, problems):
+    if not is_mapping(step, path, problems):
         return None
     _warn_dlas(step, "steps.*", path)
-    spec = build_dataclass(StepSpec, _without(step, "steps.*"), path, problems, exp.base_dir)
+    spec = build_dataclass(StepSpec, _without(step, "steps.*"), path, problems, base,
+                           handled=("injectors", "losses"))
     if spec is None:
         return None
-    if spec.training not in exp.networks:
+    if spec.training not in networks:
         problems.add(f"{path}.training", f"no network called {spec.training!r}"
-                                         f"{did_you_mean(spec.training, exp.networks)}; networks: "
-                                         f"{', '.join(exp.networks) or '(none)'}")
-    opt_factory = _lookup(OPTIMIZERS, spec.optimizer, f"{path}.optimizer", problems)
+                                         f"{did_you_mean(spec.training, networks)}; networks: "
+                                         f"{', '.join(networks) or '(none)'}")
+    opt_factory = lookup(OPTIMIZERS, spec.optimizer, f"{path}.optimizer", problems)
     if opt_factory is not None:
         spec.optimizer_params = bind_options(opt_factory, spec.optimizer_params,
-                                             f"{path}.optimizer_params", problems,
-                                             runtime=OPTIMIZER_RUNTIME_ARGS, base_dir=exp.base_dir)
-    for inj_name, inj in spec.injectors.items():
-        c = _validate_component(INJECTORS, inj, f"{path}.injectors.{inj_name}", inj_name, problems,
-                                exp.base_dir, common_keys=INJECTOR_COMMON)
-        if c:
-            spec.injector_specs.append(c)
-    if not spec.losses:
+                                             f"{path}.optimizer_params", problems, base_dir=base)
+    injectors = step.get("injectors") or {}
+    if is_mapping(injectors, f"{path}.injectors", problems):
+        for inj_name, inj in injectors.items():
+            c = validate_component(INJECTORS, inj, f"{path}.injectors.{inj_name}", inj_name,
+                                    problems, base, shared=INJECTOR_SHARED)
+            if c:
+                spec.injectors.append(c)
+    losses = step.get("losses") or {}
+    if not losses:
         problems.add(f"{path}.losses", "missing: a training step needs at least one loss")
-    for loss_name, loss in spec.losses.items():
-        c = _validate_component(LOSSES, loss, f"{path}.losses.{loss_name}", loss_name, problems,
-                                exp.base_dir, common_keys=LOSS_COMMON)
-        if c:
-            spec.loss_specs.append(c)
+    elif is_mapping(losses, f"{path}.losses", problems):
+        for loss_name, loss in losses.items():
+            c = validate_component(LOSSES, loss, f"{path}.losses.{loss_name}", loss_name,
+                                    problems, base, shared=LOSS_SHARED)
+            if c:
+                spec.losses.append(c)
     return spec
 
 
-INJECTOR_COMMON = ("type", "in", "out", "train", "eval", "after", "before", "every")
-LOSS_COMMON = ("type", "weight", "after", "before", "every")
-_COMMON_TYPES = {"in": str | list[str] | dict[str, str], "out": str | list[str],
+# Options shared by every component of a kind (besides `type`), with their types.
+INJECTOR_SHARED = ("in", "out", "train", "eval", "after", "before", "every")
+LOSS_SHARED = ("weight", "after", "before", "every")
+_SHARED_TYPES = {"in": str | list[str] | dict[str, str], "out": str | list[str],
                  "train": bool, "eval": bool, "after": int, "before": int | None, "every": int,
                  "weight": float}
 
 
-def _validate_component(registry: Registry, options: Any, path: str, name: str,
-                        problems: Problems, base: Path, common_keys: tuple[str, ...]
+def validate_component(registry: Registry, options: Any, path: str, name: str,
+                        problems: Problems, base: Path, shared: tuple[str, ...]
                         ) -> ComponentSpec | None:
-    if not _is_mapping(options, path, problems):
+    if not is_mapping(options, path, problems):
         return None
     if "type" not in options:
         problems.add(f"{path}.type", f"missing required option; registered {registry.kind}s: "
                                      f"{', '.join(registry.names())}")
         return None
-    cls = _lookup(registry, options["type"], f"{path}.type", problems)
+    cls = lookup(registry, options["type"], f"{path}.type", problems)
     if cls is None:
         return None
     common = {}
-    for key in common_keys:
-        if key in options and key != "type":
-            value = coerce(options[key], _COMMON_TYPES[key], f"{path}.{key}", problems, base)
+    for key in shared:
+        if key in options:
+            value = coerce(options[key], _SHARED_TYPES[key], f"{path}.{key}", problems, base)
             if value is not _MISSING:
                 common[key] = value
-    own = {k: v for k, v in options.items() if k not in common_keys}
-    kwargs = cls.check_options(own, path, problems, base, common_keys)
-    return ComponentSpec(name=name, path=path, cls=cls, kwargs=kwargs, common=common)
+    own = {k: v for k, v in options.items() if k not in shared and k != "type"}
+    kwargs = cls.check_options(own, path, problems, base)
+    return component_spec(name, path, cls, kwargs, common)
 
 
-def _is_mapping(value: Any, path: str, problems: Problems) -> bool:
-    if not isinstance(value, dict):
-        problems.add(path, f"expected a mapping, got {type(value).__name__}")
-    return isinstance(value, dict)
+def component_spec(name: str, path: str, cls: Any, kwargs: dict, common: dict) -> ComponentSpec:
+    """A spec with the shared options (as in the YAML) in their one normalised form."""
+    raw_in, raw_out = common.get("in", []), common.get("out", [])
+    return ComponentSpec(
+        name=name, path=path, cls=cls, kwargs=kwargs,
+        gate=Gate(common.get("after", 0), common.get("before"), common.get("every", 1)),
+        inputs=_keys(raw_in), input_map=dict(raw_in) if isinstance(raw_in, dict) else None,
+        outputs=_keys(raw_out), train=common.get("train", True), eval=common.get("eval", True),
+        weight=common.get("weight", 1.0))
 
 
-def _lookup(registry: Registry, name: Any, path: str, problems: Problems) -> Any:
-    try:
-        return registry.get(name)
-    except RegistryError as e:
-        problems.add(path, str(e))
-        return None
-
-
-def _accepts(target: Callable, key: str) -> bool:
-    params, _, var_kw = signature_params(target)
-    return key in params or var_kw
-
-
-def _split(options: dict, cls: type, exclude: tuple[str, ...] = ()) -> tuple[dict, dict]:
-    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
-    return ({k: v for k, v in options.items() if k in names},
-            {k: v for k, v in options.items() if k not in names})
-
-
-def _report_unknown(rest: dict, cls: type, target: Callable, path: str, problems: Problems,
-                    runtime: tuple[str, ...]) -> None:
-    """Keys in neither the section's own fields nor the component's arguments."""
-    params, _, var_kw = signature_params(target)
-    valid = [f.name for f in dataclasses.fields(cls) if f.name not in ("cls", "kwargs", "factory")]
-    valid += [p for p in params if p not in runtime]
-    for key in rest:
-        if key not in params and not var_kw:
-            problems.add(join(path, key), f"unknown option{did_you_mean(key, valid)}; valid "
-                                          f"options: {', '.join(valid)}")
+def _keys(value: str | list[str] | dict[str, str]) -> list[str]:
+    if isinstance(value, dict):
+        return list(value.values())
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _without(options: dict, section: str) -> dict:

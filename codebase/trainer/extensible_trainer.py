@@ -1,10 +1,11 @@
 """ExtensibleTrainer: builds a validated experiment and runs its named steps."""
 from __future__ import annotations
 
-import inspect
+import logging
 import random
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -13,167 +14,232 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data.loader import TrainLoader, batch_size_of, collate_fn_of, eval_loader, make_batch_sampler, split_batch
+from data.spec import build_dataset
 from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
 from trainer.component import TrainerEnv, build_component
 from trainer.config import Experiment
-from trainer.engines import build_engine, resolve_device
+from trainer.engines import build_engine
 from trainer.logger import TrainingLogger
 from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
 from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
-from trainer.training_state import TrainingStateMixin, per_rank_batch_size, rank_seed
+from trainer.training_state import Counters, Group, RandomStreams, TrainingState, rank_seed
 from utils import distributed
-from utils.schema import Problems
+from utils.io import load_module
+from utils.schema import ConfigError, Problems, construct
 from utils.seed import set_seed
 
+log = logging.getLogger(__name__)
 
-class ExtensibleTrainer(TrainingStateMixin):
-    """Trains the networks of one experiment through its steps, with checkpoints and logs."""
+
+class ExtensibleTrainer:
+    """Trains the networks of one experiment through its steps, with checkpoints and logs.
+
+    Built in named phases, in this order (each a method below): distributed setup and seed;
+    data; networks and the engine; weights (resume or pretrained); steps and LR schedules;
+    logging and evaluators; the training state a checkpoint holds; restoring it.
+    """
 
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
-        self.train_opts = exp.train_opts
-        self.dist = distributed.init_distributed(resolve_device(exp.device, distributed.DistInfo(0, 0, 1)).type)
-        self.device = resolve_device(exp.device, self.dist)
+        self.step = 0
+        self.step_callbacks: list[Callable[[int, dict[str, Any]], None]] = []
+        self._window_skips: dict[str, int] = {}  # skipped updates per step since the last log
+        self._setup_distributed()
+        self._build_data()
+        self._build_networks()
+        resume, saved = self._find_resume()
+        self._load_weights(resume, saved)  # before the engine wraps the networks
+        if self.dist.rank > 0:  # after building the networks, whose init must match everywhere
+            set_seed(rank_seed(self.seed, self.dist.rank))
+        self._build_steps()
+        self._build_logging(start_step=int(saved["step"]) if saved else 0)
+        self._register_state()
+        if saved is not None:  # last: the random streams continue from here
+            self.step = self.env.step = self.rng.restored_step = int(saved["step"])
+            self.engine.load_checkpoint(self.checkpoints.engine_dir(self.step, self.engine.name))
+            self.state.load_state_dict(saved, resume)
+        self._write_run_config(resume)
+
+    # ------------------------------------------------------------------------------ phases
+    def _setup_distributed(self) -> None:
+        """Process group, device and the run's seed (rank 0 picks it; every rank uses it, so
+        their data shares are slices of one shuffled order)."""
+        exp = self.exp
+        self.dist = distributed.init_distributed(distributed.resolve_device(exp.device).type)
+        self.device = distributed.resolve_device(exp.device, self.dist)
         seed = exp.seed if exp.seed is not None else random.SystemRandom().randrange(2**31)
-        # One seed for all ranks: their data shares are slices of one shuffled order.
         self.seed = distributed.broadcast_object(seed)
         set_seed(self.seed)
         self.run_dir = exp.run_dir
-        self.checkpoints = CheckpointManager(self.run_dir, exp.logger_opts.keep_last)
-        self.step = 0
-        self.skipped_steps = 0
-        self._window_skips: dict[str, int] = {}  # skipped updates per step since the last log
-        self.step_callbacks: list[Callable[[int, dict[str, Any]], None]] = []
+        self.checkpoints = CheckpointManager(self.run_dir, exp.logger.keep_last)
+        self.env = TrainerEnv(device=self.device, run_dir=self.run_dir, precision=exp.precision)
 
-        train_spec = exp.dataset_specs["train"]
-        batch_size = per_rank_batch_size(exp, "train", self.dist.world_size)  # before any data
-        self.val_batch_size = per_rank_batch_size(exp, "val", self.dist.world_size)
-        self.datasets = {phase: self._build_dataset(phase, spec)
-                         for phase, spec in exp.dataset_specs.items()}
+    def _build_data(self) -> None:
+        """Datasets, per-rank batch sizes, and the check that every step's state keys exist."""
+        self.batch_size = self._per_rank_batch_size("train")  # before any data is read
+        self.val_batch_size = self._per_rank_batch_size("val")
+        self.datasets = {phase: build_dataset(spec, phase)
+                         for phase, spec in self.exp.datasets.items()}
         # e.g. the phoneme vocabulary and codec of the training data, for inference
         get_metadata = getattr(self.datasets["train"], "checkpoint_metadata", None)
         self.checkpoint_metadata: dict[str, str] = get_metadata() if get_metadata else {}
-        self._check_state_keys()
-        self.engine = build_engine(exp, self.device, self.dist, batch_size)
-        self._build_networks()
-        # Every rank checks (a bad path fails everywhere, not in one rank while the others
-        # wait); rank 0's choice is taken, so all resume from the same checkpoint.
-        resume = self.checkpoints.resolve_resume(exp.path_opts.resume_state)
-        resume = distributed.broadcast_object(resume)
-        state = self.checkpoints.load_state(resume) if resume is not None else None
-        # Weights go in before the engine wraps the networks: DDP broadcasts them and
-        # DeepSpeed copies them into its optimizer.
-        if state is not None:
-            self._load_network_weights(resume, int(state["step"]), state)
-        else:
-            self._load_pretrained()
-        if self.dist.rank > 0:  # after building the networks, whose init must match everywhere
-            set_seed(rank_seed(self.seed, self.dist.rank))
-        self.env = TrainerEnv(device=self.device, run_dir=self.run_dir, precision=exp.precision)
-        runtime: dict[str, Any] = {"networks": self.networks, "env": self.env}
-        runtime["runtime"] = runtime
-        self.steps = self._build_steps(runtime)
-        self.schedulers = {name: build_scheduler(exp.train_opts.default_lr_scheme, s.optimizer,
-                                                 exp.train_opts.niter, exp.scheduler_kwargs,
-                                                 "train.default_lr_scheme")
-                           for name, s in self.steps.items()}
-        sampler = make_batch_sampler(self.datasets["train"], batch_size,
-                                     _default(train_spec.shuffle, True), self.seed,
-                                     _default(train_spec.drop_last, True), self.dist.rank,
-                                     self.dist.world_size)
-        self.loader = TrainLoader(self.datasets["train"], sampler, train_spec.n_workers,
-                                  pin_memory=self.device.type == "cuda",
-                                  seed=self.seed + self.dist.rank)
-        eval_runtime = {**runtime, "networks": self.eval_networks(), "datasets": self.datasets}
-        self._eval_runtime = eval_runtime
-        self.evaluators = []
-
-        if state is not None:
-            self._load_training_state(resume, state)
-        self.logger = TrainingLogger(
-            self.run_dir, name=exp.name, total_steps=exp.train_opts.niter, start_step=self.step,
-            print_freq=exp.logger_opts.print_freq, use_tb=exp.use_tb_logger, wandb=exp.wandb,
-            wandb_project=exp.logger_opts.wandb_project, wandb_mode=exp.logger_opts.wandb_mode,
-            config=exp.raw, enabled=self.dist.is_main, progress=exp.logger_opts.progress_bar)
-        eval_runtime["logger"] = self.logger
-        self.evaluators = [build_component(spec, eval_runtime) for spec in exp.evaluator_specs]
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yml").write_text(yaml.safe_dump(exp.raw, sort_keys=False))
-        ranks = (f"; {self.dist.world_size} ranks, {batch_size} items each per step"
-                 if self.dist.world_size > 1 else "")
-        self.logger.info(f"run folder {self.run_dir}; seed {self.seed}; device {self.device}; "
-                         f"precision {exp.precision}; engine {self.engine.name}{ranks}"
-                         + (f"; resumed from {resume} at step {self.step}" if resume else ""))
-
-    # ----------------------------------------------------------------------------- building
-    def _build_dataset(self, phase: str, spec: Any) -> Any:
-        kwargs = dict(spec.kwargs)
-        if "phase" in inspect.signature(spec.cls).parameters:
-            kwargs["phase"] = spec.phase or phase
-        dataset = spec.cls(**kwargs)
-        if len(dataset) == 0:
-            raise ValueError(f"datasets.{phase}: the dataset ({spec.cls.__name__}) has no items")
-        return dataset
-
-    def _check_state_keys(self) -> None:
         dataset = self.datasets["train"]
         keys = getattr(dataset, "batch_keys", None)
         if keys is None:
             sample = collate_fn_of(dataset)([dataset[0]])
             keys = list(sample) if isinstance(sample, dict) else []
         problems = Problems()
-        check_state_keys(self.exp.step_specs, keys, problems)
+        check_state_keys(self.exp.steps, keys, problems)
         problems.raise_if_any(self.exp.file)
 
     def _build_networks(self) -> None:
-        """Build every network on the device (unwrapped; the engine wraps the trained ones)."""
+        """The engine, then every network on the device (unwrapped: the engine wraps the
+        trained ones later) and an EMA copy of each trainable one when ``ema_rate`` is set."""
+        self.engine = build_engine(self.exp, self.device, self.dist, self.batch_size)
         self.raw_networks: dict[str, nn.Module] = {}
         self.networks: dict[str, nn.Module] = {}
         self.ema: dict[str, AveragedModel] = {}
-        for name, spec in self.exp.network_specs.items():
-            kwargs = dict(spec.kwargs)
-            params = inspect.signature(spec.factory).parameters
-            if "checkpointing" in params and "checkpointing" not in kwargs:
-                kwargs["checkpointing"] = self.exp.checkpointing_enabled
-            net = spec.factory(**kwargs)
+        ema_rate = self.exp.train.ema_rate
+        for name, spec in self.exp.networks.items():
+            net = construct(spec.factory, spec.kwargs,
+                            {"checkpointing": self.exp.checkpointing_enabled}, f"networks.{name}")
             if not isinstance(net, nn.Module):
                 raise TypeError(f"networks.{name}: model {spec.which_model!r} returned "
                                 f"{type(net).__name__}, not a torch.nn.Module")
             net.requires_grad_(spec.trainable)
             self.raw_networks[name] = self.networks[name] = net.to(self.device)
-            if spec.trainable and self.train_opts.ema_rate:
-                self.ema[name] = AveragedModel(
-                    net, multi_avg_fn=get_ema_multi_avg_fn(self.train_opts.ema_rate),
-                    use_buffers=True)
+            if spec.trainable and ema_rate:
+                self.ema[name] = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_rate),
+                                               use_buffers=True)
 
-    def _build_steps(self, runtime: dict[str, Any]) -> dict[str, ConfigurableStep]:
-        """Optimizers first, then the engine wraps each trainable network with its optimizer,
-        then the injectors and losses (which call the wrapped networks)."""
+    def _find_resume(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its state. Every rank checks (a bad path fails
+        everywhere, not in one rank while the others wait); rank 0's choice is taken."""
+        resume = self.checkpoints.resolve_resume(self.exp.path.resume_state)
+        resume = distributed.broadcast_object(resume)
+        return resume, (self.checkpoints.load_state(resume) if resume is not None else None)
+
+    def _load_weights(self, resume: Path | None, saved: dict | None) -> None:
+        """A checkpoint's networks and EMA copies, else the ``pretrain_model_*`` files.
+        Before the engine wraps: DDP broadcasts them and DeepSpeed copies them."""
+        self._ema_restored: set[str] = set()
+        if saved is None:
+            self._load_pretrained()
+            return
+        step = int(saved["step"])
+        for name, net in self.raw_networks.items():
+            load_module(net, self.checkpoints.network_path(step, name), strict=True)
+        for name, ema in self.ema.items():
+            ema_path = self.checkpoints.network_path(step, name, ema=True)
+            if ema_path.exists():
+                load_module(ema.module, ema_path, strict=True)
+                self._ema_restored.add(name)
+            else:
+                log.warning("no EMA weights for %s in %s; restarting its average", name, resume)
+
+    def _load_pretrained(self) -> None:
+        for name, path in self.exp.path.pretrain.items():
+            report = load_module(self.raw_networks[name], path, strict=self.exp.path.strict_load)
+            if name in self.ema:
+                self.ema[name].module.load_state_dict(self.raw_networks[name].state_dict())
+            msg = f"initialised {name} from {path}"
+            log.warning("%s:\n%s", msg, report.describe()) if not report.ok else log.info(msg)
+
+    def _build_steps(self) -> None:
+        """Optimizers first; then the engine wraps each trainable network with its
+        optimizer; then each step's injectors and losses (which call the wrapped networks);
+        then the LR schedules and the training data loader."""
+        exp = self.exp
         optimizers, trained_by = {}, {}
-        for name, spec in self.exp.step_specs.items():
-            if not self.exp.network_specs[spec.training].trainable:
+        for name, spec in exp.steps.items():
+            if not exp.networks[spec.training].trainable:
                 raise ValueError(f"steps.{name}.training: network {spec.training!r} has "
                                  "trainable: false")
             optimizers[name] = build_optimizer(spec.optimizer, self.raw_networks[spec.training],
                                                spec.optimizer_params, f"steps.{name}.optimizer")
             trained_by.setdefault(spec.training, name)
-        for net_name, net_spec in self.exp.network_specs.items():
+        for net_name, net_spec in exp.networks.items():
             if net_spec.trainable:
                 step = trained_by.get(net_name)
-                clip = self.exp.step_specs[step].clip_grad_eps if step else None
+                clip = exp.steps[step].clip_grad_eps if step else None
                 self.networks[net_name] = self.engine.prepare(
                     net_name, self.raw_networks[net_name], optimizers.get(step), clip)
-        steps = {}
-        for name, spec in self.exp.step_specs.items():
-            injectors = [build_component(c, runtime).to(self.device) for c in spec.injector_specs]
-            losses = [build_component(c, runtime).to(self.device) for c in spec.loss_specs]
-            steps[name] = ConfigurableStep(name, spec, self.networks[spec.training],
-                                           optimizers[name], injectors, losses, self.engine)
-        return steps
+        provided = {"networks": self.networks, "env": self.env}
+        self.steps: dict[str, ConfigurableStep] = {}
+        for name, spec in exp.steps.items():
+            injectors = [build_component(c, provided).to(self.device) for c in spec.injectors]
+            losses = [build_component(c, provided).to(self.device) for c in spec.losses]
+            self.steps[name] = ConfigurableStep(name, spec, self.networks[spec.training],
+                                                optimizers[name], injectors, losses, self.engine)
+        self.schedulers = {name: build_scheduler(exp.train.default_lr_scheme, s.optimizer,
+                                                 exp.train.niter, exp.train.scheduler_kwargs,
+                                                 "train.default_lr_scheme")
+                           for name, s in self.steps.items()}
+        train = exp.datasets["train"]
+        sampler = make_batch_sampler(self.datasets["train"], self.batch_size,
+                                     _default(train.shuffle, True), self.seed,
+                                     _default(train.drop_last, True), self.dist.rank,
+                                     self.dist.world_size)
+        self.loader = TrainLoader(self.datasets["train"], sampler, train.n_workers,
+                                  pin_memory=self.device.type == "cuda",
+                                  seed=self.seed + self.dist.rank)
+
+    def _build_logging(self, start_step: int) -> None:
+        """The logger (TensorBoard, wandb, console) and the evaluators, which write to it."""
+        exp = self.exp
+        self.logger = TrainingLogger(
+            self.run_dir, name=exp.name, total_steps=exp.train.niter, start_step=start_step,
+            print_freq=exp.logger.print_freq, use_tb=exp.use_tb_logger, wandb=exp.wandb,
+            wandb_project=exp.logger.wandb_project, wandb_mode=exp.logger.wandb_mode,
+            config=exp.options, enabled=self.dist.is_main, progress=exp.logger.progress_bar)
+        provided = {"networks": self.eval_networks(), "env": self.env,
+                    "datasets": self.datasets, "logger": self.logger}
+        self.evaluators = {spec.name: build_component(spec, provided)
+                           for spec in exp.eval.evaluators}
+
+    def _register_state(self) -> None:
+        """What a checkpoint's training state holds (see :mod:`trainer.training_state`)."""
+        self.state = TrainingState()
+        self.counters = Counters()
+        if not self.engine.owns_optimizer_state:  # DeepSpeed saves its optimizers itself
+            self.state.register("optimizers", Group(
+                {n: s.optimizer for n, s in self.steps.items()}, "optimizer"))
+        self.state.register("schedulers", Group(self.schedulers, "LR schedule"))
+        self.state.register("engine", self.engine)
+        self.state.register("loader", self.loader)
+        self.state.register("ema", _EmaCounts(self.ema, self._ema_restored))
+        self.rng = RandomStreams(self.dist, self.seed)
+        self.state.register("rng", self.rng)
+        self.state.register("counters", self.counters)
+        for name, ev in self.evaluators.items():
+            if callable(getattr(ev, "state_dict", None)):
+                self.state.register(f"evaluator.{name}", ev)
+
+    def _write_run_config(self, resume: Path | None) -> None:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yml").write_text(yaml.safe_dump(self.exp.options,
+                                                                    sort_keys=False))
+        ranks = (f"; {self.dist.world_size} ranks, {self.batch_size} items each per step"
+                 if self.dist.world_size > 1 else "")
+        self.logger.info(f"run folder {self.run_dir}; seed {self.seed}; device {self.device}; "
+                         f"precision {self.exp.precision}; engine {self.engine.name}{ranks}"
+                         + (f"; resumed from {resume} at step {self.step}" if resume else ""))
+
+    def _per_rank_batch_size(self, phase: str) -> int | None:
+        """``datasets.<phase>.batch_size`` is the global batch; one rank loads its share."""
+        spec, world = self.exp.datasets.get(phase), self.dist.world_size
+        if spec is None or spec.batch_size is None or world == 1:
+            return spec.batch_size if spec else None
+        if spec.batch_size % world:
+            raise ConfigError([(f"datasets.{phase}.batch_size",
+                                f"{spec.batch_size} is the global batch and must be divisible "
+                                f"by the {world} ranks; use a multiple of {world}")],
+                              self.exp.file)
+        return spec.batch_size // world
 
     def eval_networks(self) -> dict[str, nn.Module]:
         """Networks for evaluators: the EMA copy where there is one."""
@@ -184,7 +250,7 @@ class ExtensibleTrainer(TrainingStateMixin):
     def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One optimizer step of every step whose gate is open on this batch."""
         batch = _to_device(batch, self.device)
-        chunks = split_batch(batch, self.train_opts.mega_batch_factor)
+        chunks = split_batch(batch, self.exp.train.mega_batch_factor)
         logs: dict[str, torch.Tensor] = {}
         total = None
         multi = len(self.steps) > 1
@@ -194,7 +260,7 @@ class ExtensibleTrainer(TrainingStateMixin):
             if multi:  # only this step's network collects gradients
                 for other, net in self.raw_networks.items():
                     net.requires_grad_(other == step.spec.training and
-                                       self.exp.network_specs[other].trainable)
+                                       self.exp.networks[other].trainable)
             out, skipped = step.train(chunks, self.step)
             step_total = out.pop("_total", None)
             if step_total is not None:
@@ -206,7 +272,7 @@ class ExtensibleTrainer(TrainingStateMixin):
                         if isinstance(v, torch.Tensor) and v.requires_grad:
                             state[k] = v.detach()
             if skipped:
-                self.skipped_steps += 1
+                self.counters.skipped_steps += 1
                 self._window_skips[name] = self._window_skips.get(name, 0) + 1
         if total is not None:
             logs["loss/total"] = total
@@ -222,46 +288,24 @@ class ExtensibleTrainer(TrainingStateMixin):
 
     def train(self) -> None:
         """Run until ``train.niter`` steps, a ``quit`` command or Ctrl-C; save at the end."""
-        opts, lopts, niter = self.train_opts, self.exp.logger_opts, self.train_opts.niter
+        niter = self.exp.train.niter
         listener = CommandListener(on_message=self.logger.info)
-        if lopts.stdin_commands and self.dist.is_main:
+        if self.exp.logger.stdin_commands and self.dist.is_main:
             listener.start()
         meter, saved_at = Meter(), self.step  # a resumed state is already saved
-        if self.step >= niter:
-            self.logger.info(f"nothing to do: at step {self.step} of train.niter {niter} "
-                             f"(raise it with -o train.niter=N to continue)")
-        if self.step == 0 and self.exp.eval_opts.at_start and niter > 0:
-            if opts.val_freq:
-                self.validate()
-            self.run_evaluators()
-        self._set_train_mode(True)
         try:
+            if self.step >= niter:
+                self.logger.info(f"nothing to do: at step {self.step} of train.niter {niter} "
+                                 f"(raise it with -o train.niter=N to continue)")
+            self._evaluate_at_start()
+            self._set_train_mode(True)
             with GracefulInterrupt(on_signal=lambda s: self.logger.info(
                     "interrupted: saving a checkpoint after this step (again to abort)")) as stop:
                 # All ranks stop at the same step, whichever of them got the signal first.
                 while self.step < niter and not distributed.any_rank(stop.requested):
-                    t0 = time.perf_counter()
-                    batch = next(self.loader)
-                    data_time = time.perf_counter() - t0
-                    self.step += 1
-                    self.env.step = self.step
-                    logs = self.train_step(batch)
-                    meter.add(logs, batch_size_of(batch), data_time)
-                    self.logger.progress(self.step)
-                    for callback in self.step_callbacks:
-                        callback(self.step, logs)
-                    if self.step % lopts.print_freq == 0 or self.step == niter:
-                        self._log_train(meter)
-                        meter.reset()
+                    self._one_step(meter)
                     commands = self._poll(listener)
-                    if (opts.val_freq and self.step % opts.val_freq == 0) or "eval" in commands:
-                        self.validate()
-                    if (self.exp.eval_opts.every and self.step % self.exp.eval_opts.every == 0
-                            or "eval" in commands):
-                        self.run_evaluators()
-                    if ((lopts.save_checkpoint_freq and self.step % lopts.save_checkpoint_freq == 0)
-                            or "save" in commands):
-                        self.save()
+                    if self._periodic(meter, commands):
                         saved_at = self.step
                     if "quit" in commands:
                         self.logger.info("quit: saving and stopping")
@@ -271,6 +315,43 @@ class ExtensibleTrainer(TrainingStateMixin):
         finally:
             listener.stop()
             self.logger.close()
+
+    def _evaluate_at_start(self) -> None:
+        """``eval.at_start``: the "before" figures of validation and the evaluators."""
+        if self.step == 0 and self.exp.eval.at_start and self.exp.train.niter > 0:
+            if self.exp.train.val_freq:
+                self.validate()
+            self.run_evaluators()
+
+    def _one_step(self, meter: Meter) -> None:
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        data_time = time.perf_counter() - t0
+        self.step += 1
+        self.env.step = self.step
+        logs = self.train_step(batch)
+        meter.add(logs, batch_size_of(batch), data_time)
+        self.logger.progress(self.step)
+        for callback in self.step_callbacks:
+            callback(self.step, logs)
+
+    def _periodic(self, meter: Meter, commands: set[str]) -> bool:
+        """Logging, validation, evaluators and saving when their frequency (or a command)
+        says so; True when a checkpoint was saved."""
+        s, lopts = self.step, self.exp.logger
+        val_freq, eval_every = self.exp.train.val_freq, self.exp.eval.every
+        if s % lopts.print_freq == 0 or s == self.exp.train.niter:
+            self._log_train(meter)
+            meter.reset()
+        if (val_freq and s % val_freq == 0) or "eval" in commands:
+            self.validate()
+        if (eval_every and s % eval_every == 0) or "eval" in commands:
+            self.run_evaluators()
+        if (lopts.save_checkpoint_freq and s % lopts.save_checkpoint_freq == 0) or (
+                "save" in commands):
+            self.save()
+            return True
+        return False
 
     def evaluate(self) -> dict[str, float]:
         """Validation and every evaluator on the current weights, without training."""
@@ -284,7 +365,7 @@ class ExtensibleTrainer(TrainingStateMixin):
     def _poll(self, listener: CommandListener) -> set[str]:
         if self.dist.world_size == 1:
             return set(listener.poll())
-        if self.step % self.exp.logger_opts.print_freq:  # a collective every step would cost
+        if self.step % self.exp.logger.print_freq:  # a collective every step would cost
             return set()
         return set(distributed.broadcast_object(listener.poll()))
 
@@ -300,7 +381,7 @@ class ExtensibleTrainer(TrainingStateMixin):
                 if raw is not None:
                     scalars[f"loss/{loss.component_name}_weighted"] = raw * loss.weight
         self._window_skips.clear()
-        scalars["train/skipped_steps"] = self.skipped_steps
+        scalars["train/skipped_steps"] = self.counters.skipped_steps
         scalars["train/epoch"] = self.loader.epoch
         self.logger.log_scalars(self.step, scalars)
         self.logger.console(self.step, {k: v for k, v in scalars.items() if _on_console(k, v)})
@@ -317,7 +398,7 @@ class ExtensibleTrainer(TrainingStateMixin):
         """Mean of every loss over the val dataset (injectors in eval mode), as ``val/<loss>``."""
         if "val" not in self.datasets:
             return {}
-        spec = self.exp.dataset_specs["val"]
+        spec = self.exp.datasets["val"]
         self._set_train_mode(False)
         sums: dict[str, float] = {}
         count = 0
@@ -326,7 +407,7 @@ class ExtensibleTrainer(TrainingStateMixin):
                                      self.dist.rank, self.dist.world_size):
                 batch = _to_device(batch, self.device)
                 n = batch_size_of(batch)
-                for chunk in split_batch(batch, self.train_opts.mega_batch_factor):
+                for chunk in split_batch(batch, self.exp.train.mega_batch_factor):
                     m = batch_size_of(chunk)
                     for step in self.steps.values():
                         for k, v in step.evaluate(chunk, self.step).items():
@@ -348,7 +429,7 @@ class ExtensibleTrainer(TrainingStateMixin):
             return results
         self._set_train_mode(False)
         try:
-            for ev in self.evaluators:
+            for ev in self.evaluators.values():
                 with torch.no_grad():
                     for k, v in ev.evaluate(self.step).items():
                         results[f"eval/{k}"] = float(v)
@@ -356,6 +437,41 @@ class ExtensibleTrainer(TrainingStateMixin):
             self._set_train_mode(True)
         self.logger.log_scalars(self.step, results)
         return results
+
+    # ---------------------------------------------------------------------------- saving
+    def save(self) -> Path | None:
+        """Write a checkpoint: engine files (every rank), then networks, EMA copies and the
+        training state (rank 0), the state last so that only complete checkpoints count."""
+        self.engine.save_checkpoint(self.checkpoints.engine_dir(self.step, self.engine.name))
+        parts = self.state.state_dict()  # on every rank: the random streams are gathered
+        distributed.barrier()  # every rank's engine files are written
+        path = None
+        if self.dist.is_main:
+            nets = {n: (net, self.exp.networks[n].which_model, self.exp.networks[n].kwargs)
+                    for n, net in self.raw_networks.items()}
+            header = {"seed": self.seed, "engine_name": self.engine.name,
+                      "world_size": self.dist.world_size,
+                      "config": yaml.safe_dump(self.exp.options, sort_keys=False)}
+            path = self.checkpoints.save(self.step, nets, {**header, **parts},
+                                         ema={n: e.module for n, e in self.ema.items()},
+                                         metadata=self.checkpoint_metadata)
+            self.logger.info(f"saved checkpoint at step {self.step}: {path}")
+        distributed.barrier()
+        return path
+
+
+class _EmaCounts:
+    """How many updates each EMA average holds (its weights are in the network files)."""
+
+    def __init__(self, ema: dict[str, AveragedModel], restored: set[str]) -> None:
+        self.ema, self.restored = ema, restored
+
+    def state_dict(self) -> dict[str, int]:
+        return {n: int(e.n_averaged) for n, e in self.ema.items()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for name in self.restored:  # an average whose weights were missing starts over
+            self.ema[name].n_averaged.fill_(state.get(name, 1))
 
 
 def _on_console(key: str, value: float) -> bool:

@@ -10,14 +10,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.component import Component
-from trainer.registry import Registry
+from torch import nn
+
+from trainer.component import Component, ComponentSpec
+from utils.registry import Registry
 from utils.schema import StateKey, state_key_options
 
 LOSSES: Registry = Registry("loss")
 
 
-class Loss(Component):
+class Loss(Component, nn.Module):
     """Reads state keys and returns a scalar. Common options: ``weight`` (default 1),
     ``after``/``before``/``every`` (step gates)."""
 
@@ -25,9 +27,9 @@ class Loss(Component):
     registry = LOSSES
     kind = "loss"
 
-    def configure(self, common: dict) -> None:
-        super().configure(common)
-        self.weight: float = common.get("weight", 1.0)
+    def configure(self, spec: ComponentSpec) -> None:
+        super().configure(spec)
+        self.weight: float = spec.weight
 
     def forward(self, state: dict[str, Any]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

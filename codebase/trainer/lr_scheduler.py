@@ -18,13 +18,10 @@ from typing import Any, Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainer.registry import Registry
+from utils.registry import Registry
+from utils.schema import Runtime, construct
 
 SCHEDULERS: Registry[Callable[..., LambdaLR]] = Registry("lr scheduler")
-
-SCHEDULER_RUNTIME_ARGS = ("optimizer", "total_steps")
-"""Factory arguments the trainer passes itself; they cannot be set in the YAML."""
-
 
 class StepScheduler(LambdaLR):
     """A :class:`LambdaLR` that also writes the restored lr into the optimizer on load.
@@ -55,7 +52,7 @@ def _build(optimizer: Optimizer, warmup_iter: int,
 
 
 @SCHEDULERS.register("MultiStepLR")
-def multi_step_lr(optimizer: Optimizer, total_steps: int, gen_lr_steps: list[int],
+def multi_step_lr(optimizer: Runtime[Optimizer], total_steps: Runtime[int], gen_lr_steps: list[int],
                   lr_gamma: float = 0.5, warmup_iter: int = -1) -> StepScheduler:
     """Multiply the lr by ``lr_gamma`` at every milestone.
 
@@ -72,7 +69,7 @@ def multi_step_lr(optimizer: Optimizer, total_steps: int, gen_lr_steps: list[int
 
 
 @SCHEDULERS.register("CosineAnnealing")
-def cosine_annealing(optimizer: Optimizer, total_steps: int, warmup_iter: int = -1,
+def cosine_annealing(optimizer: Runtime[Optimizer], total_steps: Runtime[int], warmup_iter: int = -1,
                      eta_min: float = 0.0, T_period: int | None = None) -> StepScheduler:
     """Cosine decay from the lr to ``eta_min`` after warmup, then constant at ``eta_min``.
 
@@ -102,7 +99,7 @@ def cosine_annealing(optimizer: Optimizer, total_steps: int, warmup_iter: int = 
 
 
 @SCHEDULERS.register("Constant")
-def constant(optimizer: Optimizer, total_steps: int, warmup_iter: int = -1) -> StepScheduler:
+def constant(optimizer: Runtime[Optimizer], total_steps: Runtime[int], warmup_iter: int = -1) -> StepScheduler:
     """The lr unchanged after warmup.
 
     warmup_iter: steps of linear warmup (<= 0: none).
@@ -116,4 +113,5 @@ def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, options: 
 
     ``where`` is the YAML path shown if ``name`` is unknown (``train.default_lr_scheme``).
     """
-    return SCHEDULERS.get(name, where)(optimizer=optimizer, total_steps=total_steps, **options)
+    return construct(SCHEDULERS.get(name, where), options,
+                     {"optimizer": optimizer, "total_steps": total_steps}, where)

@@ -1,7 +1,7 @@
 """Optimizers, found by name from a step's ``optimizer`` / ``optimizer_params`` in the YAML.
 
-A factory's keyword arguments are its YAML options (DLAS spelling); ``module``, the network
-being trained, is passed by the trainer. Weight decay is applied only where it regularises:
+A factory's keyword arguments are its YAML options (DLAS spelling); ``module`` (:class:`~utils.schema.Runtime`),
+the network being trained, is passed by the trainer. Weight decay is applied only where it regularises:
 see :func:`param_groups`.
 """
 from __future__ import annotations
@@ -13,13 +13,10 @@ import torch
 from torch import nn
 from torch.nn.modules import batchnorm, instancenorm, normalization
 
-from trainer.registry import Registry
+from utils.registry import Registry
+from utils.schema import Runtime, construct
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
-
-OPTIMIZER_RUNTIME_ARGS = ("module",)
-"""Factory arguments the trainer passes itself; they cannot be set in the YAML."""
-
 
 def _classes_of(*modules: object) -> tuple[type, ...]:
     return tuple(c for m in modules for _, c in inspect.getmembers(m, inspect.isclass)
@@ -56,7 +53,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(module: nn.Module, lr: float, weight_decay: float = 0.01, beta1: float = 0.9,
+def adamw(module: Runtime[nn.Module], lr: float, weight_decay: float = 0.01, beta1: float = 0.9,
           beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay).
 
@@ -68,7 +65,7 @@ def adamw(module: nn.Module, lr: float, weight_decay: float = 0.01, beta1: float
 
 
 @OPTIMIZERS.register("adam")
-def adam(module: nn.Module, lr: float, weight_decay: float = 0.0, beta1: float = 0.9,
+def adam(module: Runtime[nn.Module], lr: float, weight_decay: float = 0.0, beta1: float = 0.9,
          beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.Adam:
     """Adam (weight decay as L2 penalty added to the gradient).
 
@@ -80,7 +77,7 @@ def adam(module: nn.Module, lr: float, weight_decay: float = 0.0, beta1: float =
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(module: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+def sgd(module: Runtime[nn.Module], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
         nesterov: bool = False, dampening: float = 0.0) -> torch.optim.SGD:
     """Stochastic gradient descent.
 
@@ -98,4 +95,4 @@ def build_optimizer(name: str, module: nn.Module, options: dict,
 
     ``where`` is the YAML path shown if ``name`` is unknown (``steps.gpt.optimizer``).
     """
-    return OPTIMIZERS.get(name, where)(module=module, **options)
+    return construct(OPTIMIZERS.get(name, where), options, {"module": module}, where)

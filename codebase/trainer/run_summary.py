@@ -11,10 +11,10 @@ def run_summary(trainer: Any) -> str:
     """Evaluator reports (first vs latest evaluation), then the run's folders and the commands
     to look at them: TensorBoard, and ``synthesize.py`` on the newest checkpoint."""
     lines = [f"step {trainer.step}; run folder {_show(trainer.run_dir)}"]
-    for name, ev in zip(trainer.exp.evaluator_specs, trainer.evaluators):
+    for name, ev in trainer.evaluators.items():
         report = getattr(ev, "report", None)
         if callable(report):
-            lines += ["", f"evaluator {name.name}:", report()]
+            lines += ["", f"evaluator {name}:", report()]
     models = trainer.checkpoints.models_dir
     lines += ["", f"checkpoints:  {_show(models)}",
               f"TensorBoard:  tensorboard --logdir {_show(trainer.run_dir / 'tb_logger')}"]

@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from data.loader import batch_size_of
-from trainer.component import Gate
-from trainer.config import ComponentSpec, StepSpec
+from trainer.config import StepSpec
 from trainer.injectors import Injector
 from trainer.losses import Loss, loss_input_keys
-from trainer.registry import did_you_mean
+from utils.registry import did_you_mean
 from utils.schema import Problems
 
 
@@ -27,7 +26,7 @@ class ConfigurableStep:
                  losses: list[Loss], engine: Any) -> None:
         self.name, self.spec, self.network = name, spec, network
         self.optimizer, self.injectors, self.losses, self.engine = optimizer, injectors, losses, engine
-        self.gate = Gate(spec.after, spec.before, spec.every)
+        self.gate = spec.gate
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def run_injectors(self, state: dict[str, Any], step: int, training: bool) -> None:
@@ -97,7 +96,7 @@ def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, share: float) -> 
     return value if acc is None else acc + value
 
 
-def check_state_keys(steps: dict[str, StepSpec], batch_keys: Iterable[str],
+def check_state_keys(steps: dict[str, StepSpec | None], batch_keys: Iterable[str],
                      problems: Problems) -> None:
     """Every injector input and loss key must come from the batch or an earlier injector, and
     no injector may overwrite a key; checked for training and for evaluation."""
@@ -106,37 +105,27 @@ def check_state_keys(steps: dict[str, StepSpec], batch_keys: Iterable[str],
         mode = "" if training else " (in eval mode)"
         available = set(batch_keys)
         seen_problem = set()
-        for name, step in steps.items():
+        for step in steps.values():
             if step is None:
                 continue
-            for inj in step.injector_specs:
-                if not inj.common.get("train" if training else "eval", True):
+            for inj in step.injectors:
+                if not (inj.train if training else inj.eval):
                     continue
-                for key in _inputs(inj):
+                for key in inj.inputs:
                     if key not in available and (inj.path, key) not in seen_problem:
                         seen_problem.add((inj.path, key))
                         problems.add(f"{inj.path}.in", _missing_key(key, available, batch_keys, mode))
-                for key in _outputs(inj):
+                for key in inj.outputs:
                     if key in available and (inj.path, "out", key) not in seen_problem:
                         seen_problem.add((inj.path, "out", key))
                         problems.add(f"{inj.path}.out", f"{key!r} already exists in the state"
                                                         f"{mode}; outputs may not overwrite a key")
-                available.update(_outputs(inj))
-            for loss in step.loss_specs:
+                available.update(inj.outputs)
+            for loss in step.losses:
                 for key in loss_input_keys(loss):
                     if key not in available and (loss.path, key) not in seen_problem:
                         seen_problem.add((loss.path, key))
                         problems.add(loss.path, _missing_key(key, available, batch_keys, mode))
-
-
-def _inputs(spec: ComponentSpec) -> list[str]:
-    raw = spec.common.get("in", [])
-    return list(raw.values()) if isinstance(raw, dict) else [raw] if isinstance(raw, str) else list(raw)
-
-
-def _outputs(spec: ComponentSpec) -> list[str]:
-    raw = spec.common.get("out", [])
-    return [raw] if isinstance(raw, str) else list(raw)
 
 
 def _missing_key(key: str, available: set[str], batch_keys: list[str], mode: str) -> str:

@@ -125,3 +125,18 @@ def any_rank(flag: bool) -> bool:
     buf = torch.tensor([int(flag)], device=_reduce_device())
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     return bool(buf.item())
+
+def resolve_device(device: str | torch.device, dist: DistInfo | None = None) -> torch.device:
+    """``auto`` -> cuda (this rank's GPU) when available, else cpu. ``dist`` picks the GPU of
+    a bare ``cuda``; without it, the first one (single process)."""
+    device = str(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; "
+                               "set `device: cpu` (or auto)")
+        if dev.index is None:
+            dev = torch.device("cuda", dist.local_rank if dist else 0)
+    return dev

@@ -12,7 +12,8 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
-from typing import Any
+import logging
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -54,6 +55,21 @@ def experiment_parser(description: str | None) -> argparse.ArgumentParser:
     # what the trainer reads.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+T = TypeVar("T")
+
+
+def load_cli(args: argparse.Namespace, validate: Callable[[dict], T]) -> T | None:
+    """``validate`` applied to the options of a CLI's ``-opt``/``-o`` arguments (see
+    :func:`experiment_parser`); on a bad file or option, print ``error: ...`` to stderr and
+    return None (the CLI exits with 2). Also sets up warning-level logging."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return validate(load_options(args.opt, args.override))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def find_options_file(path: str | Path) -> Path:

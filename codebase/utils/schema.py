@@ -11,12 +11,29 @@ import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, NewType, Union
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, NewType, Union
 
-from trainer.registry import did_you_mean
+from utils.registry import Registry, RegistryError, did_you_mean
 
 StateKey = NewType("StateKey", str)
 """Annotation for an option that names a key of the training state (checked at start-up)."""
+
+
+_RUNTIME = "runtime"  # the marker Runtime[T] puts in typing.Annotated
+
+
+class Runtime:
+    """``Runtime[T]`` marks a constructor argument that the trainer passes when it builds the
+    component (``networks``, ``env``, ``module`` for an optimizer, ``phase`` for a dataset ...),
+    never the YAML. It is the one way runtime objects reach a component: :func:`bind_options`
+    refuses such a key in the YAML and :func:`construct` fills it in."""
+
+    def __class_getitem__(cls, hint: Any) -> Any:
+        return Annotated[hint, _RUNTIME]
+
+
+def _is_runtime(hint: Any) -> bool:
+    return typing.get_origin(hint) is Annotated and _RUNTIME in hint.__metadata__
 
 
 class ConfigError(ValueError):
@@ -62,6 +79,8 @@ def coerce(value: Any, hint: Any, path: str, problems: Problems, base_dir: Path 
     dataclasses) or ``_MISSING`` after recording a problem."""
     if hint is Any or hint is inspect.Parameter.empty or hint is object:
         return value
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is StateKey:
@@ -159,6 +178,8 @@ def _show(value: Any) -> str:
 
 def type_name(hint: Any) -> str:
     """A readable name for a type hint: ``list of int``, ``float or null`` ..."""
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is StateKey:
         return "state key (str)"
@@ -181,15 +202,22 @@ def type_name(hint: Any) -> str:
 
 
 def build_dataclass(cls: type, options: dict, path: str, problems: Problems,
-                    base_dir: Path | None = None) -> Any:
-    """Instantiate dataclass ``cls`` from ``options``, checking keys and types strictly."""
+                    base_dir: Path | None = None, handled: Iterable[str] = ()) -> Any:
+    """Instantiate dataclass ``cls`` from ``options``, checking keys and types strictly.
+
+    ``handled`` names keys the caller validates itself (e.g. a section's components): they
+    are skipped here but count as valid in the did-you-mean of an unknown key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    handled = tuple(handled)
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
+        if key in handled:
+            continue
         if key not in fields:
-            problems.add(join(path, key), f"unknown option{did_you_mean(key, fields)}; "
-                                          f"valid options: {', '.join(fields)}")
+            valid = [*fields, *handled]
+            problems.add(join(path, key), f"unknown option{did_you_mean(key, valid)}; "
+                                          f"valid options: {', '.join(valid)}")
             continue
         out = coerce(value, hints[key], join(path, key), problems, base_dir)
         if out is not _MISSING:
@@ -209,7 +237,7 @@ def signature_params(target: Callable) -> tuple[dict[str, inspect.Parameter], di
     init = target.__init__ if isinstance(target, type) else target
     sig = inspect.signature(target)
     try:
-        hints = typing.get_type_hints(init)
+        hints = typing.get_type_hints(init, include_extras=True)
     except Exception:  # unresolvable annotations: fall back to no type checking
         hints = {}
     params, var_kw = {}, False
@@ -221,15 +249,36 @@ def signature_params(target: Callable) -> tuple[dict[str, inspect.Parameter], di
     return params, hints, var_kw
 
 
+def runtime_params(target: Callable) -> dict[str, inspect.Parameter]:
+    """The arguments of ``target`` annotated :class:`Runtime`."""
+    params, hints, _ = signature_params(target)
+    return {name: p for name, p in params.items() if _is_runtime(hints.get(name))}
+
+
+def construct(target: Callable, kwargs: dict[str, Any], provided: Mapping[str, Any],
+              where: str) -> Any:
+    """Call ``target`` with its validated YAML ``kwargs`` plus each :class:`Runtime` argument
+    it declares, taken from ``provided`` (an argument with a default may be left out)."""
+    extra = {}
+    for name, p in runtime_params(target).items():
+        if name in provided:
+            extra[name] = provided[name]
+        elif p.default is p.empty:
+            raise TypeError(f"{where}: {getattr(target, '__name__', target)} needs {name!r}, which "
+                            f"the trainer does not provide here (it provides: "
+                            f"{', '.join(provided) or 'nothing'})")
+    return target(**kwargs, **extra)
+
+
 def bind_options(target: Callable, options: dict, path: str, problems: Problems, *,
-                 runtime: Iterable[str] = (), base_dir: Path | None = None) -> dict[str, Any]:
+                 base_dir: Path | None = None) -> dict[str, Any]:
     """Check ``options`` against ``target``'s keyword arguments; returns the coerced kwargs.
 
-    ``runtime`` names arguments the trainer passes itself (networks, env ...): they may not be
-    set from the YAML and are not reported missing.
+    :class:`Runtime` arguments are the trainer's to pass: they may not be set from the YAML
+    and are not reported missing.
     """
     params, hints, var_kw = signature_params(target)
-    runtime = set(runtime)
+    runtime = set(runtime_params(target))
     yaml_params = {k: p for k, p in params.items() if k not in runtime}
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
@@ -264,3 +313,46 @@ def state_key_options(target: Callable, options: dict) -> list[str]:
         if StateKey in flat:
             keys.extend(value if isinstance(value, (list, tuple)) else [value])
     return keys
+
+
+# ----------------------------------------------------------- helpers for section validators
+def is_mapping(value: Any, path: str, problems: Problems) -> bool:
+    if not isinstance(value, dict):
+        problems.add(path, f"expected a mapping, got {type(value).__name__}")
+    return isinstance(value, dict)
+
+
+def lookup(registry: Registry, name: Any, path: str, problems: Problems) -> Any:
+    """``registry.get(name)``, or None after recording the error (with did-you-mean)."""
+    try:
+        return registry.get(name)
+    except RegistryError as e:
+        problems.add(path, str(e))
+        return None
+
+
+def split_fields(options: dict, cls: type, exclude: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(options that are fields of dataclass ``cls``, the rest)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - set(exclude)
+    return ({k: v for k, v in options.items() if k in names},
+            {k: v for k, v in options.items() if k not in names})
+
+
+def bind_shared_section(section_cls: type, target: Callable, options: dict, path: str,
+                        problems: Problems, base_dir: Path | None,
+                        exclude: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    """A section whose keys go partly to dataclass ``section_cls`` (e.g. loader options) and
+    partly to ``target``'s constructor: ``(the dataclass, target's kwargs)``. A key known to
+    neither is reported once, with the valid keys of both."""
+    own, rest = split_fields(options, section_cls, exclude)
+    section = build_dataclass(section_cls, own, path, problems, base_dir)
+    params, _, var_kw = signature_params(target)
+    runtime = runtime_params(target)
+    valid = [f.name for f in dataclasses.fields(section_cls) if f.init and f.name not in exclude]
+    valid += [p for p in params if p not in runtime]
+    for key in rest:
+        if key not in params and not var_kw:
+            problems.add(join(path, key), f"unknown option{did_you_mean(key, valid)}; valid "
+                                          f"options: {', '.join(valid)}")
+    accepted = {k: v for k, v in rest.items() if k in params or var_kw}
+    return section, bind_options(target, accepted, path, problems, base_dir=base_dir)

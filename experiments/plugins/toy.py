@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from data import register_dataset
 from models import register_model
 from trainer.injectors import Injector
-from utils.schema import StateKey
+from utils.schema import Runtime, StateKey
 
 
 @register_dataset("toy_regression")
@@ -40,7 +40,7 @@ class ToyMLP(nn.Module):
     """An MLP with LayerNorm and dropout (dropout makes resume tests sensitive to RNG state)."""
 
     def __init__(self, in_dim: int = 16, hidden: int = 64, out_dim: int = 4, depth: int = 2,
-                 dropout: float = 0.0, checkpointing: bool = False) -> None:
+                 dropout: float = 0.0, checkpointing: Runtime[bool] = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         dim = in_dim

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from trainer.registry import did_you_mean
+from utils.registry import did_you_mean
 
 # speak_lib.h constants (espeak-ng 1.5x; the values are part of its stable ABI).
 AUDIO_OUTPUT_SYNCHRONOUS = 2  # espeak_AUDIO_OUTPUT: synthesize in the calling thread

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from trainer.registry import Registry
+from utils.registry import Registry
 
 Skipped = list[tuple[str, str]]
 Fetcher = Callable[[Path], tuple[list["Utterance"], Skipped]]

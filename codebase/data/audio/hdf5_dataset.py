@@ -15,14 +15,15 @@ from torch.utils.data import Dataset
 from data import register_dataset
 from data.audio.bucket_sampler import BucketBatchSampler
 from data.loader import pad_batch
-from data.audio.paired_dataset import split_fraction
-from data.audio.prepare import PrepareOptions, prepare as prepare_corpus
+from data.audio.corpus import split_fraction
+from data.audio.corpus_to_h5 import PrepareOptions, prepare as prepare_corpus
 from utils import distributed
+from utils.schema import Runtime
 
 
 @register_dataset("hdf5_codes")
 class Hdf5CodesDataset(Dataset):
-    """Items of a prepared ``data.h5`` (see :mod:`data.audio.prepare`).
+    """Items of a prepared ``data.h5`` (see :mod:`data.audio.corpus_to_h5`).
 
     Each item: ``codes`` [levels, frames], ``phonemes`` [P] (with bos/eos), ``prompt``
     [levels, prompt frames] cropped from another utterance of the same speaker, ``speaker``,
@@ -46,7 +47,7 @@ class Hdf5CodesDataset(Dataset):
     def __init__(self, path: Path, prepare: PrepareOptions | None = None,
                  max_tokens: int | None = None, prompt_frames: int = 150,
                  n_levels: int | None = None, max_frames: int | None = None,
-                 val_fraction: float = 0.0, seed: int = 0, phase: str = "train") -> None:
+                 val_fraction: float = 0.0, seed: int = 0, phase: Runtime[str] = "train") -> None:
         self.path, self.max_tokens, self.prompt_frames = Path(path), max_tokens, prompt_frames
         self.seed, self.epoch, self.phase = seed, 0, phase
         if not self.path.is_file():

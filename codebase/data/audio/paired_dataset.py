@@ -36,58 +36,15 @@ from data.loader import pad_batch
 from tqdm import tqdm
 
 from data import register_dataset
-from data.audio.fetchers import Skipped, Utterance, fetch
+from data.spec import build_dataset, require_phase, validate_datasets
+from data.audio.corpus import reason_category, screen, split_fraction
+from data.audio.fetchers import fetch
+from utils.options import experiment_parser, load_cli
+from utils.schema import ConfigError, Runtime
 from utils.audio import (AudioError, audio_info, load_audio, mel_spectrogram, save_audio,
                          save_mel_png)
 
 log = logging.getLogger(__name__)
-
-
-def screen(items: list[Utterance], sample_rate: int, max_wav_length: int | None = None,
-           max_text_length: int | None = None) -> tuple[list[Utterance], list[float], Skipped]:
-    """Keep the items whose text and audio header are usable: ``(kept, seconds, skipped)``.
-
-    Reads only headers (soundfile.info), so it is fast on large corpora; audio that is corrupt
-    past its header is caught later, when it is loaded.
-    """
-    kept, durations, skipped = [], [], []
-    for item in tqdm(items, desc="screening audio", disable=len(items) < 5000, leave=False):
-        text = item.text.strip()
-        if not text:
-            skipped.append((item.id, "empty text"))
-            continue
-        if max_text_length is not None and len(text) > max_text_length:
-            skipped.append((item.id, f"too long (text): {len(text)} > max_text_length "
-                                     f"{max_text_length} characters"))
-            continue
-        try:
-            frames, rate, _ = audio_info(item.path)
-        except AudioError as e:
-            detail = f" ({e.detail})" if e.reason == "unreadable" else ""
-            skipped.append((item.id, f"{e.reason}: {item.path}{detail}"))
-            continue
-        if frames <= 0 or rate <= 0:
-            skipped.append((item.id, f"empty audio: {item.path}"))
-            continue
-        resampled = frames * sample_rate / rate  # length once resampled to sample_rate
-        if max_wav_length is not None and resampled > max_wav_length:
-            skipped.append((item.id, f"too long (audio): {resampled:.0f} > max_wav_length "
-                                     f"{max_wav_length} samples"))
-            continue
-        kept.append(item if text == item.text else Utterance(item.path, text, item.speaker,
-                                                             item.id))
-        durations.append(frames / rate)
-    return kept, durations, skipped
-
-
-def split_fraction(uid: str) -> float:
-    """A stable number in [0, 1) for an item id (same on every machine and Python run)."""
-    return int(hashlib.sha1(uid.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32
-
-
-def reason_category(reason: str) -> str:
-    """``"too long (audio): 9000 > ..."`` -> ``"too long (audio)"`` (the key skips count by)."""
-    return reason.split(":", 1)[0]
 
 
 @register_dataset("paired_voice_audio")
@@ -112,7 +69,7 @@ class PairedVoiceAudioDataset(Dataset):
                  sample_rate: int = 22050, max_wav_length: int | None = None,
                  max_text_length: int | None = None, load_conditioning: bool = False,
                  num_conditioning_candidates: int = 1, conditioning_length: int = 44000,
-                 phase: str = "train", val_fraction: float = 0.0, seed: int = 0) -> None:
+                 phase: Runtime[str] = "train", val_fraction: float = 0.0, seed: int = 0) -> None:
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"paired_voice_audio: val_fraction must be in [0, 1), got "
                              f"{val_fraction}")
@@ -239,34 +196,13 @@ class PairedVoiceAudioDataset(Dataset):
 
 # ---------------------------------------------------------------------------------- the CLI
 def dataset_from_options(opt: dict, phase: str) -> PairedVoiceAudioDataset:
-    """Build ``datasets.<phase>`` of a loaded experiment; its keys are checked like the
-    trainer checks them (misspelled keys fail with a did-you-mean)."""
-    import dataclasses
-
-    from data import DATASETS
-    from trainer.config import DatasetSpec
-    from utils.schema import ConfigError, Problems, bind_options, build_dataclass
-
+    """Build ``datasets.<phase>`` of loaded options, validated as the trainer validates it."""
     source = opt.get("_file")
-    base = Path(opt.get("_base_dir", "."))
-    datasets = opt.get("datasets") or {}
-    where = f"datasets.{phase}"
-    if not isinstance(datasets.get(phase), dict):
-        raise ConfigError([(where, f"missing; this file declares datasets: "
-                                   f"{', '.join(datasets) or '(none)'}")], source)
-    options = datasets[phase]
-    if DATASETS.get(options.get("mode"), where=f"{where}.mode") is not PairedVoiceAudioDataset:
-        raise ConfigError([(f"{where}.mode", f"is {options.get('mode')!r}; this check reads "
-                                             f"'paired_voice_audio' datasets only")], source)
-    own_keys = {f.name for f in dataclasses.fields(DatasetSpec)} - {"cls", "kwargs"}
-    problems = Problems()
-    spec = build_dataclass(DatasetSpec, {k: v for k, v in options.items() if k in own_keys},
-                           where, problems, base)
-    kwargs = bind_options(PairedVoiceAudioDataset,
-                          {k: v for k, v in options.items() if k not in own_keys}, where,
-                          problems, runtime=("phase",), base_dir=base)
-    problems.raise_if_any(source)
-    return PairedVoiceAudioDataset(**kwargs, phase=(spec.phase if spec else None) or phase)
+    spec = require_phase(validate_datasets(opt), phase, source)
+    if not issubclass(spec.cls, PairedVoiceAudioDataset):
+        raise ConfigError([(f"datasets.{phase}.mode", f"is {spec.mode!r}; this check reads "
+                                                      f"'paired_voice_audio' datasets only")], source)
+    return build_dataset(spec, phase)
 
 
 def histogram(values: list[float], bins: int = 10, width: int = 40) -> list[str]:
@@ -314,9 +250,6 @@ def write_samples(dataset: PairedVoiceAudioDataset, out: Path, n: int) -> list[P
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.options import experiment_parser, load_options
-    from utils.schema import ConfigError
-
     p = experiment_parser("Check a paired_voice_audio dataset: counts, durations, skipped "
                           "items, sample wav/png files.")
     p.add_argument("--phase", default="train", help="which datasets.<phase> to check")
@@ -324,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the samples (default: <run folder>/dataset_check/<phase>)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        opt = load_options(args.opt, args.override)
-        dataset = dataset_from_options(opt, args.phase)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        loaded = load_cli(args, lambda opt: (opt, dataset_from_options(opt, args.phase)))
+    except (ValueError, KeyError) as e:  # the dataset refused its options
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if loaded is None:
+        return 2
+    opt, dataset = loaded
     print(f"{opt['_file']}: datasets.{args.phase} (paired_voice_audio)")
     print(report(dataset))
     if args.samples > 0 and len(dataset):

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from trainer.registry import did_you_mean
+from utils.registry import did_you_mean
 
 log = logging.getLogger(__name__)
 # phonemizer warns on every call whose text switches language ("(en)" flags removed): per

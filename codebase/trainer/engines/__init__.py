@@ -10,33 +10,29 @@ from typing import Any
 
 import torch
 
-from trainer.engines.base import Engine, resolve_device
+from trainer.engines.base import Engine
+from trainer.engines.deepspeed import DeepSpeedEngine, validate_options
 from trainer.engines.local import LocalEngine
 from utils.distributed import DistInfo
 from utils.schema import Problems
 
-ENGINE_NAMES = ("local", "deepspeed")
-
-__all__ = ["ENGINE_NAMES", "Engine", "LocalEngine", "build_engine", "resolve_device",
-           "validate_engine_options"]
+__all__ = ["Engine", "LocalEngine", "build_engine", "validate_engine_options"]
 
 
-def validate_engine_options(exp: Any, problems: Problems) -> None:
-    """Check the engine's own section (``deepspeed:``); fills ``exp.deepspeed_opts``."""
-    if exp.engine == "deepspeed":
-        from trainer.engines.deepspeed import validate_options
-
-        exp.deepspeed_opts = validate_options(exp, problems)
-    elif exp.deepspeed:
-        problems.add("deepspeed", f"is set but engine is {exp.engine!r}; add `engine: deepspeed` "
+def validate_engine_options(engine: str, section: dict, exp: Any, problems: Problems) -> Any:
+    """The engine's own options (the ``deepspeed:`` section) checked against the rest of the
+    validated experiment ``exp``; None for the local engine."""
+    if engine == "deepspeed":
+        return validate_options(section, exp, problems)
+    if section:
+        problems.add("deepspeed", f"is set but engine is {engine!r}; add `engine: deepspeed` "
                                   "or remove the section")
+    return None
 
 
 def build_engine(exp: Any, device: torch.device, dist: DistInfo,
                  micro_batch: int | None) -> Engine:
     """The engine the experiment asks for; ``micro_batch`` is the per-rank batch size."""
     if exp.engine == "deepspeed":
-        from trainer.engines.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(device, exp.precision, dist, exp.deepspeed_opts, micro_batch)
+        return DeepSpeedEngine(device, exp.precision, dist, exp.deepspeed, micro_batch)
     return LocalEngine(device, exp.precision, dist)

@@ -14,18 +14,6 @@ NULL_CONTEXT = contextlib.nullcontext()  # reusable: entering it has no state
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def resolve_device(device: str, dist: DistInfo) -> torch.device:
-    """``auto`` -> cuda (this rank's GPU) when available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; "
-                               "set `device: cpu` (or auto)")
-        if dev.index is None:
-            dev = torch.device("cuda", dist.local_rank)
-    return dev
 
 
 class Engine:

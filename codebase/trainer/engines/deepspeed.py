@@ -59,9 +59,10 @@ class DeepSpeedOptions:
     config: dict = field(default_factory=dict)
 
 
-def validate_options(exp: Any, problems: Problems) -> DeepSpeedOptions | None:
-    """Check ``deepspeed:`` against the rest of the experiment; problems are reported, not raised."""
-    opts = build_dataclass(DeepSpeedOptions, exp.deepspeed, "deepspeed", problems, exp.base_dir)
+def validate_options(section: dict, exp: Any, problems: Problems) -> DeepSpeedOptions | None:
+    """Check ``deepspeed:`` against the rest of the validated experiment; problems are
+    reported, not raised."""
+    opts = build_dataclass(DeepSpeedOptions, section, "deepspeed", problems, exp.base_dir)
     if importlib.util.find_spec("deepspeed") is None:
         problems.add("engine", f"engine 'deepspeed' needs the deepspeed package: {INSTALL_HINT}")
     if opts is None:
@@ -82,8 +83,8 @@ def validate_options(exp: Any, problems: Problems) -> DeepSpeedOptions | None:
                      "only; use precision bf16 (or zero_stage 0)")
     trained: dict[str, str] = {}
     for name, step in exp.steps.items():
-        net = step.get("training") if isinstance(step, dict) else None
-        if net in trained:
+        net = step.training if step is not None else None
+        if net is not None and net in trained:
             problems.add(f"steps.{name}.training", f"network {net!r} is already trained by "
                          f"steps.{trained[net]}; engine 'deepspeed' needs one step (one "
                          "optimizer) per network")

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.engines.base import NULL_CONTEXT, Engine, resolve_device
+from trainer.engines.base import NULL_CONTEXT, Engine
 from utils.distributed import DistInfo
 
-__all__ = ["LocalEngine", "resolve_device"]
+__all__ = ["LocalEngine"]
 
 
 class LocalEngine(Engine):

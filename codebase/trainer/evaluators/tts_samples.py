@@ -39,9 +39,11 @@ import torch
 from torch import nn
 
 from models.audio.tts.synthesis import build_codec_from_config, decode_codes, generate_codes
-from trainer.evaluators import Evaluator
+from trainer.component import TrainerEnv
+from trainer.evaluators.base import Evaluator
 from trainer.evaluators.speech_metrics import (TF_SUMS, closest_reference, teacher_forced_metrics,
                                                   teacher_forced_sums)
+from utils.schema import Runtime
 
 # STFT settings of the score (auraloss' MelSTFTLoss defaults but 80 mels: with 128 mels at
 # 16 kHz and a 1024-point FFT some low mel filters would be empty).
@@ -73,15 +75,15 @@ class TtsSamplesEvaluator(Evaluator):
         codec_options: overrides of the data file's codec config (e.g. a moved ``checkpoint``).
     """
 
-    runtime_args = ("networks", "env", "datasets", "logger")
-
     def __init__(self, network: str = "valle", dataset: str = "val", num_samples: int = 4,
                  teacher_forced_items: int = 512, reference_items: int = 256,
                  batch_size: int = 16, max_duration_factor: float = 2.0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, nar_temperature: float = 0.0, seed: int = 0,
-                 codec_options: dict[str, Any] | None = None, networks: Any = None,
-                 env: Any = None, datasets: Any = None, logger: Any = None) -> None:
+                 codec_options: dict[str, Any] | None = None,
+                 networks: Runtime[dict[str, nn.Module]] = None,
+                 env: Runtime[TrainerEnv] = None, datasets: Runtime[dict[str, Any]] = None,
+                 logger: Runtime[Any] = None) -> None:
         super().__init__()
         if network not in networks:
             raise ValueError(f"tts_samples: no network {network!r}; the networks are "
@@ -116,8 +118,7 @@ class TtsSamplesEvaluator(Evaluator):
                              repetition_penalty=repetition_penalty,
                              nar_temperature=nar_temperature, seed=seed)
         self.codec_options = dict(codec_options or {})
-        # Plain attributes, not submodules: they belong to the trainer, not to this evaluator.
-        self.__dict__.update(networks=networks, env=env, datasets=datasets, logger=logger)
+        self.networks, self.env, self.datasets, self.logger = networks, env, datasets, logger
         self._codec: nn.Module | None = None
         self._loss: nn.Module | None = None
         self._refs: dict[int, torch.Tensor] = {}  # item -> decoded reference waveform
@@ -130,12 +131,12 @@ class TtsSamplesEvaluator(Evaluator):
         if self._codec is None:  # built at the first evaluation, not at start-up
             codec = build_codec_from_config(self.codec_config, self.codec_options,
                                             where=f"dataset {self.dataset_phase!r}")
-            self.__dict__["_codec"] = codec.to(self.env.device).eval()
+            self._codec = codec.to(self.env.device).eval()
         return self._codec
 
     def mel_stft(self) -> nn.Module:
         if self._loss is None:
-            self.__dict__["_loss"] = mel_stft_loss(int(self.codec().sample_rate))
+            self._loss = mel_stft_loss(int(self.codec().sample_rate))
         return self._loss
 
     def _reference(self, j: int, n_levels: int) -> torch.Tensor:
@@ -232,6 +233,16 @@ class TtsSamplesEvaluator(Evaluator):
                 if audio.numel():
                     self.logger.log_audio(f"samples/{name}{suffix}", audio, sr, step)
                 self.logger.log_image(f"samples/{name}{suffix}_mel", mel_image(mel), step)
+
+    # ------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The figures of every evaluation so far, so that a resumed run's report still
+        compares the first evaluation with the last."""
+        return {"history": [[step, dict(scalars)] for step, scalars in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [(int(step), dict(scalars)) for step, scalars in state["history"]]
 
     # ------------------------------------------------------------------------- report
 

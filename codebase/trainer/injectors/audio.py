@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from trainer.component import ComponentSpec
 from trainer.injectors.base import Injector
 from utils.audio import log_mel, mel_transform
 
@@ -96,8 +97,8 @@ class RandomAudioCropInjector(Injector):
             raise ValueError(f"random_audio_crop: crop_size must be >= 1, got {crop_size}")
         self.crop_size = crop_size
 
-    def configure(self, common: dict) -> None:
-        super().configure(common)
+    def configure(self, spec: ComponentSpec) -> None:
+        super().configure(spec)
         if len(self.inputs) not in (1, 2) or len(self.outputs) != len(self.inputs):
             raise ValueError(f"random_audio_crop: `in` must be [wav] or [wav, wav_lengths] and "
                              f"`out` as many keys; got in={self.inputs}, out={self.outputs}")

@@ -1,20 +1,21 @@
 """The injector base class and the two structural injectors: ``generator`` and ``for_each``."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from trainer.component import Component
-from trainer.registry import Registry
-from utils.schema import Problems
+from trainer.component import Component, ComponentSpec, Gate
+from utils.registry import Registry, did_you_mean
+from utils.schema import Problems, Runtime
 
 INJECTORS: Registry = Registry("injector")
 
 
-class Injector(Component):
+class Injector(Component, nn.Module):
     """Reads ``in`` keys of the state and returns a dict of new ``out`` keys.
 
     Common YAML options: ``in`` (a key, a list of keys, or for ``generator`` a mapping of
@@ -26,16 +27,13 @@ class Injector(Component):
     registry = INJECTORS
     kind = "injector"
 
-    def configure(self, common: dict) -> None:
-        super().configure(common)
-        raw_in = common.get("in", [])
-        self.input_map: dict[str, str] | None = raw_in if isinstance(raw_in, dict) else None
-        self.inputs: list[str] = (list(raw_in.values()) if isinstance(raw_in, dict)
-                                  else [raw_in] if isinstance(raw_in, str) else list(raw_in))
-        raw_out = common.get("out", [])
-        self.outputs: list[str] = [raw_out] if isinstance(raw_out, str) else list(raw_out)
-        self.in_train: bool = common.get("train", True)
-        self.in_eval: bool = common.get("eval", True)
+    def configure(self, spec: ComponentSpec) -> None:
+        super().configure(spec)
+        self.input_map: dict[str, str] | None = spec.input_map
+        self.inputs: list[str] = spec.inputs
+        self.outputs: list[str] = spec.outputs
+        self.in_train: bool = spec.train
+        self.in_eval: bool = spec.eval
 
     @property
     def input(self) -> str:
@@ -61,12 +59,9 @@ class GeneratorInjector(Injector):
     (so a network returning ``{"loss_ar": ..., "acc": ...}`` can be read selectively).
     """
 
-    runtime_args = ("networks",)
-
-    def __init__(self, generator: str, networks: dict[str, nn.Module]) -> None:
+    def __init__(self, generator: str, networks: Runtime[dict[str, nn.Module]]) -> None:
         super().__init__()
         if generator not in networks:
-            from trainer.registry import did_you_mean
             raise KeyError(f"generator injector: no network called {generator!r}"
                            f"{did_you_mean(generator, networks)}")
         self.generator = generator
@@ -103,16 +98,12 @@ class ForEachInjector(Injector):
     are stacked back along dim 1; otherwise a list is returned. Other options go to the
     sub-injector (DLAS: ``type: for_each, subtype: torch_mel_spectrogram, ...``)."""
 
-    runtime_args = ("runtime",)
-
-    def __init__(self, subtype: str, options: dict, runtime: dict[str, Any]) -> None:
+    def __init__(self, sub: Injector) -> None:
         super().__init__()
-        cls = INJECTORS.get(subtype)
-        self.sub = cls(**options, **{a: runtime[a] for a in cls.runtime_args})
+        self.sub = sub
 
     @classmethod
-    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path,
-                      common_keys: tuple[str, ...] = ()) -> dict:
+    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path) -> dict:
         if "subtype" not in options:
             problems.add(f"{path}.subtype", "missing required option: the injector to apply "
                                             f"to each item ({', '.join(INJECTORS.names())})")
@@ -126,12 +117,13 @@ class ForEachInjector(Injector):
             problems.add(f"{path}.subtype", "for_each cannot nest for_each")
             return {}
         rest = {k: v for k, v in options.items() if k != "subtype"}
-        bound = sub.check_options(rest, path, problems, base_dir, common_keys)
-        return {"subtype": options["subtype"], "options": bound}
+        bound = sub.check_options(rest, path, problems, base_dir)
+        return {"sub": ComponentSpec(options["subtype"], path, sub, bound)}
 
-    def configure(self, common: dict) -> None:
-        super().configure(common)
-        self.sub.configure({**common, "after": 0, "before": None, "every": 1})
+    def configure(self, spec: ComponentSpec) -> None:
+        super().configure(spec)
+        # The sub-injector sees for_each's keys and runs whenever for_each does.
+        self.sub.configure(replace(spec, cls=type(self.sub), gate=Gate()))
 
     def forward(self, state: dict[str, Any]) -> dict[str, Any]:
         value = state[self.input]

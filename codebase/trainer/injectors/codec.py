@@ -16,10 +16,10 @@ import torch
 import torchaudio.functional as AF
 
 from models.audio.codecs import CODECS, Codec, build_codec
-from trainer.component import TrainerEnv
+from trainer.component import ComponentSpec, TrainerEnv
 from trainer.injectors.base import Injector
-from trainer.registry import component_name
-from utils.schema import Problems, bind_options
+from utils.registry import component_name
+from utils.schema import Problems, Runtime, bind_options
 
 # (name, options as sorted JSON, device) -> codec, alive while an injector holds it.
 _SHARED: "weakref.WeakValueDictionary[tuple[str, str, str], Codec]" = weakref.WeakValueDictionary()
@@ -47,10 +47,9 @@ class _CodecInjector(Injector):
     """
 
     abstract = True
-    runtime_args = ("env",)
     _what: ClassVar[str] = "input"  # what the first `in` key holds, for error messages
 
-    def __init__(self, env: TrainerEnv, codec: str, codec_options: dict[str, Any] | None = None,
+    def __init__(self, env: Runtime[TrainerEnv], codec: str, codec_options: dict[str, Any] | None = None,
                  sample_rate: int | None = None) -> None:
         super().__init__()
         if sample_rate is not None and sample_rate <= 0:
@@ -67,9 +66,8 @@ class _CodecInjector(Injector):
         return getattr(self, "path", None) or component_name(type(self), self.kind)
 
     @classmethod
-    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path,
-                      common_keys: tuple[str, ...] = ()) -> dict:
-        kwargs = super().check_options(options, path, problems, base_dir, common_keys)
+    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path) -> dict:
+        kwargs = super().check_options(options, path, problems, base_dir)
         # The codec's options are its constructor's keyword arguments: check them now, with
         # every other problem, instead of failing when the codec is built.
         name = kwargs.get("codec")
@@ -85,8 +83,8 @@ class _CodecInjector(Injector):
                                                base_dir=base_dir)
         return kwargs
 
-    def configure(self, common: dict) -> None:
-        super().configure(common)
+    def configure(self, spec: ComponentSpec) -> None:
+        super().configure(spec)
         if not 1 <= len(self.inputs) <= 2 or len(self.outputs) not in (1, len(self.inputs)):
             raise ValueError(f"{self._where()}: `in` is the {self._what} "
                              f"and optionally its lengths; `out` is one key, or two when `in` "

@@ -10,10 +10,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from data.audio.phonemes import Phonemizer, PhonemeVocab, supported_languages
-from trainer.component import TrainerEnv
+from trainer.component import ComponentSpec, TrainerEnv
 from trainer.injectors.base import Injector
-from trainer.registry import did_you_mean
-from utils.schema import Problems
+from utils.registry import did_you_mean
+from utils.schema import Problems, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,8 @@ class PhonemizeInjector(Injector):
             per sentence, and an epoch repeats every text.
     """
 
-    runtime_args = ("env",)
 
-    def __init__(self, env: TrainerEnv, language: str = "en-us",
+    def __init__(self, env: Runtime[TrainerEnv], language: str = "en-us",
                  preserve_punctuation: bool = True, with_stress: bool = False,
                  vocab_file: Path | None = None, cache_size: int = 100_000) -> None:
         super().__init__()
@@ -51,9 +50,8 @@ class PhonemizeInjector(Injector):
         self._warned: set[str] = set()
 
     @classmethod
-    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path,
-                      common_keys: tuple[str, ...] = ()) -> dict:
-        kwargs = super().check_options(options, path, problems, base_dir, common_keys)
+    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path) -> dict:
+        kwargs = super().check_options(options, path, problems, base_dir)
         # Checked here so that a typo is reported with every other problem, before building.
         language = kwargs.get("language")
         if language is not None:
@@ -73,8 +71,8 @@ class PhonemizeInjector(Injector):
                                                "vocab JSON written by data preparation")
         return kwargs
 
-    def configure(self, common: dict) -> None:
-        super().configure(common)
+    def configure(self, spec: ComponentSpec) -> None:
+        super().configure(spec)
         if len(self.inputs) != 1:
             raise ValueError(f"phonemize: `in` must be one key (a list of texts), got "
                              f"{self.inputs}")

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from trainer.registry import Registry
+from utils.registry import Registry
 
 CODECS: Registry = Registry("codec")
 

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from data.loader import pad_batch
-from trainer.engines import resolve_device as engine_device
-from utils.distributed import DistInfo
+from utils.distributed import resolve_device
 
 REQUIRED_METADATA = ("phoneme_vocab", "phonemizer", "codec")
 # Networks synthesis knows how to drive; imported on demand so that they are registered.
@@ -85,10 +84,6 @@ def decode_codes(codec: nn.Module, codes: Sequence[torch.Tensor]) -> list[torch.
         wavs.append(codec.decode(c.to(device)).float().cpu().reshape(-1))
     return wavs
 
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda when available, else cpu (the trainer's rule, single process)."""
-    return engine_device(str(device), DistInfo(0, 0, 1))
 
 
 def build_codec_from_config(config: dict[str, Any], overrides: dict[str, Any] | None = None,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_model
+from utils.schema import Runtime
 from models.audio.tts.valle_layers import (KVCache, Trunk, penalize_repeats, rope_angles,
                                            sample)
 
@@ -96,7 +97,8 @@ class VALLE(nn.Module):
             previous frames it is conditioned on, not its targets) with random codes, so that
             copying the previous frames predicts less and the text must be used (0: off).
         checkpointing: recompute each block in the backward pass (training only) to save
-            activation memory.
+            activation memory; set by the trainer from the experiment's top-level
+            ``checkpointing_enabled``.
     """
 
     def __init__(self, n_phonemes: int = 256, codebook_size: int = 1024, n_levels: int = 8,
@@ -104,7 +106,7 @@ class VALLE(nn.Module):
                  dropout: float = 0.1, shared_weights: bool = True,
                  positions: Literal["rope", "learned"] = "rope", max_positions: int = 4096,
                  segment_positions: bool = False, ar_input_noise: float = 0.0,
-                 checkpointing: bool = False) -> None:
+                 checkpointing: Runtime[bool] = False) -> None:
         super().__init__()
         if n_levels < 2:
             raise ValueError(f"valle: n_levels must be >= 2 (level 0 for the AR, the rest for "
