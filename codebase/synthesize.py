@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import yaml
+from models.audio.tts.synthesis import Synthesizer
+from utils.audio import AudioError, save_audio
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,8 +91,6 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from models.audio.tts.synthesis import Synthesizer
-    from utils.audio import AudioError, save_audio
 
     t0 = time.perf_counter()
     try:

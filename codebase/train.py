@@ -11,6 +11,8 @@ import sys
 # Python puts this file's folder (codebase/) first on sys.path, so `python codebase/train.py`
 # from the repository root imports the same packages as `python train.py` from codebase/.
 from trainer.config import load_experiment_cli
+from trainer.extensible_trainer import ExtensibleTrainer
+from trainer.run_summary import run_summary
 from utils.options import experiment_parser
 from utils.schema import ConfigError
 
@@ -35,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{exp.file}: OK ({len(exp.networks)} network(s), {len(exp.steps)} "
               f"step(s), run folder {exp.run_dir})")
         return 0
-    from trainer.extensible_trainer import ExtensibleTrainer
 
     try:
         trainer = ExtensibleTrainer(exp)
@@ -47,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         trainer.train()
     if trainer.dist.is_main:
-        from trainer.run_summary import run_summary
 
         print("\n" + run_summary(trainer), flush=True)
     return 0

@@ -184,7 +184,7 @@ def test_changed_arguments_rebuild(tmp_path):
 
 
 def test_demo_fetcher_builds_missing_corpus(tmp_path, monkeypatch):
-    from data.audio import demo_corpus
+    from data.audio import demo_corpus, fetchers
     from data.audio.fetchers import fetch
 
     calls = []
@@ -194,7 +194,7 @@ def test_demo_fetcher_builds_missing_corpus(tmp_path, monkeypatch):
         calls.append(out)
         return real(out, utterances=30, speakers=3, workers=1, progress=False)
 
-    monkeypatch.setattr(demo_corpus, "build_demo_corpus", small_build)
+    monkeypatch.setattr(fetchers, "build_demo_corpus", small_build)
     items, skipped = fetch("demo", tmp_path / "corpus" / "train.tsv")
     assert calls == [tmp_path / "corpus"] and items and not skipped
     held, _ = fetch("demo", tmp_path / "corpus" / "heldout.tsv")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
-
+from utils.io import load_module, read_network_metadata
 from utils.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -27,7 +27,6 @@ def build_network(which_model: str, kwargs: dict[str, Any]) -> nn.Module:
 
 def load_network(path: str | Path, strict: bool = True) -> nn.Module:
     """Rebuild a network from a checkpoint written by the trainer (config in its metadata)."""
-    from utils.io import load_module, read_network_metadata
 
     meta = read_network_metadata(Path(path))
     net = build_network(meta["which_model"], meta["kwargs"])

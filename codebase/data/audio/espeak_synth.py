@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio.functional as AF
-
+from utils.audio import save_audio
 from utils.registry import did_you_mean
 
 # speak_lib.h constants (espeak-ng 1.5x; the values are part of its stable ABI).
@@ -206,7 +206,6 @@ class EspeakSynth:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from utils.audio import save_audio
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("text")

@@ -16,6 +16,8 @@ from typing import Callable
 
 from utils.registry import Registry
 
+from data.audio.demo_corpus import build_demo_corpus
+
 Skipped = list[tuple[str, str]]
 Fetcher = Callable[[Path], tuple[list["Utterance"], Skipped]]
 
@@ -125,7 +127,6 @@ def fetch_tsv(root: Path) -> tuple[list[Utterance], Skipped]:
 def fetch_demo(root: Path) -> tuple[list[Utterance], Skipped]:
     """The offline demo corpus: ``path`` is its ``train.tsv`` or ``heldout.tsv``. When the corpus
     is missing it is built first (``data.audio.demo_corpus`` with its defaults, about a minute)."""
-    from data.audio.demo_corpus import build_demo_corpus
 
     root = Path(root)
     if not root.is_file():

@@ -11,14 +11,16 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from utils import distributed
+from utils.schema import Runtime
 
 from data import register_dataset
 from data.audio.bucket_sampler import BucketBatchSampler
-from data.loader import pad_batch
 from data.audio.corpus import split_fraction
-from data.audio.corpus_to_h5 import PrepareOptions, prepare as prepare_corpus
-from utils import distributed
-from utils.schema import Runtime
+from data.audio.corpus_to_h5 import PrepareOptions
+from data.audio.corpus_to_h5 import prepare as prepare_corpus
+from data.audio.phonemes import PhonemeVocab
+from data.loader import pad_batch
 
 
 @register_dataset("hdf5_codes")
@@ -71,7 +73,6 @@ class Hdf5CodesDataset(Dataset):
         if self.n_levels > int(self.attrs["n_levels"]):
             raise ValueError(f"n_levels {n_levels} > the {self.attrs['n_levels']} levels in "
                              f"{self.path}")
-        from data.audio.phonemes import PhonemeVocab
         self.vocab = PhonemeVocab.from_json(self.attrs["vocab"])
         frames = np.diff(self.code_offsets)
         keep = [i for i in range(n)

@@ -36,14 +36,23 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from models.audio.tts.synthesis import (
+    build_codec_from_config,
+    decode_codes,
+    generate_codes,
+)
 from torch import nn
+from utils.audio import mel_spectrogram, save_audio, save_mel_png
+from utils.schema import Runtime
 
-from models.audio.tts.synthesis import build_codec_from_config, decode_codes, generate_codes
 from trainer.component import TrainerEnv
 from trainer.evaluators.base import Evaluator
-from trainer.evaluators.speech_metrics import (TF_SUMS, closest_reference, teacher_forced_metrics,
-                                                  teacher_forced_sums)
-from utils.schema import Runtime
+from trainer.evaluators.speech_metrics import (
+    TF_SUMS,
+    closest_reference,
+    teacher_forced_metrics,
+    teacher_forced_sums,
+)
 
 # STFT settings of the score (auraloss' MelSTFTLoss defaults but 80 mels: with 128 mels at
 # 16 kHz and a 1024-point FFT some low mel filters would be empty).
@@ -222,7 +231,6 @@ class TtsSamplesEvaluator(Evaluator):
 
     def _write(self, folder, name: str, wav: torch.Tensor, ref: torch.Tensor, sr: int,
                step: int) -> None:
-        from utils.audio import save_audio, save_mel_png
 
         for suffix, audio in (("", wav), ("_ref", ref)):
             mel = _plot_mel(audio, sr)
@@ -315,7 +323,6 @@ def mel_stft_loss(sample_rate: int) -> nn.Module:
 
 
 def _plot_mel(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    from utils.audio import mel_spectrogram
 
     # mel_spectrogram's centred STFT needs more than half an FFT of samples.
     wav = torch.nn.functional.pad(wav, (0, max(0, 1025 - wav.numel())))

@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from utils.audio import log_mel, mel_transform
+from utils.io import load_torch
 
 from trainer.component import ComponentSpec
 from trainer.injectors.base import Injector
-from utils.audio import log_mel, mel_transform
 
 
 def load_mel_norms(file: Path, n_mels: int) -> torch.Tensor:
@@ -27,7 +28,6 @@ def load_mel_norms(file: Path, n_mels: int) -> torch.Tensor:
                              f"{sorted(tensors)}); save the norms under that key")
         norms = tensors["mel_norms"]
     else:
-        from utils.io import load_torch
 
         norms = load_torch(file)
     if not isinstance(norms, torch.Tensor) or norms.reshape(-1).shape[0] != n_mels:

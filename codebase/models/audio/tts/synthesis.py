@@ -21,10 +21,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
-
+from data.audio.phonemes import PhonemeVocab, Phonemizer
 from data.loader import pad_batch
+from torch import nn
+from utils.audio import load_audio
 from utils.distributed import resolve_device
+from utils.io import load_module, read_network_metadata
+
+from models import MODELS, build_network
+from models.audio.codecs import build_codec
 
 REQUIRED_METADATA = ("phoneme_vocab", "phonemizer", "codec")
 # Networks synthesis knows how to drive; imported on demand so that they are registered.
@@ -89,7 +94,6 @@ def decode_codes(codec: nn.Module, codes: Sequence[torch.Tensor]) -> list[torch.
 def build_codec_from_config(config: dict[str, Any], overrides: dict[str, Any] | None = None,
                             where: str = "the checkpoint") -> nn.Module:
     """A codec from its saved config (``{"name": ..., **options}``) with ``overrides`` applied."""
-    from models.audio.codecs import build_codec
 
     options = {**config, **(overrides or {})}
     name = options.pop("name", None)
@@ -134,9 +138,6 @@ class Synthesizer:
         ``codec_options`` override or extend the stored codec config, e.g. ``{"checkpoint":
         "/new/place/data_mel_rvq.safetensors"}`` when the run folder moved.
         """
-        from data.audio.phonemes import Phonemizer, PhonemeVocab
-        from models import MODELS, build_network
-        from utils.io import load_module, read_network_metadata
 
         path = Path(path)
         meta = read_network_metadata(path)
@@ -184,7 +185,6 @@ class Synthesizer:
                       sample_rate: int | None = None) -> torch.Tensor:
         """A voice prompt as codes [levels, frames]: the first ``seconds`` (None: all) of a file,
         or of a waveform tensor [T] at ``sample_rate`` (default: the codec's)."""
-        from utils.audio import load_audio
 
         if isinstance(audio, (str, Path)):
             wav, _ = load_audio(audio, self.sample_rate)
