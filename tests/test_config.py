@@ -164,3 +164,19 @@ def test_loss_names_unique_across_steps(tmp_path):
               "losses": {"mse": {"type": "mse", "fake": "pred", "real": "y"}}}
     problems = problems_of(tmp_path, steps={"again": second})
     assert "already declared in steps.fit" in problems["steps.again.losses.mse"]
+
+
+def test_val_loader_options_without_effect_warn(tmp_path, caplog):
+    make_experiment(tmp_path, datasets={"val": {"mode": "toy_regression", "batch_size": 4,
+                                                "shuffle": True, "drop_last": False}})
+    warned = [r.message for r in caplog.records if "has no effect" in r.message]
+    assert any("datasets.val.shuffle" in m for m in warned)
+    assert any("datasets.val.drop_last" in m for m in warned)
+    caplog.clear()
+    make_experiment(tmp_path, datasets={"train": {"shuffle": False}})
+    assert not [r for r in caplog.records if "has no effect" in r.message]
+
+
+def test_network_type_must_agree_with_which_model(tmp_path):
+    problems = problems_of(tmp_path, networks={"mlp": {"type": "discriminator"}})
+    assert "which_model_G (a generator)" in problems["networks.mlp.type"]

@@ -7,6 +7,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
+from utils.seed import generator
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -38,7 +39,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = generator(self.seed, self.epoch)
             order = torch.randperm(self.num_items, generator=g).tolist()
         else:
             order = list(range(self.num_items))
@@ -72,7 +73,7 @@ class TrainLoader:
 
     def _loader(self) -> DataLoader:
         self.batch_sampler.set_epoch(self.epoch, self.batches_done)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # worker seeds
+        g = generator(self.seed, self.epoch)  # worker seeds
         return DataLoader(self.dataset, batch_sampler=self.batch_sampler,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           collate_fn=collate_fn_of(self.dataset), generator=g,

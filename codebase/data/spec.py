@@ -5,13 +5,23 @@ so a misspelled key fails the same way (full key path, did-you-mean) in every co
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from data import DATASETS
 from utils.options import import_plugins
-from utils.schema import ConfigError, Problems, bind_shared_section, construct, is_mapping, lookup
+from utils.schema import (
+    ConfigError,
+    Problems,
+    bind_shared_section,
+    construct,
+    is_mapping,
+    lookup,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,8 +54,14 @@ def validate_dataset(phase: str, options: Any, problems: Problems,
     if cls is None:
         return None
     spec, kwargs = bind_shared_section(DatasetSpec, cls, options, path, problems, base_dir)
-    if spec is not None:
-        spec.cls, spec.kwargs = cls, kwargs
+    if spec is None:
+        return None
+    spec.cls, spec.kwargs = cls, kwargs
+    if (spec.phase or phase) != "train":
+        for key in ("shuffle", "drop_last"):
+            if getattr(spec, key) is not None:
+                log.warning("%s.%s has no effect: validation reads every item once, in order; "
+                            "remove it", path, key)
     return spec
 
 

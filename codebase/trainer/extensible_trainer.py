@@ -10,11 +10,22 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from data.loader import (
+    TrainLoader,
+    batch_size_of,
+    collate_fn_of,
+    eval_loader,
+    make_batch_sampler,
+    split_batch,
+)
+from data.spec import build_dataset
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from utils import distributed
+from utils.io import load_module
+from utils.schema import ConfigError, Problems, construct
+from utils.seed import derive_seed, set_seed
 
-from data.loader import TrainLoader, batch_size_of, collate_fn_of, eval_loader, make_batch_sampler, split_batch
-from data.spec import build_dataset
 from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
 from trainer.component import TrainerEnv, build_component
@@ -25,11 +36,7 @@ from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
 from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
-from trainer.training_state import Counters, Group, RandomStreams, TrainingState, rank_seed
-from utils import distributed
-from utils.io import load_module
-from utils.schema import ConfigError, Problems, construct
-from utils.seed import set_seed
+from trainer.training_state import Counters, Group, RandomStreams, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,7 @@ class ExtensibleTrainer:
         resume, saved = self._find_resume()
         self._load_weights(resume, saved)  # before the engine wraps the networks
         if self.dist.rank > 0:  # after building the networks, whose init must match everywhere
-            set_seed(rank_seed(self.seed, self.dist.rank))
+            set_seed(derive_seed(self.seed, self.dist.rank))
         self._build_steps()
         self._build_logging(start_step=int(saved["step"]) if saved else 0)
         self._register_state()
@@ -185,7 +192,7 @@ class ExtensibleTrainer:
                                      self.dist.world_size)
         self.loader = TrainLoader(self.datasets["train"], sampler, train.n_workers,
                                   pin_memory=self.device.type == "cuda",
-                                  seed=self.seed + self.dist.rank)
+                                  seed=derive_seed(self.seed, self.dist.rank))
 
     def _build_logging(self, start_step: int) -> None:
         """The logger (TensorBoard, wandb, console) and the evaluators, which write to it."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from utils import distributed
-from utils.seed import rng_state, set_rng_state, set_seed
+from utils.seed import derive_seed, rng_state, set_rng_state, set_seed
 
 log = logging.getLogger(__name__)
 HEADER = ("format_version", "step", "seed", "engine_name", "world_size", "config")
@@ -93,7 +93,7 @@ class RandomStreams:
                     len(per_rank), self.dist.world_size)
         set_rng_state(per_rank[0])
         if self.dist.rank > 0:
-            set_seed(rank_seed(self.seed + self.restored_step, self.dist.rank))
+            set_seed(derive_seed(self.seed, self.dist.rank, self.restored_step))
 
 
 class Counters:
@@ -121,6 +121,3 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A different, reproducible seed for each rank > 0 (dropout, augmentation)."""
-    return (seed + 1_000_003 * rank) % 2**32

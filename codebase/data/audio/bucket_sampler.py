@@ -6,6 +6,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+from utils.seed import generator
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -46,7 +47,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             self.on_epoch(epoch)
 
     def _generator(self, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + salt)
+        return generator(self.seed, salt, self.epoch)
 
     def _pack(self, order: list[int]) -> list[list[int]]:
         batches, batch, longest = [], [], 0

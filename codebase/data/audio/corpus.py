@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 from tqdm import tqdm
+from utils.audio import AudioError, audio_info
 
 from data.audio.fetchers import Skipped, Utterance
-from utils.audio import AudioError, audio_info
 
 
 def screen(items: list[Utterance], sample_rate: int, max_wav_length: int | None = None,

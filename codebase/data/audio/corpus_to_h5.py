@@ -26,14 +26,14 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from models.audio.codecs import build_codec
+from models.audio.codecs.mel_rvq import MelRVQCodec
 from tqdm import tqdm
+from utils.audio import AudioError, load_audio
 
 from data.audio.corpus import screen
 from data.audio.fetchers import fetch
-from data.audio.phonemes import Phonemizer, PhonemeVocab
-from models.audio.codecs import build_codec
-from models.audio.codecs.mel_rvq import MelRVQCodec
-from utils.audio import AudioError, load_audio
+from data.audio.phonemes import PhonemeVocab, Phonemizer
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

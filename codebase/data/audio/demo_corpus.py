@@ -15,19 +15,19 @@ import argparse
 import json
 import multiprocessing as mp
 import random
-from typing import Callable
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
-
-from data.audio.espeak_synth import EspeakSynth
 from utils.audio import save_audio
 from utils.io import atomic_write
+
+from data.audio.espeak_synth import EspeakSynth
 
 FORMAT_VERSION = 1  # bump when sentences, voices or layout change, so old corpora are rebuilt
 SAMPLE_RATE = 16000

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from utils import distributed
 from utils.schema import Runtime
+from utils.seed import generator
 
 from data import register_dataset
 from data.audio.bucket_sampler import BucketBatchSampler
@@ -126,7 +127,7 @@ class Hdf5CodesDataset(Dataset):
         r = self.rows[j]
         ids = self._h5()["phonemes"][self.phoneme_offsets[r]:self.phoneme_offsets[r + 1]]
         phonemes = torch.tensor([self.vocab.bos_id, *ids.tolist(), self.vocab.eos_id])
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, j)) & 0x7FFF_FFFF)
+        g = generator(self.seed, j, self.epoch)
         item = {"codes": self._codes(j), "phonemes": phonemes, "speaker": self.speakers[j],
                 "text": self.texts[j], "id": self.ids[j]}
         item["prompt"] = self._prompt(j, g)

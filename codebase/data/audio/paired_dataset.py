@@ -19,7 +19,6 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
-import hashlib
 import logging
 import re
 import sys
@@ -31,18 +30,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-
-from data.loader import pad_batch
-from tqdm import tqdm
-
-from data import register_dataset
-from data.spec import build_dataset, require_phase, validate_datasets
-from data.audio.corpus import reason_category, screen, split_fraction
-from data.audio.fetchers import fetch
+from utils.audio import (
+    AudioError,
+    load_audio,
+    mel_spectrogram,
+    save_audio,
+    save_mel_png,
+)
 from utils.options import experiment_parser, load_cli
 from utils.schema import ConfigError, Runtime
-from utils.audio import (AudioError, audio_info, load_audio, mel_spectrogram, save_audio,
-                         save_mel_png)
+from utils.seed import generator
+
+from data import register_dataset
+from data.audio.corpus import reason_category, screen, split_fraction
+from data.audio.fetchers import fetch
+from data.loader import pad_batch
+from data.spec import build_dataset, require_phase, validate_datasets
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ class PairedVoiceAudioDataset(Dataset):
         """[N, conditioning_length] clips from other utterances of the same speaker (this one
         when the speaker has no other), chosen and cropped by a generator seeded by
         (seed, index) so that an item always gets the same clips."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = generator(self.seed, index)
         pool = self._by_speaker[self.items[index].speaker]
         order = torch.randperm(len(pool), generator=g).tolist()
         others = [pool[k] for k in order if pool[k] != index and pool[k] not in self._bad]

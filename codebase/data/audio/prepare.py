@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import sys
 
+from utils.options import experiment_parser, load_cli
+
 from data.audio.corpus_to_h5 import prepare
 from data.audio.hdf5_dataset import Hdf5CodesDataset
 from data.spec import validate_datasets
-from utils.options import experiment_parser, load_cli
 
 
 def main(argv: list[str] | None = None) -> int:
