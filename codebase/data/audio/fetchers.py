@@ -21,7 +21,7 @@ from data.audio.demo_corpus import build_demo_corpus
 Skipped = list[tuple[str, str]]
 Fetcher = Callable[[Path], tuple[list["Utterance"], Skipped]]
 
-FETCHERS: Registry = Registry("fetcher_mode")
+FETCHERS: Registry[Fetcher] = Registry("fetcher_mode")
 
 
 @dataclass(frozen=True)

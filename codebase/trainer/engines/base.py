@@ -40,10 +40,6 @@ class Engine:
         is None when no step trains it; ``clip`` is its step's gradient-norm limit)."""
         raise NotImplementedError
 
-    @staticmethod
-    def unwrap(net: nn.Module) -> nn.Module:
-        return getattr(net, "module", net)
-
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return NULL_CONTEXT

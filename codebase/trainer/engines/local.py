@@ -37,10 +37,6 @@ class LocalEngine(Engine):
             net = DistributedDataParallel(net, device_ids=ids)
         return net
 
-    @staticmethod
-    def unwrap(net: nn.Module) -> nn.Module:
-        return net.module if isinstance(net, DistributedDataParallel) else net
-
     def no_sync(self, net: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch."""
         if skip_sync and isinstance(net, DistributedDataParallel):
