@@ -9,6 +9,7 @@ needed; ``--codec-option checkpoint=/new/path.safetensors`` points a moved mel_r
 file. Several texts (``--text`` again, or ``--text-file`` with one per line) are written as
 ``out_0.wav``, ``out_1.wav`` ... next to ``--out``, or as ``0.wav`` ... in ``--out-dir``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,38 +19,67 @@ import time
 from pathlib import Path
 
 import yaml
+
 from models.audio.tts.synthesis import Synthesizer
 from utils.audio import AudioError, save_audio
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="synthesize.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path,
-                   help="network file written by the trainer (models/<step>_<net>.safetensors)")
+    p = argparse.ArgumentParser(
+        prog="synthesize.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="network file written by the trainer (models/<step>_<net>.safetensors)",
+    )
     p.add_argument("--text", action="append", default=[], help="text to speak (repeatable)")
     p.add_argument("--text-file", type=Path, help="a UTF-8 file with one text per line")
-    p.add_argument("--prompt", required=True, type=Path,
-                   help="reference audio whose voice is used")
-    p.add_argument("--prompt-seconds", type=float, default=3.0,
-                   help="use the first N seconds of the prompt (0: all of it; default 3)")
-    p.add_argument("--out", type=Path, default=Path("out.wav"),
-                   help="output wav (several texts: out_0.wav, out_1.wav ...)")
+    p.add_argument("--prompt", required=True, type=Path, help="reference audio whose voice is used")
+    p.add_argument(
+        "--prompt-seconds",
+        type=float,
+        default=3.0,
+        help="use the first N seconds of the prompt (0: all of it; default 3)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out.wav"),
+        help="output wav (several texts: out_0.wav, out_1.wav ...)",
+    )
     p.add_argument("--out-dir", type=Path, help="write 0.wav, 1.wav ... into this folder")
     p.add_argument("--temperature", type=float, default=1.0, help="AR sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="AR top-k sampling (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="AR nucleus sampling (1: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide logits of recently generated codes by this (1: off)")
-    p.add_argument("--nar-temperature", type=float, default=0.0,
-                   help="NAR sampling temperature (0: greedy)")
-    p.add_argument("--max-duration", type=float, default=20.0,
-                   help="longest output per text in seconds (default 20)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide logits of recently generated codes by this (1: off)",
+    )
+    p.add_argument(
+        "--nar-temperature", type=float, default=0.0, help="NAR sampling temperature (0: greedy)"
+    )
+    p.add_argument(
+        "--max-duration",
+        type=float,
+        default=20.0,
+        help="longest output per text in seconds (default 20)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="texts generated together")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--codec-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the stored codec config (value parsed as YAML; repeatable)")
+    p.add_argument(
+        "--codec-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the stored codec config (value parsed as YAML; repeatable)",
+    )
     args = p.parse_args(argv)
     if args.text_file is not None:
         if not args.text_file.is_file():
@@ -84,8 +114,7 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
         return [args.out_dir / f"{i}.wav" for i in range(n)]
     if n == 1:
         return [args.out]
-    return [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix or '.wav'}")
-            for i in range(n)]
+    return [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix or '.wav'}") for i in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,25 +123,35 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        synth = Synthesizer.from_checkpoint(args.model, device=args.device,
-                                            codec_options=args.codec_options)
+        synth = Synthesizer.from_checkpoint(
+            args.model, device=args.device, codec_options=args.codec_options
+        )
         prompt = synth.encode_prompt(args.prompt, seconds=args.prompt_seconds or None)
     except (ValueError, FileNotFoundError, RuntimeError, AudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"loaded {args.model} on {synth.device} in {time.perf_counter() - t0:.1f} s; prompt "
-          f"{prompt.shape[-1] / synth.frame_rate:.2f} s from {args.prompt}")
+    print(
+        f"loaded {args.model} on {synth.device} in {time.perf_counter() - t0:.1f} s; prompt "
+        f"{prompt.shape[-1] / synth.frame_rate:.2f} s from {args.prompt}"
+    )
 
     paths = output_paths(args)
     total_audio, total_time = 0.0, 0.0
     for start in range(0, len(args.text), args.batch_size):
-        texts = args.text[start:start + args.batch_size]
+        texts = args.text[start : start + args.batch_size]
         t0 = time.perf_counter()
         try:
             wavs = synth.synthesize(
-                texts, prompt, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, max_duration=args.max_duration,
-                seed=args.seed + start, nar_temperature=args.nar_temperature)
+                texts,
+                prompt,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty,
+                max_duration=args.max_duration,
+                seed=args.seed + start,
+                nar_temperature=args.nar_temperature,
+            )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -124,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             total_audio += seconds
             print(f"wrote {path} ({seconds:.2f} s): {text}")
     rtf = total_time / total_audio if total_audio else float("inf")
-    print(f"{len(paths)} file(s), {total_audio:.2f} s of audio in {total_time:.2f} s "
-          f"(real-time factor {rtf:.3f})")
+    print(
+        f"{len(paths)} file(s), {total_audio:.2f} s of audio in {total_time:.2f} s "
+        f"(real-time factor {rtf:.3f})"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Runs from ``codebase/`` or as ``python codebase/train.py`` from the repository root.
 ``--dry-run`` validates the whole experiment (every key, name and type) and exits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,16 @@ from utils.schema import ConfigError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = experiment_parser(__doc__)
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate the experiment and exit without training")
-    p.add_argument("--evaluate", action="store_true",
-                   help="run validation and the evaluators on the checkpoint that "
-                        "path.resume_state names (or the initial weights), print the report "
-                        "and exit without training")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate the experiment and exit without training"
+    )
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="run validation and the evaluators on the checkpoint that "
+        "path.resume_state names (or the initial weights), print the report "
+        "and exit without training",
+    )
     return p.parse_args(argv)
 
 
@@ -34,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     if exp is None:
         return 2
     if args.dry_run:
-        print(f"{exp.file}: OK ({len(exp.networks)} network(s), {len(exp.steps)} "
-              f"step(s), run folder {exp.run_dir})")
+        print(
+            f"{exp.file}: OK ({len(exp.networks)} network(s), {len(exp.steps)} "
+            f"step(s), run folder {exp.run_dir})"
+        )
         return 0
 
     try:
@@ -48,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         trainer.train()
     if trainer.dist.is_main:
-
         print("\n" + run_summary(trainer), flush=True)
     return 0
 

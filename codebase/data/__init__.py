@@ -12,6 +12,7 @@ hooks the loader uses when present:
 - ``checkpoint_metadata() -> dict[str, str]``: strings saved in every network checkpoint
   (e.g. the phoneme vocabulary and codec config that inference needs).
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -1,4 +1,5 @@
 """Batch sampling that can resume mid-epoch, and the loaders the trainer uses."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
+
 from utils.seed import generator
 
 
@@ -20,8 +22,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
     skips batches already consumed, which is what makes a mid-epoch resume exact.
     """
 
-    def __init__(self, num_items: int, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if num_items < 1:
             raise ValueError("the dataset is empty")
         self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
@@ -31,8 +41,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         per_rank = num_items // world_size if drop_last else math.ceil(num_items / world_size)
         self.per_rank = max(per_rank, 1)
         if drop_last and self.per_rank < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the {self.per_rank} items "
-                             f"each of {world_size} rank(s) gets; lower batch_size")
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the {self.per_rank} items "
+                f"each of {world_size} rank(s) gets; lower batch_size"
+            )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -45,12 +57,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = list(range(self.num_items))
         total = self.per_rank * self.world_size
         order = (order * math.ceil(total / len(order)))[:total]  # pad by wrapping (no drop_last)
-        return order[self.rank::self.world_size]
+        return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         indices = self._indices()
         for b in range(self.start_batch, len(self)):
-            yield indices[b * self.batch_size:(b + 1) * self.batch_size]
+            yield indices[b * self.batch_size : (b + 1) * self.batch_size]
 
     def __len__(self) -> int:
         n = self.per_rank / self.batch_size
@@ -64,8 +76,14 @@ class TrainLoader:
     does not disturb it because it is advanced only when the trainer takes a batch.
     """
 
-    def __init__(self, dataset: Dataset, batch_sampler: Any, num_workers: int = 0,
-                 pin_memory: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_sampler: Any,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
         self.dataset, self.batch_sampler = dataset, batch_sampler
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.epoch, self.batches_done = 0, 0
@@ -74,12 +92,17 @@ class TrainLoader:
     def _loader(self) -> DataLoader:
         self.batch_sampler.set_epoch(self.epoch, self.batches_done)
         g = generator(self.seed, self.epoch)  # worker seeds
-        return DataLoader(self.dataset, batch_sampler=self.batch_sampler,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          collate_fn=collate_fn_of(self.dataset), generator=g,
-                          persistent_workers=False)
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_fn_of(self.dataset),
+            generator=g,
+            persistent_workers=False,
+        )
 
-    def __iter__(self) -> "TrainLoader":
+    def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> Any:
@@ -112,24 +135,40 @@ def collate_fn_of(dataset: Dataset) -> Any:
     return getattr(dataset, "collate", None) or default_collate
 
 
-def make_batch_sampler(dataset: Dataset, batch_size: int | None, shuffle: bool, seed: int,
-                       drop_last: bool, rank: int, world_size: int) -> Any:
+def make_batch_sampler(
+    dataset: Dataset,
+    batch_size: int | None,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+    rank: int,
+    world_size: int,
+) -> Any:
     """The dataset's own batch sampler if it has one, else :class:`ResumableBatchSampler`."""
     if hasattr(dataset, "make_batch_sampler"):
-        return dataset.make_batch_sampler(batch_size=batch_size, shuffle=shuffle, seed=seed,
-                                          rank=rank, world_size=world_size, drop_last=drop_last)
+        return dataset.make_batch_sampler(
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
     if batch_size is None:
         raise ValueError("batch_size is required for this dataset")
-    return ResumableBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last, rank,
-                                 world_size)
+    return ResumableBatchSampler(
+        len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size
+    )
 
 
-def eval_loader(dataset: Dataset, batch_size: int | None, num_workers: int, rank: int,
-                world_size: int) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, batch_size: int | None, num_workers: int, rank: int, world_size: int
+) -> DataLoader:
     """One ordered pass over this rank's share of ``dataset`` (validation)."""
     sampler = make_batch_sampler(dataset, batch_size, False, 0, False, rank, world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn_of(dataset))
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn_of(dataset)
+    )
 
 
 def pad_batch(sequences: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +207,7 @@ def split_batch(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
             parts = value.split(sizes)
         elif isinstance(value, (list, tuple)) and len(value) == n:
             bounds = [sum(sizes[:i]) for i in range(chunks + 1)]
-            parts = [value[bounds[i]:bounds[i + 1]] for i in range(chunks)]
+            parts = [value[bounds[i] : bounds[i + 1]] for i in range(chunks)]
         else:  # per-batch values (scalars, metadata) are shared by every chunk
             parts = [value] * chunks
         for i, part in enumerate(parts):

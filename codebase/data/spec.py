@@ -3,6 +3,7 @@
 One validator serves the trainer, ``python -m data.audio.prepare`` and the dataset self-check,
 so a misspelled key fails the same way (full key path, did-you-mean) in every command.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DatasetSpec:
     """``datasets.<phase>``: loader options here, the rest goes to the dataset's constructor."""
+
     mode: str
     name: str = ""
     # The global batch: items per update over all ranks; each of N DDP/DeepSpeed ranks loads
@@ -40,15 +42,19 @@ class DatasetSpec:
     kwargs: dict = field(default_factory=dict, init=False)  # its validated options
 
 
-def validate_dataset(phase: str, options: Any, problems: Problems,
-                     base_dir: Path) -> DatasetSpec | None:
+def validate_dataset(
+    phase: str, options: Any, problems: Problems, base_dir: Path
+) -> DatasetSpec | None:
     """Check ``datasets.<phase>``; problems are recorded, the spec returned when usable."""
     path = f"datasets.{phase}"
     if not is_mapping(options, path, problems):
         return None
     if "mode" not in options:
-        problems.add(f"{path}.mode", f"missing required option; registered datasets: "
-                                     f"{', '.join(DATASETS.names()) or '(none)'}")
+        problems.add(
+            f"{path}.mode",
+            f"missing required option; registered datasets: "
+            f"{', '.join(DATASETS.names()) or '(none)'}",
+        )
         return None
     cls = lookup(DATASETS, options["mode"], f"{path}.mode", problems)
     if cls is None:
@@ -60,8 +66,11 @@ def validate_dataset(phase: str, options: Any, problems: Problems,
     if (spec.phase or phase) != "train":
         for key in ("shuffle", "drop_last"):
             if getattr(spec, key) is not None:
-                log.warning("%s.%s has no effect: validation reads every item once, in order; "
-                            "remove it", path, key)
+                log.warning(
+                    "%s.%s has no effect: validation reads every item once, in order; remove it",
+                    path,
+                    key,
+                )
     return spec
 
 
@@ -91,6 +100,13 @@ def build_dataset(spec: DatasetSpec, phase: str) -> Any:
 def require_phase(specs: dict[str, DatasetSpec], phase: str, source: str | None) -> DatasetSpec:
     """``specs[phase]``, or a ConfigError listing the sections there are."""
     if phase not in specs:
-        raise ConfigError([(f"datasets.{phase}", f"missing; this file declares datasets: "
-                                                 f"{', '.join(specs) or '(none)'}")], source)
+        raise ConfigError(
+            [
+                (
+                    f"datasets.{phase}",
+                    f"missing; this file declares datasets: {', '.join(specs) or '(none)'}",
+                )
+            ],
+            source,
+        )
     return specs[phase]

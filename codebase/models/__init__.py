@@ -4,12 +4,14 @@ YAML: ``networks.<name>: {type: generator, which_model_G: <registered name>, kwa
 the kwargs are the factory's keyword arguments and are saved in each checkpoint's metadata,
 so :func:`load_network` rebuilds a network from its file alone.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
+
 from utils.io import load_module, read_network_metadata
 from utils.registry import Registry
 

@@ -9,6 +9,7 @@ Layout under the run root::
 
 The state file is written last, so its existence marks a complete checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,11 +85,21 @@ class CheckpointManager:
             )
         for name, (module, which_model, kwargs) in networks.items():
             extra = {**(metadata or {}), "step": str(step), "network": name}
-            save_network(module, self.network_path(step, name), which_model=which_model,
-                         kwargs=kwargs, extra=extra)
+            save_network(
+                module,
+                self.network_path(step, name),
+                which_model=which_model,
+                kwargs=kwargs,
+                extra=extra,
+            )
             if name in ema:
-                save_network(ema[name], self.network_path(step, name, ema=True),
-                             which_model=which_model, kwargs=kwargs, extra={**extra, "ema": "true"})
+                save_network(
+                    ema[name],
+                    self.network_path(step, name, ema=True),
+                    which_model=which_model,
+                    kwargs=kwargs,
+                    extra={**extra, "ema": "true"},
+                )
         full_state = {**state, "format_version": STATE_FORMAT_VERSION, "step": step}
         path = self.state_path(step)
         # verify: a state that weights_only loading refuses would only surface at resume time.
@@ -102,7 +113,7 @@ class CheckpointManager:
         steps = self.steps()
         # The step just written always survives, even when resuming from an older checkpoint
         # left newer ones behind.
-        keep = set(steps[-self.keep_last:]) | {just_saved}
+        keep = set(steps[-self.keep_last :]) | {just_saved}
         oldest_kept = min(keep)
         for step in steps:
             if step not in keep:

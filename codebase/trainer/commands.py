@@ -3,6 +3,7 @@
 Type ``save``, ``eval`` or ``quit`` (then Enter) into the terminal running the trainer, or write
 them into a pipe feeding its stdin. The trainer polls once per step and acts between steps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -193,7 +194,7 @@ class GracefulInterrupt:
         if self.on_signal is not None:
             self.on_signal(signum)
 
-    def __enter__(self) -> "GracefulInterrupt":
+    def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in self.SIGNALS:

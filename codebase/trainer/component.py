@@ -6,6 +6,7 @@ needs (networks, env, datasets, logger) are constructor arguments annotated
 provides. The options every component of a kind shares (``in``/``out``, ``weight``, the step
 gates) are validated once into a :class:`ComponentSpec` and applied by ``configure``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,19 +22,24 @@ from utils.schema import Problems, bind_options, construct
 @dataclass
 class Gate:
     """Run at step ``s`` when ``after <= s``, ``s < before`` (if set) and ``s % every == 0``."""
+
     after: int = 0
     before: int | None = None
     every: int = 1
 
     def open(self, step: int) -> bool:
-        return (step >= self.after and (self.before is None or step < self.before)
-                and step % self.every == 0)
+        return (
+            step >= self.after
+            and (self.before is None or step < self.before)
+            and step % self.every == 0
+        )
 
 
 @dataclass
 class ComponentSpec:
     """A validated injector, loss or evaluator: its class, constructor options and the
     options shared by its kind, each in one normalised form."""
+
     name: str
     path: str  # its key path in the YAML, for messages
     cls: Any
@@ -50,6 +56,7 @@ class ComponentSpec:
 @dataclass
 class TrainerEnv:
     """What the trainer shares with components at run time (the ``env`` argument)."""
+
     device: torch.device
     run_dir: Path
     step: int = 0
@@ -72,8 +79,7 @@ class Component:
             cls.registry.add(component_name(cls, cls.kind), cls)
 
     @classmethod
-    def check_options(cls, options: dict, path: str, problems: Problems,
-                      base_dir: Path) -> dict:
+    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path) -> dict:
         """Validate this component's own YAML options; returns the constructor kwargs."""
         return bind_options(cls, options, path, problems, base_dir=base_dir)
 
@@ -93,6 +99,8 @@ def build_component(spec: ComponentSpec, provided: Mapping[str, Any]) -> Any:
 
 def _construct(spec: ComponentSpec, provided: Mapping[str, Any]) -> Any:
     """The object alone; a nested spec (for_each's sub-injector) is configured by its parent."""
-    kwargs = {k: _construct(v, provided) if isinstance(v, ComponentSpec) else v
-              for k, v in spec.kwargs.items()}
+    kwargs = {
+        k: _construct(v, provided) if isinstance(v, ComponentSpec) else v
+        for k, v in spec.kwargs.items()
+    }
     return construct(spec.cls, kwargs, provided, spec.path)

@@ -1,4 +1,5 @@
 """Imports every built-in component family so that their registries are filled."""
+
 import data  # noqa: F401
 import data.audio.hdf5_dataset  # noqa: F401
 import data.audio.paired_dataset  # noqa: F401

@@ -5,6 +5,7 @@ injectors and losses, the LR schedule, evaluators, the engine) and reports every
 once, before any tensor exists. Everything downstream reads the typed result; the options as
 loaded are kept only to be written out (``config.yml``, checkpoints).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,18 @@ from trainer.lr_scheduler import SCHEDULERS
 from trainer.optimizers import OPTIMIZERS
 from utils.options import import_plugins, load_cli, public
 from utils.registry import Registry, did_you_mean
-from utils.schema import (_MISSING, ConfigError, Problems, bind_options, bind_shared_section,
-                          build_dataclass, coerce, is_mapping, join, lookup)
+from utils.schema import (
+    _MISSING,
+    ConfigError,
+    Problems,
+    bind_options,
+    bind_shared_section,
+    build_dataclass,
+    coerce,
+    is_mapping,
+    join,
+    lookup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +45,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 # DLAS keys that have no effect here: accepted (so DLAS files load) with a warning.
 DLAS_NO_EFFECT = {
     "": {"scale", "start_step", "distortion", "dist"},
-    "logger": {"visuals", "visual_debug_rate", "is_mel_spectrogram",
-               "disable_state_saving"},
+    "logger": {"visuals", "visual_debug_rate", "is_mel_spectrogram", "disable_state_saving"},
     "steps.*": {"loss_log_buffer"},
 }
 SECTIONS = ("datasets", "networks", "steps", "path", "train", "eval", "logger", "deepspeed")
@@ -45,6 +55,7 @@ DLAS_SPELLINGS = {"fp16": bool | None, "gpu_ids": list[int] | None}
 @dataclass
 class TrainOptions:
     """``train:`` section (DLAS spelling). LR schedule options go to the chosen scheduler."""
+
     niter: int  # number of optimizer steps in the whole run
     mega_batch_factor: int = 1  # gradient accumulation: micro-batches per update
     val_freq: int | None = None  # validate every N steps (needs datasets.val)
@@ -56,6 +67,7 @@ class TrainOptions:
 @dataclass
 class LoggerOptions:
     """``logger:`` section."""
+
     print_freq: int = 100  # console line + TensorBoard scalars every N steps
     save_checkpoint_freq: int | None = None  # None: only at the end, on Ctrl-C and on `save`
     keep_last: int | None = None  # keep only the newest N checkpoints
@@ -68,6 +80,7 @@ class LoggerOptions:
 @dataclass
 class PathOptions:
     """``path:`` section; ``pretrain_model_<net>`` keys are collected into ``pretrain``."""
+
     root: Path | None = None  # run folder; default: <experiment file's folder>/<name>
     resume_state: str | None = None  # "auto" or a training_state file
     strict_load: bool = True  # pretrain_model_* must match the network exactly
@@ -78,6 +91,7 @@ class PathOptions:
 class EvalOptions:
     """``eval:`` section: evaluators run every ``every`` steps (and on `eval`); ``at_start``
     also runs them and the validation once before the first step (a "before" figure)."""
+
     every: int | None = None
     at_start: bool = False
     evaluators: list[ComponentSpec] = field(default_factory=list, init=False)
@@ -86,6 +100,7 @@ class EvalOptions:
 @dataclass
 class NetworkSpec:
     """``networks.<name>``: ``which_model_G`` (or ``_D`` / plain ``which_model``) + ``kwargs``."""
+
     which_model: str
     type: Literal["generator", "discriminator"] = "generator"  # must agree with which_model_G/_D
     kwargs: dict = field(default_factory=dict)  # the factory's options (saved in checkpoints)
@@ -96,6 +111,7 @@ class NetworkSpec:
 @dataclass
 class StepSpec:
     """``steps.<name>``: one optimizer over one network, fed by injectors and losses."""
+
     training: str  # the network this step trains
     optimizer: str = "adamw"
     optimizer_params: dict = field(default_factory=dict)  # the optimizer's options
@@ -114,6 +130,7 @@ class StepSpec:
 @dataclass
 class Experiment:
     """A validated experiment."""
+
     name: str
     model: Literal["extensibletrainer"] = "extensibletrainer"
     seed: int | None = None
@@ -157,8 +174,9 @@ def validate_experiment(opt: dict) -> Experiment:
     options = public(opt)
     problems = Problems()
     _warn_dlas(options, "")
-    exp = build_dataclass(Experiment, _without(options, ""), "", problems, base,
-                          handled=(*SECTIONS, *DLAS_SPELLINGS))
+    exp = build_dataclass(
+        Experiment, _without(options, ""), "", problems, base, handled=(*SECTIONS, *DLAS_SPELLINGS)
+    )
     if exp is None:
         problems.raise_if_any(source)
     exp.file, exp.base_dir, exp.options = str(source or ""), base, options
@@ -177,12 +195,18 @@ def validate_experiment(opt: dict) -> Experiment:
 
 def _apply_dlas_spellings(exp: Experiment, options: dict, problems: Problems) -> None:
     """``fp16: true`` -> precision fp16; ``gpu_ids: [n]`` -> device cuda:n (unless set)."""
-    values = {k: coerce(options[k], hint, k, problems, None)
-              for k, hint in DLAS_SPELLINGS.items() if k in options}
+    values = {
+        k: coerce(options[k], hint, k, problems, None)
+        for k, hint in DLAS_SPELLINGS.items()
+        if k in options
+    }
     if values.get("fp16") not in (None, _MISSING) and "precision" not in options:
         exp.precision = "fp16" if values["fp16"] else "fp32"
-    if values.get("gpu_ids") not in (None, _MISSING) and values["gpu_ids"] and (
-            "device" not in options):
+    if (
+        values.get("gpu_ids") not in (None, _MISSING)
+        and values["gpu_ids"]
+        and ("device" not in options)
+    ):
         exp.device = f"cuda:{values['gpu_ids'][0]}"
 
 
@@ -199,8 +223,12 @@ def _validate_sections(exp: Experiment, sections: dict[str, dict], problems: Pro
         problems.add("train", "missing required section (needs at least niter)")
     exp.train = _validate_train(sections["train"], problems, base)
     _warn_dlas(sections["logger"], "logger")
-    exp.logger = build_dataclass(LoggerOptions, _without(sections["logger"], "logger"), "logger",
-                                 problems, base) or LoggerOptions()
+    exp.logger = (
+        build_dataclass(
+            LoggerOptions, _without(sections["logger"], "logger"), "logger", problems, base
+        )
+        or LoggerOptions()
+    )
     exp.path = _validate_path(sections["path"], exp, problems)
     exp.eval = _validate_eval(sections["eval"], problems, base)
 
@@ -217,8 +245,11 @@ def _validate_sections(exp: Experiment, sections: dict[str, dict], problems: Pro
         exp.steps[name] = _validate_step(name, step, sections["networks"], problems, base)
         for loss in (step.get("losses") or {}) if isinstance(step, dict) else ():
             if loss in loss_owner:  # losses are logged by name: two steps may not share one
-                problems.add(f"steps.{name}.losses.{loss}", f"a loss called {loss!r} is already "
-                             f"declared in steps.{loss_owner[loss]}; loss names must be unique")
+                problems.add(
+                    f"steps.{name}.losses.{loss}",
+                    f"a loss called {loss!r} is already "
+                    f"declared in steps.{loss_owner[loss]}; loss names must be unique",
+                )
             loss_owner[loss] = name
     if not sections["steps"]:
         problems.add("steps", "missing: declare at least one training step")
@@ -233,9 +264,13 @@ def _validate_train(train: dict, problems: Problems, base: Path) -> TrainOptions
     scheme = train.get("default_lr_scheme", TrainOptions.default_lr_scheme)
     sched = lookup(SCHEDULERS, scheme, "train.default_lr_scheme", problems)
     if sched is None:
-        opts = build_dataclass(TrainOptions, {k: v for k, v in train.items()
-                                              if k in TrainOptions.__dataclass_fields__},
-                               "train", problems, base)
+        opts = build_dataclass(
+            TrainOptions,
+            {k: v for k, v in train.items() if k in TrainOptions.__dataclass_fields__},
+            "train",
+            problems,
+            base,
+        )
     else:
         opts, kwargs = bind_shared_section(TrainOptions, sched, train, "train", problems, base)
         if opts is not None:
@@ -246,8 +281,9 @@ def _validate_train(train: dict, problems: Problems, base: Path) -> TrainOptions
         if opts.mega_batch_factor < 1:
             problems.add("train.mega_batch_factor", f"must be >= 1, got {opts.mega_batch_factor}")
         if opts.ema_rate is not None and not 0.0 < opts.ema_rate < 1.0:
-            problems.add("train.ema_rate", f"must be between 0 and 1 (e.g. 0.999), got "
-                                           f"{opts.ema_rate}")
+            problems.add(
+                "train.ema_rate", f"must be between 0 and 1 (e.g. 0.999), got {opts.ema_rate}"
+            )
     return opts
 
 
@@ -256,11 +292,14 @@ def _validate_path(section: dict, exp: Experiment, problems: Problems) -> PathOp
     pretrain = {}
     networks = exp.options.get("networks") or {}
     for key in [k for k in path if k.startswith("pretrain_model_")]:
-        net = key[len("pretrain_model_"):]
+        net = key[len("pretrain_model_") :]
         value = path.pop(key)
         if net not in networks:
-            problems.add(f"path.{key}", f"no network called {net!r}{did_you_mean(net, networks)}"
-                                        f"; networks: {', '.join(networks) or '(none)'}")
+            problems.add(
+                f"path.{key}",
+                f"no network called {net!r}{did_you_mean(net, networks)}"
+                f"; networks: {', '.join(networks) or '(none)'}",
+            )
         elif value is not None:
             pretrain[net] = coerce(value, Path, f"path.{key}", problems, exp.base_dir)
     resume = path.get("resume_state")
@@ -272,13 +311,16 @@ def _validate_path(section: dict, exp: Experiment, problems: Problems) -> PathOp
 
 
 def _validate_eval(section: dict, problems: Problems, base: Path) -> EvalOptions:
-    opts = build_dataclass(EvalOptions, section, "eval", problems, base,
-                           handled=("evaluators",)) or EvalOptions()
+    opts = (
+        build_dataclass(EvalOptions, section, "eval", problems, base, handled=("evaluators",))
+        or EvalOptions()
+    )
     evaluators = section.get("evaluators") or {}
     if is_mapping(evaluators, "eval.evaluators", problems):
         for name, ev in evaluators.items():
-            spec = validate_component(EVALUATORS, ev, f"eval.evaluators.{name}", name,
-                                       problems, base, shared=())
+            spec = validate_component(
+                EVALUATORS, ev, f"eval.evaluators.{name}", name, problems, base, shared=()
+            )
             if spec:
                 opts.evaluators.append(spec)
     return opts
@@ -291,16 +333,22 @@ def _validate_network(name: str, net: Any, problems: Problems, base: Path) -> Ne
     net = dict(net)
     which = [k for k in ("which_model_G", "which_model_D", "which_model") if k in net]
     if len(which) != 1:
-        problems.add(path, "set exactly one of which_model_G (generator), which_model_D "
-                           f"(discriminator) or which_model; found {which or 'none'}")
+        problems.add(
+            path,
+            "set exactly one of which_model_G (generator), which_model_D "
+            f"(discriminator) or which_model; found {which or 'none'}",
+        )
         return None
     model = net.pop(which[0])
     net["which_model"] = model
     spec = build_dataclass(NetworkSpec, net, path, problems, base)
     implied = {"which_model_G": "generator", "which_model_D": "discriminator"}.get(which[0])
     if spec is not None and implied and "type" in net and spec.type != implied:
-        problems.add(f"{path}.type", f"is {spec.type!r} but the network is declared with "
-                                     f"{which[0]} (a {implied}); make them agree")
+        problems.add(
+            f"{path}.type",
+            f"is {spec.type!r} but the network is declared with "
+            f"{which[0]} (a {implied}); make them agree",
+        )
     factory = lookup(MODELS, model, f"{path}.{which[0]}", problems)
     if spec is None or factory is None:
         return spec
@@ -309,29 +357,42 @@ def _validate_network(name: str, net: Any, problems: Problems, base: Path) -> Ne
     return spec
 
 
-def _validate_step(name: str, step: Any, networks: dict, problems: Problems,
-                   base: Path) -> StepSpec | None:
+def _validate_step(
+    name: str, step: Any, networks: dict, problems: Problems, base: Path
+) -> StepSpec | None:
     path = f"steps.{name}"
     if not is_mapping(step, path, problems):
         return None
     _warn_dlas(step, "steps.*", path)
-    spec = build_dataclass(StepSpec, _without(step, "steps.*"), path, problems, base,
-                           handled=("injectors", "losses"))
+    spec = build_dataclass(
+        StepSpec, _without(step, "steps.*"), path, problems, base, handled=("injectors", "losses")
+    )
     if spec is None:
         return None
     if spec.training not in networks:
-        problems.add(f"{path}.training", f"no network called {spec.training!r}"
-                                         f"{did_you_mean(spec.training, networks)}; networks: "
-                                         f"{', '.join(networks) or '(none)'}")
+        problems.add(
+            f"{path}.training",
+            f"no network called {spec.training!r}"
+            f"{did_you_mean(spec.training, networks)}; networks: "
+            f"{', '.join(networks) or '(none)'}",
+        )
     opt_factory = lookup(OPTIMIZERS, spec.optimizer, f"{path}.optimizer", problems)
     if opt_factory is not None:
-        spec.optimizer_params = bind_options(opt_factory, spec.optimizer_params,
-                                             f"{path}.optimizer_params", problems, base_dir=base)
+        spec.optimizer_params = bind_options(
+            opt_factory, spec.optimizer_params, f"{path}.optimizer_params", problems, base_dir=base
+        )
     injectors = step.get("injectors") or {}
     if is_mapping(injectors, f"{path}.injectors", problems):
         for inj_name, inj in injectors.items():
-            c = validate_component(INJECTORS, inj, f"{path}.injectors.{inj_name}", inj_name,
-                                    problems, base, shared=INJECTOR_SHARED)
+            c = validate_component(
+                INJECTORS,
+                inj,
+                f"{path}.injectors.{inj_name}",
+                inj_name,
+                problems,
+                base,
+                shared=INJECTOR_SHARED,
+            )
             if c:
                 spec.injectors.append(c)
     losses = step.get("losses") or {}
@@ -339,8 +400,15 @@ def _validate_step(name: str, step: Any, networks: dict, problems: Problems,
         problems.add(f"{path}.losses", "missing: a training step needs at least one loss")
     elif is_mapping(losses, f"{path}.losses", problems):
         for loss_name, loss in losses.items():
-            c = validate_component(LOSSES, loss, f"{path}.losses.{loss_name}", loss_name,
-                                    problems, base, shared=LOSS_SHARED)
+            c = validate_component(
+                LOSSES,
+                loss,
+                f"{path}.losses.{loss_name}",
+                loss_name,
+                problems,
+                base,
+                shared=LOSS_SHARED,
+            )
             if c:
                 spec.losses.append(c)
     return spec
@@ -349,19 +417,34 @@ def _validate_step(name: str, step: Any, networks: dict, problems: Problems,
 # Options shared by every component of a kind (besides `type`), with their types.
 INJECTOR_SHARED = ("in", "out", "train", "eval", "after", "before", "every")
 LOSS_SHARED = ("weight", "after", "before", "every")
-_SHARED_TYPES = {"in": str | list[str] | dict[str, str], "out": str | list[str],
-                 "train": bool, "eval": bool, "after": int, "before": int | None, "every": int,
-                 "weight": float}
+_SHARED_TYPES = {
+    "in": str | list[str] | dict[str, str],
+    "out": str | list[str],
+    "train": bool,
+    "eval": bool,
+    "after": int,
+    "before": int | None,
+    "every": int,
+    "weight": float,
+}
 
 
-def validate_component(registry: Registry, options: Any, path: str, name: str,
-                        problems: Problems, base: Path, shared: tuple[str, ...]
-                        ) -> ComponentSpec | None:
+def validate_component(
+    registry: Registry,
+    options: Any,
+    path: str,
+    name: str,
+    problems: Problems,
+    base: Path,
+    shared: tuple[str, ...],
+) -> ComponentSpec | None:
     if not is_mapping(options, path, problems):
         return None
     if "type" not in options:
-        problems.add(f"{path}.type", f"missing required option; registered {registry.kind}s: "
-                                     f"{', '.join(registry.names())}")
+        problems.add(
+            f"{path}.type",
+            f"missing required option; registered {registry.kind}s: {', '.join(registry.names())}",
+        )
         return None
     cls = lookup(registry, options["type"], f"{path}.type", problems)
     if cls is None:
@@ -381,11 +464,18 @@ def component_spec(name: str, path: str, cls: Any, kwargs: dict, common: dict) -
     """A spec with the shared options (as in the YAML) in their one normalised form."""
     raw_in, raw_out = common.get("in", []), common.get("out", [])
     return ComponentSpec(
-        name=name, path=path, cls=cls, kwargs=kwargs,
+        name=name,
+        path=path,
+        cls=cls,
+        kwargs=kwargs,
         gate=Gate(common.get("after", 0), common.get("before"), common.get("every", 1)),
-        inputs=_keys(raw_in), input_map=dict(raw_in) if isinstance(raw_in, dict) else None,
-        outputs=_keys(raw_out), train=common.get("train", True), eval=common.get("eval", True),
-        weight=common.get("weight", 1.0))
+        inputs=_keys(raw_in),
+        input_map=dict(raw_in) if isinstance(raw_in, dict) else None,
+        outputs=_keys(raw_out),
+        train=common.get("train", True),
+        eval=common.get("eval", True),
+        weight=common.get("weight", 1.0),
+    )
 
 
 def _keys(value: str | list[str] | dict[str, str]) -> list[str]:
@@ -401,5 +491,8 @@ def _without(options: dict, section: str) -> dict:
 def _warn_dlas(options: dict, section: str, path: str | None = None) -> None:
     for key in DLAS_NO_EFFECT.get(section, ()):
         if key in options:
-            log.warning("%s: DLAS option %r has no effect in this trainer; remove it",
-                        join(path if path is not None else section, key), key)
+            log.warning(
+                "%s: DLAS option %r has no effect in this trainer; remove it",
+                join(path if path is not None else section, key),
+                key,
+            )

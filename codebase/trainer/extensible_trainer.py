@@ -1,4 +1,5 @@
 """ExtensibleTrainer: builds a validated experiment and runs its named steps."""
+
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,9 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
 from data.loader import (
     TrainLoader,
     batch_size_of,
@@ -19,13 +23,6 @@ from data.loader import (
     split_batch,
 )
 from data.spec import build_dataset
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from utils import distributed
-from utils.io import load_module
-from utils.schema import ConfigError, Problems, construct
-from utils.seed import derive_seed, set_seed
-
 from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
 from trainer.component import TrainerEnv, build_component
@@ -37,6 +34,10 @@ from trainer.metrics import Meter
 from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
 from trainer.training_state import Counters, Group, RandomStreams, TrainingState
+from utils import distributed
+from utils.io import load_module
+from utils.schema import ConfigError, Problems, construct
+from utils.seed import derive_seed, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ class ExtensibleTrainer:
         """Datasets, per-rank batch sizes, and the check that every step's state keys exist."""
         self.batch_size = self._per_rank_batch_size("train")  # before any data is read
         self.val_batch_size = self._per_rank_batch_size("val")
-        self.datasets = {phase: build_dataset(spec, phase)
-                         for phase, spec in self.exp.datasets.items()}
+        self.datasets = {
+            phase: build_dataset(spec, phase) for phase, spec in self.exp.datasets.items()
+        }
         # e.g. the phoneme vocabulary and codec of the training data, for inference
         get_metadata = getattr(self.datasets["train"], "checkpoint_metadata", None)
         self.checkpoint_metadata: dict[str, str] = get_metadata() if get_metadata else {}
@@ -111,16 +113,23 @@ class ExtensibleTrainer:
         self.ema: dict[str, AveragedModel] = {}
         ema_rate = self.exp.train.ema_rate
         for name, spec in self.exp.networks.items():
-            net = construct(spec.factory, spec.kwargs,
-                            {"checkpointing": self.exp.checkpointing_enabled}, f"networks.{name}")
+            net = construct(
+                spec.factory,
+                spec.kwargs,
+                {"checkpointing": self.exp.checkpointing_enabled},
+                f"networks.{name}",
+            )
             if not isinstance(net, nn.Module):
-                raise TypeError(f"networks.{name}: model {spec.which_model!r} returned "
-                                f"{type(net).__name__}, not a torch.nn.Module")
+                raise TypeError(
+                    f"networks.{name}: model {spec.which_model!r} returned "
+                    f"{type(net).__name__}, not a torch.nn.Module"
+                )
             net.requires_grad_(spec.trainable)
             self.raw_networks[name] = self.networks[name] = net.to(self.device)
             if spec.trainable and ema_rate:
-                self.ema[name] = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_rate),
-                                               use_buffers=True)
+                self.ema[name] = AveragedModel(
+                    net, multi_avg_fn=get_ema_multi_avg_fn(ema_rate), use_buffers=True
+                )
 
     def _find_resume(self) -> tuple[Path | None, dict | None]:
         """The checkpoint to resume from and its state. Every rank checks (a bad path fails
@@ -163,57 +172,100 @@ class ExtensibleTrainer:
         optimizers, trained_by = {}, {}
         for name, spec in exp.steps.items():
             if not exp.networks[spec.training].trainable:
-                raise ValueError(f"steps.{name}.training: network {spec.training!r} has "
-                                 "trainable: false")
-            optimizers[name] = build_optimizer(spec.optimizer, self.raw_networks[spec.training],
-                                               spec.optimizer_params, f"steps.{name}.optimizer")
+                raise ValueError(
+                    f"steps.{name}.training: network {spec.training!r} has trainable: false"
+                )
+            optimizers[name] = build_optimizer(
+                spec.optimizer,
+                self.raw_networks[spec.training],
+                spec.optimizer_params,
+                f"steps.{name}.optimizer",
+            )
             trained_by.setdefault(spec.training, name)
         for net_name, net_spec in exp.networks.items():
             if net_spec.trainable:
                 step = trained_by.get(net_name)
                 clip = exp.steps[step].clip_grad_eps if step else None
                 self.networks[net_name] = self.engine.prepare(
-                    net_name, self.raw_networks[net_name], optimizers.get(step), clip)
+                    net_name, self.raw_networks[net_name], optimizers.get(step), clip
+                )
         provided = {"networks": self.networks, "env": self.env}
         self.steps: dict[str, ConfigurableStep] = {}
         for name, spec in exp.steps.items():
             injectors = [build_component(c, provided).to(self.device) for c in spec.injectors]
             losses = [build_component(c, provided).to(self.device) for c in spec.losses]
-            self.steps[name] = ConfigurableStep(name, spec, self.networks[spec.training],
-                                                optimizers[name], injectors, losses, self.engine)
-        self.schedulers = {name: build_scheduler(exp.train.default_lr_scheme, s.optimizer,
-                                                 exp.train.niter, exp.train.scheduler_kwargs,
-                                                 "train.default_lr_scheme")
-                           for name, s in self.steps.items()}
+            self.steps[name] = ConfigurableStep(
+                name,
+                spec,
+                self.networks[spec.training],
+                optimizers[name],
+                injectors,
+                losses,
+                self.engine,
+            )
+        self.schedulers = {
+            name: build_scheduler(
+                exp.train.default_lr_scheme,
+                s.optimizer,
+                exp.train.niter,
+                exp.train.scheduler_kwargs,
+                "train.default_lr_scheme",
+            )
+            for name, s in self.steps.items()
+        }
         train = exp.datasets["train"]
-        sampler = make_batch_sampler(self.datasets["train"], self.batch_size,
-                                     _default(train.shuffle, True), self.seed,
-                                     _default(train.drop_last, True), self.dist.rank,
-                                     self.dist.world_size)
-        self.loader = TrainLoader(self.datasets["train"], sampler, train.n_workers,
-                                  pin_memory=self.device.type == "cuda",
-                                  seed=derive_seed(self.seed, self.dist.rank))
+        sampler = make_batch_sampler(
+            self.datasets["train"],
+            self.batch_size,
+            _default(train.shuffle, True),
+            self.seed,
+            _default(train.drop_last, True),
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        self.loader = TrainLoader(
+            self.datasets["train"],
+            sampler,
+            train.n_workers,
+            pin_memory=self.device.type == "cuda",
+            seed=derive_seed(self.seed, self.dist.rank),
+        )
 
     def _build_logging(self, start_step: int) -> None:
         """The logger (TensorBoard, wandb, console) and the evaluators, which write to it."""
         exp = self.exp
         self.logger = TrainingLogger(
-            self.run_dir, name=exp.name, total_steps=exp.train.niter, start_step=start_step,
-            print_freq=exp.logger.print_freq, use_tb=exp.use_tb_logger, wandb=exp.wandb,
-            wandb_project=exp.logger.wandb_project, wandb_mode=exp.logger.wandb_mode,
-            config=exp.options, enabled=self.dist.is_main, progress=exp.logger.progress_bar)
-        provided = {"networks": self.eval_networks(), "env": self.env,
-                    "datasets": self.datasets, "logger": self.logger}
-        self.evaluators = {spec.name: build_component(spec, provided)
-                           for spec in exp.eval.evaluators}
+            self.run_dir,
+            name=exp.name,
+            total_steps=exp.train.niter,
+            start_step=start_step,
+            print_freq=exp.logger.print_freq,
+            use_tb=exp.use_tb_logger,
+            wandb=exp.wandb,
+            wandb_project=exp.logger.wandb_project,
+            wandb_mode=exp.logger.wandb_mode,
+            config=exp.options,
+            enabled=self.dist.is_main,
+            progress=exp.logger.progress_bar,
+        )
+        provided = {
+            "networks": self.eval_networks(),
+            "env": self.env,
+            "datasets": self.datasets,
+            "logger": self.logger,
+        }
+        self.evaluators = {
+            spec.name: build_component(spec, provided) for spec in exp.eval.evaluators
+        }
 
     def _register_state(self) -> None:
         """What a checkpoint's training state holds (see :mod:`trainer.training_state`)."""
         self.state = TrainingState()
         self.counters = Counters()
         if not self.engine.owns_optimizer_state:  # DeepSpeed saves its optimizers itself
-            self.state.register("optimizers", Group(
-                {n: s.optimizer for n, s in self.steps.items()}, "optimizer"))
+            self.state.register(
+                "optimizers", Group({n: s.optimizer for n, s in self.steps.items()}, "optimizer")
+            )
         self.state.register("schedulers", Group(self.schedulers, "LR schedule"))
         self.state.register("engine", self.engine)
         self.state.register("loader", self.loader)
@@ -228,13 +280,19 @@ class ExtensibleTrainer:
     def _write_run_config(self, resume: Path | None) -> None:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yml").write_text(yaml.safe_dump(self.exp.options,
-                                                                    sort_keys=False))
-        ranks = (f"; {self.dist.world_size} ranks, {self.batch_size} items each per step"
-                 if self.dist.world_size > 1 else "")
-        self.logger.info(f"run folder {self.run_dir}; seed {self.seed}; device {self.device}; "
-                         f"precision {self.exp.precision}; engine {self.engine.name}{ranks}"
-                         + (f"; resumed from {resume} at step {self.step}" if resume else ""))
+            (self.run_dir / "config.yml").write_text(
+                yaml.safe_dump(self.exp.options, sort_keys=False)
+            )
+        ranks = (
+            f"; {self.dist.world_size} ranks, {self.batch_size} items each per step"
+            if self.dist.world_size > 1
+            else ""
+        )
+        self.logger.info(
+            f"run folder {self.run_dir}; seed {self.seed}; device {self.device}; "
+            f"precision {self.exp.precision}; engine {self.engine.name}{ranks}"
+            + (f"; resumed from {resume} at step {self.step}" if resume else "")
+        )
 
     def _per_rank_batch_size(self, phase: str) -> int | None:
         """``datasets.<phase>.batch_size`` is the global batch; one rank loads its share."""
@@ -242,16 +300,24 @@ class ExtensibleTrainer:
         if spec is None or spec.batch_size is None or world == 1:
             return spec.batch_size if spec else None
         if spec.batch_size % world:
-            raise ConfigError([(f"datasets.{phase}.batch_size",
-                                f"{spec.batch_size} is the global batch and must be divisible "
-                                f"by the {world} ranks; use a multiple of {world}")],
-                              self.exp.file)
+            raise ConfigError(
+                [
+                    (
+                        f"datasets.{phase}.batch_size",
+                        f"{spec.batch_size} is the global batch and must be divisible "
+                        f"by the {world} ranks; use a multiple of {world}",
+                    )
+                ],
+                self.exp.file,
+            )
         return spec.batch_size // world
 
     def eval_networks(self) -> dict[str, nn.Module]:
         """Networks for evaluators: the EMA copy where there is one."""
-        return {n: (self.ema[n].module if n in self.ema else net)
-                for n, net in self.raw_networks.items()}
+        return {
+            n: (self.ema[n].module if n in self.ema else net)
+            for n, net in self.raw_networks.items()
+        }
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -266,8 +332,9 @@ class ExtensibleTrainer:
                 continue
             if multi:  # only this step's network collects gradients
                 for other, net in self.raw_networks.items():
-                    net.requires_grad_(other == step.spec.training and
-                                       self.exp.networks[other].trainable)
+                    net.requires_grad_(
+                        other == step.spec.training and self.exp.networks[other].trainable
+                    )
             out, skipped = step.train(chunks, self.step)
             step_total = out.pop("_total", None)
             if step_total is not None:
@@ -302,12 +369,17 @@ class ExtensibleTrainer:
         meter, saved_at = Meter(), self.step  # a resumed state is already saved
         try:
             if self.step >= niter:
-                self.logger.info(f"nothing to do: at step {self.step} of train.niter {niter} "
-                                 f"(raise it with -o train.niter=N to continue)")
+                self.logger.info(
+                    f"nothing to do: at step {self.step} of train.niter {niter} "
+                    f"(raise it with -o train.niter=N to continue)"
+                )
             self._evaluate_at_start()
             self._set_train_mode(True)
-            with GracefulInterrupt(on_signal=lambda s: self.logger.info(
-                    "interrupted: saving a checkpoint after this step (again to abort)")) as stop:
+            with GracefulInterrupt(
+                on_signal=lambda s: self.logger.info(
+                    "interrupted: saving a checkpoint after this step (again to abort)"
+                )
+            ) as stop:
                 # All ranks stop at the same step, whichever of them got the signal first.
                 while self.step < niter and not distributed.any_rank(stop.requested):
                     self._one_step(meter)
@@ -355,7 +427,8 @@ class ExtensibleTrainer:
         if (eval_every and s % eval_every == 0) or "eval" in commands:
             self.run_evaluators()
         if (lopts.save_checkpoint_freq and s % lopts.save_checkpoint_freq == 0) or (
-                "save" in commands):
+            "save" in commands
+        ):
             self.save()
             return True
         return False
@@ -410,8 +483,13 @@ class ExtensibleTrainer:
         sums: dict[str, float] = {}
         count = 0
         try:
-            for batch in eval_loader(self.datasets["val"], self.val_batch_size, spec.n_workers,
-                                     self.dist.rank, self.dist.world_size):
+            for batch in eval_loader(
+                self.datasets["val"],
+                self.val_batch_size,
+                spec.n_workers,
+                self.dist.rank,
+                self.dist.world_size,
+            ):
                 batch = _to_device(batch, self.device)
                 n = batch_size_of(batch)
                 for chunk in split_batch(batch, self.exp.train.mega_batch_factor):
@@ -425,8 +503,10 @@ class ExtensibleTrainer:
         results = {f"val/{k}": v / max(count, 1) for k, v in sums.items()}
         results = distributed.all_reduce_mean(results)
         self.logger.log_scalars(self.step, results)
-        self.logger.info("validation at step %d: %s" % (self.step, ", ".join(
-            f"{k} {v:.4g}" for k, v in results.items())))
+        self.logger.info(
+            f"validation at step {self.step}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in results.items())
+        )
         return results
 
     def run_evaluators(self) -> dict[str, float]:
@@ -454,14 +534,23 @@ class ExtensibleTrainer:
         distributed.barrier()  # every rank's engine files are written
         path = None
         if self.dist.is_main:
-            nets = {n: (net, self.exp.networks[n].which_model, self.exp.networks[n].kwargs)
-                    for n, net in self.raw_networks.items()}
-            header = {"seed": self.seed, "engine_name": self.engine.name,
-                      "world_size": self.dist.world_size,
-                      "config": yaml.safe_dump(self.exp.options, sort_keys=False)}
-            path = self.checkpoints.save(self.step, nets, {**header, **parts},
-                                         ema={n: e.module for n, e in self.ema.items()},
-                                         metadata=self.checkpoint_metadata)
+            nets = {
+                n: (net, self.exp.networks[n].which_model, self.exp.networks[n].kwargs)
+                for n, net in self.raw_networks.items()
+            }
+            header = {
+                "seed": self.seed,
+                "engine_name": self.engine.name,
+                "world_size": self.dist.world_size,
+                "config": yaml.safe_dump(self.exp.options, sort_keys=False),
+            }
+            path = self.checkpoints.save(
+                self.step,
+                nets,
+                {**header, **parts},
+                ema={n: e.module for n, e in self.ema.items()},
+                metadata=self.checkpoint_metadata,
+            )
             self.logger.info(f"saved checkpoint at step {self.step}: {path}")
         distributed.barrier()
         return path

@@ -3,6 +3,7 @@
 Only rank 0 builds an enabled :class:`TrainingLogger`; every other rank gets a disabled one whose
 methods return immediately, so the trainer calls the logger unconditionally.
 """
+
 from __future__ import annotations
 
 import html
@@ -63,7 +64,7 @@ def format_console_line(step: int, total_steps: int, scalars: dict[str, float]) 
     rates: list[str] = []
     for key, raw in scalars.items():
         value = raw.item() if isinstance(raw, torch.Tensor) else raw
-        name = key[len("train/"):] if key.startswith("train/") else key
+        name = key[len("train/") :] if key.startswith("train/") else key
         leaf = name.rsplit("/", 1)[-1]
         if leaf in ("epoch", "ep"):
             header += f" | ep {int(value)}"
@@ -216,7 +217,9 @@ class TrainingLogger:
         """Write each scalar to TensorBoard and all of them as one wandb row."""
         if not self.enabled or not scalars:
             return
-        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in scalars.items()}
+        values = {
+            k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in scalars.items()
+        }
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, global_step=step)
@@ -251,7 +254,9 @@ class TrainingLogger:
             return
         samples = _audio_to_numpy(wav)
         if self._writer is not None:
-            self._writer.add_audio(tag, torch.from_numpy(samples), global_step=step, sample_rate=sample_rate)
+            self._writer.add_audio(
+                tag, torch.from_numpy(samples), global_step=step, sample_rate=sample_rate
+            )
         if self._wandb_run is not None:
             # wandb.Audio needs the optional soundfile package for raw arrays but not for a file,
             # so hand it a WAV written with the standard library; wandb copies it while logging.
@@ -277,7 +282,9 @@ class TrainingLogger:
         if self._writer is not None:
             self._writer.add_text(tag, text, global_step=step)
         if self._wandb_run is not None:
-            self._wandb_run.log({tag: self._wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+            self._wandb_run.log(
+                {tag: self._wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step
+            )
 
     # --- lifetime ----------------------------------------------------------------------------
 
@@ -303,7 +310,7 @@ class TrainingLogger:
             run, self._wandb_run = self._wandb_run, None
             run.finish()
 
-    def __enter__(self) -> "TrainingLogger":
+    def __enter__(self) -> TrainingLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,13 +3,13 @@
 YAML: ``losses.<name>: {type: mse, weight: 1.0, fake: pred, real: target}``. A weight of 0
 computes and logs the loss without training on it.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from trainer.component import Component, ComponentSpec
@@ -54,19 +54,32 @@ class DirectLoss(Loss):
 class CrossEntropyLoss(Loss):
     """Cross entropy of ``logits`` (classes on ``class_dim``) against integer ``labels``."""
 
-    def __init__(self, logits: StateKey, labels: StateKey, class_dim: int = 1,
-                 ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        logits: StateKey,
+        labels: StateKey,
+        class_dim: int = 1,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         self.logits, self.labels = logits, labels
-        self.class_dim, self.ignore_index, self.label_smoothing = class_dim, ignore_index, label_smoothing
+        self.class_dim, self.ignore_index, self.label_smoothing = (
+            class_dim,
+            ignore_index,
+            label_smoothing,
+        )
 
     def forward(self, state: dict[str, Any]) -> torch.Tensor:
         logits = state[self.logits]
         if self.class_dim not in (1, 1 - logits.dim()):
             logits = logits.movedim(self.class_dim, 1)
-        return F.cross_entropy(logits.float(), state[self.labels].long(),
-                               ignore_index=self.ignore_index,
-                               label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            logits.float(),
+            state[self.labels].long(),
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+        )
 
 
 class PairLoss(Loss):

@@ -9,6 +9,7 @@ Options are the factories' keyword arguments; ``optimizer`` and ``total_steps``
 (``train.niter``) are passed by the trainer. ``scheduler.step()`` follows every
 ``optimizer.step()``.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -22,6 +23,7 @@ from utils.registry import Registry
 from utils.schema import Runtime, construct
 
 SCHEDULERS: Registry[Callable[..., LambdaLR]] = Registry("lr scheduler")
+
 
 class StepScheduler(LambdaLR):
     """A :class:`LambdaLR` that also writes the restored lr into the optimizer on load.
@@ -43,8 +45,11 @@ def _warmup(warmup_iter: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup_iter)
 
 
-def _build(optimizer: Optimizer, warmup_iter: int,
-           main: Callable[[int], float] | list[Callable[[int], float]]) -> StepScheduler:
+def _build(
+    optimizer: Optimizer,
+    warmup_iter: int,
+    main: Callable[[int], float] | list[Callable[[int], float]],
+) -> StepScheduler:
     """A scheduler whose factor is warmup(step) * main(step) (``main`` may be per group)."""
     warm = _warmup(warmup_iter)
     mains = main if isinstance(main, list) else [main] * len(optimizer.param_groups)
@@ -52,8 +57,13 @@ def _build(optimizer: Optimizer, warmup_iter: int,
 
 
 @SCHEDULERS.register("MultiStepLR")
-def multi_step_lr(optimizer: Runtime[Optimizer], total_steps: Runtime[int], gen_lr_steps: list[int],
-                  lr_gamma: float = 0.5, warmup_iter: int = -1) -> StepScheduler:
+def multi_step_lr(
+    optimizer: Runtime[Optimizer],
+    total_steps: Runtime[int],
+    gen_lr_steps: list[int],
+    lr_gamma: float = 0.5,
+    warmup_iter: int = -1,
+) -> StepScheduler:
     """Multiply the lr by ``lr_gamma`` at every milestone.
 
     gen_lr_steps: ascending step numbers (absolute, warmup included) after which the lr drops;
@@ -64,13 +74,19 @@ def multi_step_lr(optimizer: Runtime[Optimizer], total_steps: Runtime[int], gen_
         raise ValueError(f"gen_lr_steps must be in ascending order, got {milestones}")
     if lr_gamma <= 0:
         raise ValueError(f"lr_gamma must be > 0, got {lr_gamma}")
-    return _build(optimizer, warmup_iter,
-                  lambda step: lr_gamma ** bisect.bisect_right(milestones, step))
+    return _build(
+        optimizer, warmup_iter, lambda step: lr_gamma ** bisect.bisect_right(milestones, step)
+    )
 
 
 @SCHEDULERS.register("CosineAnnealing")
-def cosine_annealing(optimizer: Runtime[Optimizer], total_steps: Runtime[int], warmup_iter: int = -1,
-                     eta_min: float = 0.0, T_period: int | None = None) -> StepScheduler:
+def cosine_annealing(
+    optimizer: Runtime[Optimizer],
+    total_steps: Runtime[int],
+    warmup_iter: int = -1,
+    eta_min: float = 0.0,
+    T_period: int | None = None,
+) -> StepScheduler:
     """Cosine decay from the lr to ``eta_min`` after warmup, then constant at ``eta_min``.
 
     warmup_iter: steps of linear warmup (<= 0: none); eta_min: final lr (absolute, not a
@@ -79,8 +95,10 @@ def cosine_annealing(optimizer: Runtime[Optimizer], total_steps: Runtime[int], w
     warmup = max(warmup_iter, 0)
     period = total_steps - warmup if T_period is None else T_period
     if period <= 0:
-        raise ValueError(f"the cosine period must be > 0 steps, got {period} (T_period="
-                         f"{T_period}, total_steps={total_steps}, warmup_iter={warmup_iter})")
+        raise ValueError(
+            f"the cosine period must be > 0 steps, got {period} (T_period="
+            f"{T_period}, total_steps={total_steps}, warmup_iter={warmup_iter})"
+        )
     if eta_min < 0:
         raise ValueError(f"eta_min must be >= 0, got {eta_min}")
 
@@ -92,6 +110,7 @@ def cosine_annealing(optimizer: Runtime[Optimizer], total_steps: Runtime[int], w
         def factor(step: int) -> float:
             t = min(max(step - warmup, 0), period)
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t / period))
+
         return factor
 
     bases = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
@@ -99,7 +118,9 @@ def cosine_annealing(optimizer: Runtime[Optimizer], total_steps: Runtime[int], w
 
 
 @SCHEDULERS.register("Constant")
-def constant(optimizer: Runtime[Optimizer], total_steps: Runtime[int], warmup_iter: int = -1) -> StepScheduler:
+def constant(
+    optimizer: Runtime[Optimizer], total_steps: Runtime[int], warmup_iter: int = -1
+) -> StepScheduler:
     """The lr unchanged after warmup.
 
     warmup_iter: steps of linear warmup (<= 0: none).
@@ -107,11 +128,16 @@ def constant(optimizer: Runtime[Optimizer], total_steps: Runtime[int], warmup_it
     return _build(optimizer, warmup_iter, lambda step: 1.0)
 
 
-def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, options: dict,
-                    where: str = "") -> LambdaLR:
+def build_scheduler(
+    name: str, optimizer: Optimizer, total_steps: int, options: dict, where: str = ""
+) -> LambdaLR:
     """The schedule ``name`` for ``optimizer``; ``options`` were validated by ``bind_options``.
 
     ``where`` is the YAML path shown if ``name`` is unknown (``train.default_lr_scheme``).
     """
-    return construct(SCHEDULERS.get(name, where), options,
-                     {"optimizer": optimizer, "total_steps": total_steps}, where)
+    return construct(
+        SCHEDULERS.get(name, where),
+        options,
+        {"optimizer": optimizer, "total_steps": total_steps},
+        where,
+    )

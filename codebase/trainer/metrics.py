@@ -1,4 +1,5 @@
 """Averaging of per-step values between console/TensorBoard lines, without per-step syncs."""
+
 from __future__ import annotations
 
 import time

@@ -1,9 +1,10 @@
 """Optimizers, found by name from a step's ``optimizer`` / ``optimizer_params`` in the YAML.
 
-A factory's keyword arguments are its YAML options (DLAS spelling); ``module`` (:class:`~utils.schema.Runtime`),
-the network being trained, is passed by the trainer. Weight decay is applied only where it regularises:
-see :func:`param_groups`.
+A factory's keyword arguments are its YAML options (DLAS spelling); ``module``, the network
+being trained, is a :class:`~utils.schema.Runtime` argument the trainer passes. Weight decay
+is applied only where it regularises: see :func:`param_groups`.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,15 +19,22 @@ from utils.schema import Runtime, construct
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
+
 def _classes_of(*modules: object) -> tuple[type, ...]:
-    return tuple(c for m in modules for _, c in inspect.getmembers(m, inspect.isclass)
-                 if issubclass(c, nn.Module) and c.__module__ == m.__name__)
+    return tuple(
+        c
+        for m in modules
+        for _, c in inspect.getmembers(m, inspect.isclass)
+        if issubclass(c, nn.Module) and c.__module__ == m.__name__
+    )
 
 
 # Every torch normalisation layer (LayerNorm, GroupNorm, RMSNorm, BatchNorm*, InstanceNorm* ...),
 # collected from their modules so that new ones are covered without a list to maintain.
 NO_DECAY_MODULES: tuple[type, ...] = _classes_of(normalization, batchnorm, instancenorm) + (
-    nn.Embedding, nn.EmbeddingBag)
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -47,50 +55,78 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     for p in module.parameters():  # deduplicates tied parameters, in a stable order
         if p.requires_grad:
             (keep if id(p) in no_decay else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": keep, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": keep, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(module: Runtime[nn.Module], lr: float, weight_decay: float = 0.01, beta1: float = 0.9,
-          beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.AdamW:
+def adamw(
+    module: Runtime[nn.Module],
+    lr: float,
+    weight_decay: float = 0.01,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay).
 
     lr: learning rate; weight_decay: decoupled decay of weight matrices; beta1, beta2: decay
     rates of the gradient's running mean and squared mean; eps: added to the denominator.
     """
-    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=(beta1, beta2),
-                             eps=eps)
+    return torch.optim.AdamW(
+        param_groups(module, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps
+    )
 
 
 @OPTIMIZERS.register("adam")
-def adam(module: Runtime[nn.Module], lr: float, weight_decay: float = 0.0, beta1: float = 0.9,
-         beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.Adam:
+def adam(
+    module: Runtime[nn.Module],
+    lr: float,
+    weight_decay: float = 0.0,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> torch.optim.Adam:
     """Adam (weight decay as L2 penalty added to the gradient).
 
     lr: learning rate; weight_decay: L2 penalty on weight matrices; beta1, beta2: decay rates
     of the gradient's running mean and squared mean; eps: added to the denominator.
     """
-    return torch.optim.Adam(param_groups(module, weight_decay), lr=lr, betas=(beta1, beta2),
-                            eps=eps)
+    return torch.optim.Adam(
+        param_groups(module, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps
+    )
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(module: Runtime[nn.Module], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-        nesterov: bool = False, dampening: float = 0.0) -> torch.optim.SGD:
+def sgd(
+    module: Runtime[nn.Module],
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    dampening: float = 0.0,
+) -> torch.optim.SGD:
     """Stochastic gradient descent.
 
     lr: learning rate; momentum: momentum factor; weight_decay: L2 penalty on weight matrices;
     nesterov: Nesterov momentum (needs momentum > 0 and dampening 0); dampening: damping of
     the momentum's gradient term.
     """
-    return torch.optim.SGD(param_groups(module, weight_decay), lr=lr, momentum=momentum,
-                           nesterov=nesterov, dampening=dampening)
+    return torch.optim.SGD(
+        param_groups(module, weight_decay),
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        dampening=dampening,
+    )
 
 
-def build_optimizer(name: str, module: nn.Module, options: dict,
-                    where: str = "") -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, module: nn.Module, options: dict, where: str = ""
+) -> torch.optim.Optimizer:
     """The optimizer ``name`` for ``module``; ``options`` were validated by ``bind_options``.
 
     ``where`` is the YAML path shown if ``name`` is unknown (``steps.gpt.optimizer``).

@@ -1,4 +1,5 @@
 """What a finished run prints: what it learned, and where its results are."""
+
 from __future__ import annotations
 
 import os
@@ -16,15 +17,23 @@ def run_summary(trainer: Any) -> str:
         if callable(report):
             lines += ["", f"evaluator {name}:", report()]
     models = trainer.checkpoints.models_dir
-    lines += ["", f"checkpoints:  {_show(models)}",
-              f"TensorBoard:  tensorboard --logdir {_show(trainer.run_dir / 'tb_logger')}"]
+    lines += [
+        "",
+        f"checkpoints:  {_show(models)}",
+        f"TensorBoard:  tensorboard --logdir {_show(trainer.run_dir / 'tb_logger')}",
+    ]
     model = _newest_network(models)
     prompt = _a_reference_wav(trainer.run_dir / "samples")
     if model is not None and prompt is not None:
-        lines += ["synthesize:   python synthesize.py --model " + _show(model)
-                  + " --prompt " + _show(prompt)
-                  + " --text " + shlex.quote("The quick brown fox jumps over the lazy dog.")
-                  + " --out hello.wav"]
+        lines += [
+            "synthesize:   python synthesize.py --model "
+            + _show(model)
+            + " --prompt "
+            + _show(prompt)
+            + " --text "
+            + shlex.quote("The quick brown fox jumps over the lazy dog.")
+            + " --out hello.wav"
+        ]
     return "\n".join(lines)
 
 

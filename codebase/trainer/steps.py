@@ -1,4 +1,5 @@
 """ConfigurableStep: injectors -> weighted losses -> backward over micro-batches -> step."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -21,11 +22,23 @@ class ConfigurableStep:
     ``mega_batch_factor`` micro-batches gives the gradient of the full batch.
     """
 
-    def __init__(self, name: str, spec: StepSpec, network: nn.Module,
-                 optimizer: torch.optim.Optimizer, injectors: list[Injector],
-                 losses: list[Loss], engine: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: StepSpec,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        injectors: list[Injector],
+        losses: list[Loss],
+        engine: Any,
+    ) -> None:
         self.name, self.spec, self.network = name, spec, network
-        self.optimizer, self.injectors, self.losses, self.engine = optimizer, injectors, losses, engine
+        self.optimizer, self.injectors, self.losses, self.engine = (
+            optimizer,
+            injectors,
+            losses,
+            engine,
+        )
         self.gate = spec.gate
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -36,12 +49,15 @@ class ConfigurableStep:
             new = inj(state)
             clash = [k for k in new if k in state]
             if clash:
-                raise KeyError(f"{inj.path}: output {clash} would overwrite an existing state key;"
-                               " choose another `out` name")
+                raise KeyError(
+                    f"{inj.path}: output {clash} would overwrite an existing state key;"
+                    " choose another `out` name"
+                )
             state.update(new)
 
-    def compute_losses(self, state: dict[str, Any], step: int
-                       ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def compute_losses(
+        self, state: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """(weighted total or None, {"<name>": raw value}) for the losses whose gate is open."""
         total, logs = None, {}
         for loss in self.losses:
@@ -54,7 +70,9 @@ class ConfigurableStep:
                 total = weighted if total is None else total + weighted
         return total, logs
 
-    def train(self, chunks: list[dict[str, Any]], step: int) -> tuple[dict[str, torch.Tensor], bool]:
+    def train(
+        self, chunks: list[dict[str, Any]], step: int
+    ) -> tuple[dict[str, torch.Tensor], bool]:
         """Forward/backward over the micro-batches, then one optimizer step.
 
         Returns the logs (``loss/<name>`` raw values, ``grad_norm/<step>``, ``_total``: the
@@ -74,8 +92,9 @@ class ConfigurableStep:
                     total_loss = _accumulate(total_loss, total.detach(), share)
             for k, v in chunk_logs.items():
                 logs[k] = _accumulate(logs.get(k), v, share)
-        grad_norm, skipped = self.engine.step(self.network, self.optimizer, self.params,
-                                              self.spec.clip_grad_eps)
+        grad_norm, skipped = self.engine.step(
+            self.network, self.optimizer, self.params, self.spec.clip_grad_eps
+        )
         out = {f"loss/{k}": v for k, v in logs.items()}
         if total_loss is not None:
             out["_total"] = total_loss  # the trainer sums the steps' totals into loss/total
@@ -96,8 +115,9 @@ def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, share: float) -> 
     return value if acc is None else acc + value
 
 
-def check_state_keys(steps: dict[str, StepSpec | None], batch_keys: Iterable[str],
-                     problems: Problems) -> None:
+def check_state_keys(
+    steps: dict[str, StepSpec | None], batch_keys: Iterable[str], problems: Problems
+) -> None:
     """Every injector input and loss key must come from the batch or an earlier injector, and
     no injector may overwrite a key; checked for training and for evaluation."""
     batch_keys = list(batch_keys)
@@ -114,12 +134,17 @@ def check_state_keys(steps: dict[str, StepSpec | None], batch_keys: Iterable[str
                 for key in inj.inputs:
                     if key not in available and (inj.path, key) not in seen_problem:
                         seen_problem.add((inj.path, key))
-                        problems.add(f"{inj.path}.in", _missing_key(key, available, batch_keys, mode))
+                        problems.add(
+                            f"{inj.path}.in", _missing_key(key, available, batch_keys, mode)
+                        )
                 for key in inj.outputs:
                     if key in available and (inj.path, "out", key) not in seen_problem:
                         seen_problem.add((inj.path, "out", key))
-                        problems.add(f"{inj.path}.out", f"{key!r} already exists in the state"
-                                                        f"{mode}; outputs may not overwrite a key")
+                        problems.add(
+                            f"{inj.path}.out",
+                            f"{key!r} already exists in the state"
+                            f"{mode}; outputs may not overwrite a key",
+                        )
                 available.update(inj.outputs)
             for loss in step.losses:
                 for key in loss_input_keys(loss):
@@ -129,5 +154,7 @@ def check_state_keys(steps: dict[str, StepSpec | None], batch_keys: Iterable[str
 
 
 def _missing_key(key: str, available: set[str], batch_keys: list[str], mode: str) -> str:
-    return (f"state key {key!r} is not in the batch ({', '.join(batch_keys)}) and no earlier "
-            f"injector produces it{mode}{did_you_mean(key, available)}")
+    return (
+        f"state key {key!r} is not in the batch ({', '.join(batch_keys)}) and no earlier "
+        f"injector produces it{mode}{did_you_mean(key, available)}"
+    )

@@ -7,6 +7,7 @@ history). A checkpoint is exactly what was registered, under those names, plus a
 (format, step, seed, engine, world size, the experiment as loaded); nothing is read from the
 trainer's attributes behind its back, so nothing is forgotten on resume.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,10 @@ class TrainingState:
 
     def register(self, name: str, part: Stateful) -> None:
         if name in self._parts or name in HEADER:
-            raise ValueError(f"training state part {name!r} is registered twice or is a header "
-                             f"field ({', '.join(HEADER)})")
+            raise ValueError(
+                f"training state part {name!r} is registered twice or is a header "
+                f"field ({', '.join(HEADER)})"
+            )
         self._parts[name] = part
 
     def names(self) -> list[str]:
@@ -70,7 +73,9 @@ class Group:
             if key in state:
                 member.load_state_dict(state[key])
             else:
-                log.warning("the checkpoint has no %s state for %r; it starts fresh", self.what, key)
+                log.warning(
+                    "the checkpoint has no %s state for %r; it starts fresh", self.what, key
+                )
 
 
 class RandomStreams:
@@ -88,9 +93,12 @@ class RandomStreams:
             set_rng_state(per_rank[self.dist.rank])
             return
         # another world size: rank 0 continues its stream, the others start new ones
-        log.warning("the checkpoint was written by %d rank(s), this run has %d: the data order "
-                    "and the random streams of ranks > 0 differ from an uninterrupted run",
-                    len(per_rank), self.dist.world_size)
+        log.warning(
+            "the checkpoint was written by %d rank(s), this run has %d: the data order "
+            "and the random streams of ranks > 0 differ from an uninterrupted run",
+            len(per_rank),
+            self.dist.world_size,
+        )
         set_rng_state(per_rank[0])
         if self.dist.rank > 0:
             set_seed(derive_seed(self.seed, self.dist.rank, self.restored_step))
@@ -113,11 +121,12 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     """A state file of an older format in today's layout."""
     if state.get("format_version", 1) >= 2:
         return state
-    out = {k: v for k, v in state.items() if k in HEADER or k in
-           ("optimizers", "schedulers", "engine", "loader")}
+    out = {
+        k: v
+        for k, v in state.items()
+        if k in HEADER or k in ("optimizers", "schedulers", "engine", "loader")
+    }
     out["ema"] = state.get("ema_n_averaged", {})
     out["rng"] = state.get("rng_per_rank") or [state["rng"]]
     out["counters"] = {"skipped_steps": state.get("skipped_steps", 0)}
     return out
-
-

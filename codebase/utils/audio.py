@@ -3,6 +3,7 @@
 Everything here works on mono float32 tensors in [-1, 1]: ``load_audio`` mixes channels down
 and resamples, so callers never see a file's own layout.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,28 +71,52 @@ def save_audio(path: str | Path, wav: torch.Tensor, sample_rate: int) -> None:
     if wav.dim() == 2:
         wav = wav.t()  # soundfile wants [T, C]
     elif wav.dim() != 1:
-        raise ValueError(f"save_audio({path}): expected a [T] or [C, T] tensor, got shape "
-                         f"{list(wav.shape)}")
+        raise ValueError(
+            f"save_audio({path}): expected a [T] or [C, T] tensor, got shape {list(wav.shape)}"
+        )
     data = wav.clamp(-1.0, 1.0).numpy()  # PCM cannot hold |x| > 1: clamp, don't wrap around
-    atomic_write(Path(path), lambda tmp: sf.write(str(tmp), data, int(sample_rate),
-                                                  subtype="PCM_16", format="WAV"))
+    atomic_write(
+        Path(path),
+        lambda tmp: sf.write(str(tmp), data, int(sample_rate), subtype="PCM_16", format="WAV"),
+    )
 
 
-def mel_transform(sample_rate: int, n_mels: int = 80, n_fft: int = 1024, hop_length: int = 256,
-                  win_length: int | None = None, f_min: float = 0.0,
-                  f_max: float | None = 8000.0) -> MelSpectrogram:
+def mel_transform(
+    sample_rate: int,
+    n_mels: int = 80,
+    n_fft: int = 1024,
+    hop_length: int = 256,
+    win_length: int | None = None,
+    f_min: float = 0.0,
+    f_max: float | None = 8000.0,
+) -> MelSpectrogram:
     """The power mel transform used everywhere (DLAS/Tortoise settings: slaney-normalised
     filters, power 2). ``f_max`` above Nyquist is lowered to it."""
     nyquist = sample_rate / 2
-    return MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length,
-                          win_length=win_length or n_fft, f_min=f_min,
-                          f_max=min(f_max, nyquist) if f_max is not None else None,
-                          n_mels=n_mels, power=2.0, normalized=False, norm="slaney")
+    return MelSpectrogram(
+        sample_rate=sample_rate,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length or n_fft,
+        f_min=f_min,
+        f_max=min(f_max, nyquist) if f_max is not None else None,
+        n_mels=n_mels,
+        power=2.0,
+        normalized=False,
+        norm="slaney",
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_mel(sample_rate: int, n_mels: int, n_fft: int, hop_length: int,
-                win_length: int | None, f_min: float, f_max: float | None) -> MelSpectrogram:
+def _cached_mel(
+    sample_rate: int,
+    n_mels: int,
+    n_fft: int,
+    hop_length: int,
+    win_length: int | None,
+    f_min: float,
+    f_max: float | None,
+) -> MelSpectrogram:
     return mel_transform(sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max)
 
 
@@ -100,9 +125,16 @@ def log_mel(power_mel: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.clamp(power_mel, min=1e-5))
 
 
-def mel_spectrogram(wav: torch.Tensor, sample_rate: int, n_mels: int = 80, n_fft: int = 1024,
-                    hop_length: int = 256, win_length: int | None = None, f_min: float = 0.0,
-                    f_max: float | None = 8000.0) -> torch.Tensor:
+def mel_spectrogram(
+    wav: torch.Tensor,
+    sample_rate: int,
+    n_mels: int = 80,
+    n_fft: int = 1024,
+    hop_length: int = 256,
+    win_length: int | None = None,
+    f_min: float = 0.0,
+    f_max: float | None = 8000.0,
+) -> torch.Tensor:
     """Log-mel of ``wav`` [..., T] -> [..., n_mels, frames] (so [T] gives [n_mels, frames])."""
     transform = _cached_mel(sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max)
     with torch.no_grad():
@@ -130,4 +162,3 @@ def save_mel_png(path: str | Path, mel: torch.Tensor, title: str = "") -> None:
         ax.set_title(title)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(str(tmp), format="png"))
-

@@ -3,6 +3,7 @@
 Every helper works whether or not a process group exists, so single-process runs and tests
 call the same code paths as multi-GPU runs without special-casing.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,7 +95,9 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
         return dict(values)
     keys = sorted(values)
     # float64 so summing many ranks' losses doesn't lose precision before the division.
-    buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_reduce_device())
+    buf = torch.tensor(
+        [float(values[k]) for k in keys], dtype=torch.float64, device=_reduce_device()
+    )
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     buf /= world_size()
     return {k: float(v) for k, v in zip(keys, buf.tolist())}
@@ -126,6 +129,7 @@ def any_rank(flag: bool) -> bool:
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     return bool(buf.item())
 
+
 def resolve_device(device: str | torch.device, dist: DistInfo | None = None) -> torch.device:
     """``auto`` -> cuda (this rank's GPU) when available, else cpu. ``dist`` picks the GPU of
     a bare ``cuda``; without it, the first one (single process)."""
@@ -135,8 +139,10 @@ def resolve_device(device: str | torch.device, dist: DistInfo | None = None) -> 
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; "
-                               "set `device: cpu` (or auto)")
+            raise RuntimeError(
+                f"device {device!r} was asked for but CUDA is not available; "
+                "set `device: cpu` (or auto)"
+            )
         if dev.index is None:
             dev = torch.device("cuda", dist.local_rank if dist else 0)
     return dev

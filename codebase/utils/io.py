@@ -4,6 +4,7 @@ Networks go to safetensors (no pickle, loadable anywhere); training state goes t
 ``torch.save`` and is read back with ``weights_only=True`` so a checkpoint can never run code.
 Every write is atomic: a kill mid-save leaves the previous file, never half of a new one.
 """
+
 from __future__ import annotations
 
 import json

@@ -3,16 +3,17 @@
 Validation against the schema lives in :mod:`trainer.config`; this module only turns a file
 (plus ``-o key.sub=value`` overrides) into a plain, fully resolved dict.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib
 import importlib.util
+import logging
 import re
 import sys
 from pathlib import Path
-import logging
 from typing import Any, Callable, TypeVar
 
 import yaml
@@ -28,11 +29,14 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -46,11 +50,18 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 
 def experiment_parser(description: str | None) -> argparse.ArgumentParser:
     """A parser with the options every experiment CLI takes: ``-opt FILE`` and ``-o KEY=VALUE``."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("-opt", "--opt", required=True, help="experiment YAML file")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an option, e.g. -o train.niter=100 (value parsed as YAML)")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an option, e.g. -o train.niter=100 (value parsed as YAML)",
+    )
     # The `deepspeed` launcher appends --local_rank=N; the LOCAL_RANK variable it also sets is
     # what the trainer reads.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -81,8 +92,9 @@ def find_options_file(path: str | Path) -> Path:
     for candidate in (p, REPO_ROOT / p):
         if candidate.is_file():
             return candidate.resolve()
-    raise FileNotFoundError(f"experiment file {str(path)!r} not found (looked in {Path.cwd()} "
-                            f"and {REPO_ROOT})")
+    raise FileNotFoundError(
+        f"experiment file {str(path)!r} not found (looked in {Path.cwd()} and {REPO_ROOT})"
+    )
 
 
 def apply_override(opt: dict, assignment: str) -> None:
@@ -99,9 +111,15 @@ def apply_override(opt: dict, assignment: str) -> None:
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise ConfigError([(".".join(keys[: i + 1]),
-                                f"override {assignment!r}: this key holds a "
-                                f"{type(child).__name__}, not a mapping")])
+            raise ConfigError(
+                [
+                    (
+                        ".".join(keys[: i + 1]),
+                        f"override {assignment!r}: this key holds a "
+                        f"{type(child).__name__}, not a mapping",
+                    )
+                ]
+            )
         node = child
     node[keys[-1]] = parse_yaml(raw, f"override {assignment!r}")
 
@@ -180,6 +198,13 @@ def import_plugins(plugins: list[str], base_dir: Path) -> None:
                 importlib.import_module(plugin)
             except ModuleNotFoundError as e:
                 if e.name and plugin.startswith(e.name):
-                    raise ConfigError([(where, f"plugin module {plugin!r} cannot be imported "
-                                               f"({e}); is it on PYTHONPATH?")]) from None
+                    raise ConfigError(
+                        [
+                            (
+                                where,
+                                f"plugin module {plugin!r} cannot be imported "
+                                f"({e}); is it on PYTHONPATH?",
+                            )
+                        ]
+                    ) from None
                 raise

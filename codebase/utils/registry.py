@@ -3,6 +3,7 @@
 Components are found by name from the experiment YAML. An unknown name fails with the names
 that come closest; a duplicate name or a class of the wrong base fails at import.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -60,22 +61,26 @@ class Registry(Generic[T]):
         """Decorator: ``@REG.register("name")`` (default name: the object's ``__name__``)."""
 
         def decorator(obj: T) -> T:
-            self.add(name or getattr(obj, "__name__"), obj)
+            self.add(name or obj.__name__, obj)
             return obj
 
         return decorator
 
     def add(self, name: str, obj: T) -> None:
         if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
-            raise TypeError(f"cannot register {obj!r} as a {self.kind}: it is not a subclass of "
-                            f"{self.base.__name__}")
+            raise TypeError(
+                f"cannot register {obj!r} as a {self.kind}: it is not a subclass of "
+                f"{self.base.__name__}"
+            )
         existing = self._entries.get(name)
         if existing is not None and existing is not obj:
             if _same_definition(existing, obj):  # a module imported twice (plugin by path)
                 self._entries[name] = obj
                 return
-            raise RegistryError(f"{self.kind} name {name!r} is registered twice: by "
-                                f"{_where(existing)} and by {_where(obj)}; rename one of them")
+            raise RegistryError(
+                f"{self.kind} name {name!r} is registered twice: by "
+                f"{_where(existing)} and by {_where(obj)}; rename one of them"
+            )
         self._entries[name] = obj
 
     def get(self, name: str, where: str = "") -> T:
@@ -108,4 +113,5 @@ def _where(obj: Any) -> str:
 
 def _same_definition(a: Any, b: Any) -> bool:
     return getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None) and (
-        getattr(a, "__module__", None) == getattr(b, "__module__", None))
+        getattr(a, "__module__", None) == getattr(b, "__module__", None)
+    )

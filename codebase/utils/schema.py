@@ -4,6 +4,7 @@ Every experiment section and every component is checked here. Problems are colle
 full key path (``steps.gpt.injectors.mel.n_mel``) and reported all at once in a
 :class:`ConfigError`; nothing reads a missing key as ``None``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,8 +102,11 @@ def coerce(value: Any, hint: Any, path: str, problems: Problems, base_dir: Path 
     if origin is Literal:
         if value in args:
             return value
-        problems.add(path, f"expected one of {', '.join(repr(a) for a in args)}, got "
-                           f"{_show(value)}{did_you_mean(value, args)}")
+        problems.add(
+            path,
+            f"expected one of {', '.join(repr(a) for a in args)}, got "
+            f"{_show(value)}{did_you_mean(value, args)}",
+        )
         return _MISSING
     if hint is type(None) or hint is None:
         if value is None:
@@ -133,13 +137,20 @@ def coerce(value: Any, hint: Any, path: str, problems: Problems, base_dir: Path 
             if len(args) != len(value):
                 problems.add(path, f"expected {len(args)} items, got {len(value)}")
                 return _MISSING
-            items = [coerce(v, a, f"{path}[{i}]", problems, base_dir)
-                     for i, (v, a) in enumerate(zip(value, args))]
+            items = [
+                coerce(v, a, f"{path}[{i}]", problems, base_dir)
+                for i, (v, a) in enumerate(zip(value, args))
+            ]
         else:
-            items = [coerce(v, item_hint, f"{path}[{i}]", problems, base_dir)
-                     for i, v in enumerate(value)]
-        return _MISSING if any(i is _MISSING for i in items) else (
-            tuple(items) if origin is tuple else list(items))
+            items = [
+                coerce(v, item_hint, f"{path}[{i}]", problems, base_dir)
+                for i, v in enumerate(value)
+            ]
+        return (
+            _MISSING
+            if any(i is _MISSING for i in items)
+            else (tuple(items) if origin is tuple else list(items))
+        )
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             return _bad(value, hint, path, problems)
@@ -198,11 +209,18 @@ def type_name(hint: Any) -> str:
     if dataclasses.is_dataclass(hint):
         return "mapping"
     return {int: "int", float: "float", bool: "bool (true/false)", str: "str"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
-def build_dataclass(cls: type, options: dict, path: str, problems: Problems,
-                    base_dir: Path | None = None, handled: Iterable[str] = ()) -> Any:
+def build_dataclass(
+    cls: type,
+    options: dict,
+    path: str,
+    problems: Problems,
+    base_dir: Path | None = None,
+    handled: Iterable[str] = (),
+) -> Any:
     """Instantiate dataclass ``cls`` from ``options``, checking keys and types strictly.
 
     ``handled`` names keys the caller validates itself (e.g. a section's components): they
@@ -216,15 +234,20 @@ def build_dataclass(cls: type, options: dict, path: str, problems: Problems,
             continue
         if key not in fields:
             valid = [*fields, *handled]
-            problems.add(join(path, key), f"unknown option{did_you_mean(key, valid)}; "
-                                          f"valid options: {', '.join(valid)}")
+            problems.add(
+                join(path, key),
+                f"unknown option{did_you_mean(key, valid)}; valid options: {', '.join(valid)}",
+            )
             continue
         out = coerce(value, hints[key], join(path, key), problems, base_dir)
         if out is not _MISSING:
             kwargs[key] = out
     for name, f in fields.items():
-        if name not in options and f.default is dataclasses.MISSING and (
-                f.default_factory is dataclasses.MISSING):
+        if (
+            name not in options
+            and f.default is dataclasses.MISSING
+            and (f.default_factory is dataclasses.MISSING)
+        ):
             problems.add(join(path, name), f"missing required option ({type_name(hints[name])})")
     try:
         return cls(**kwargs)
@@ -255,8 +278,9 @@ def runtime_params(target: Callable) -> dict[str, inspect.Parameter]:
     return {name: p for name, p in params.items() if _is_runtime(hints.get(name))}
 
 
-def construct(target: Callable, kwargs: dict[str, Any], provided: Mapping[str, Any],
-              where: str) -> Any:
+def construct(
+    target: Callable, kwargs: dict[str, Any], provided: Mapping[str, Any], where: str
+) -> Any:
     """Call ``target`` with its validated YAML ``kwargs`` plus each :class:`Runtime` argument
     it declares, taken from ``provided`` (an argument with a default may be left out)."""
     extra = {}
@@ -264,14 +288,17 @@ def construct(target: Callable, kwargs: dict[str, Any], provided: Mapping[str, A
         if name in provided:
             extra[name] = provided[name]
         elif p.default is p.empty:
-            raise TypeError(f"{where}: {getattr(target, '__name__', target)} needs {name!r}, which "
-                            f"the trainer does not provide here (it provides: "
-                            f"{', '.join(provided) or 'nothing'})")
+            raise TypeError(
+                f"{where}: {getattr(target, '__name__', target)} needs {name!r}, which "
+                f"the trainer does not provide here (it provides: "
+                f"{', '.join(provided) or 'nothing'})"
+            )
     return target(**kwargs, **extra)
 
 
-def bind_options(target: Callable, options: dict, path: str, problems: Problems, *,
-                 base_dir: Path | None = None) -> dict[str, Any]:
+def bind_options(
+    target: Callable, options: dict, path: str, problems: Problems, *, base_dir: Path | None = None
+) -> dict[str, Any]:
     """Check ``options`` against ``target``'s keyword arguments; returns the coerced kwargs.
 
     :class:`Runtime` arguments are the trainer's to pass: they may not be set from the YAML
@@ -291,12 +318,15 @@ def bind_options(target: Callable, options: dict, path: str, problems: Problems,
                 kwargs[key] = out
         else:
             valid = ", ".join(yaml_params) or "(none)"
-            problems.add(join(path, key), f"unknown option{did_you_mean(key, yaml_params)}; "
-                                          f"valid options: {valid}")
+            problems.add(
+                join(path, key),
+                f"unknown option{did_you_mean(key, yaml_params)}; valid options: {valid}",
+            )
     for name, p in yaml_params.items():
         if p.default is p.empty and name not in options:
-            problems.add(join(path, name),
-                         f"missing required option ({type_name(hints.get(name, Any))})")
+            problems.add(
+                join(path, name), f"missing required option ({type_name(hints.get(name, Any))})"
+            )
     return kwargs
 
 
@@ -334,13 +364,21 @@ def lookup(registry: Registry, name: Any, path: str, problems: Problems) -> Any:
 def split_fields(options: dict, cls: type, exclude: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(options that are fields of dataclass ``cls``, the rest)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init} - set(exclude)
-    return ({k: v for k, v in options.items() if k in names},
-            {k: v for k, v in options.items() if k not in names})
+    return (
+        {k: v for k, v in options.items() if k in names},
+        {k: v for k, v in options.items() if k not in names},
+    )
 
 
-def bind_shared_section(section_cls: type, target: Callable, options: dict, path: str,
-                        problems: Problems, base_dir: Path | None,
-                        exclude: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+def bind_shared_section(
+    section_cls: type,
+    target: Callable,
+    options: dict,
+    path: str,
+    problems: Problems,
+    base_dir: Path | None,
+    exclude: tuple[str, ...] = (),
+) -> tuple[Any, dict[str, Any]]:
     """A section whose keys go partly to dataclass ``section_cls`` (e.g. loader options) and
     partly to ``target``'s constructor: ``(the dataclass, target's kwargs)``. A key known to
     neither is reported once, with the valid keys of both."""
@@ -352,7 +390,9 @@ def bind_shared_section(section_cls: type, target: Callable, options: dict, path
     valid += [p for p in params if p not in runtime]
     for key in rest:
         if key not in params and not var_kw:
-            problems.add(join(path, key), f"unknown option{did_you_mean(key, valid)}; valid "
-                                          f"options: {', '.join(valid)}")
+            problems.add(
+                join(path, key),
+                f"unknown option{did_you_mean(key, valid)}; valid options: {', '.join(valid)}",
+            )
     accepted = {k: v for k, v in rest.items() if k in params or var_kw}
     return section, bind_options(target, accepted, path, problems, base_dir=base_dir)

@@ -1,4 +1,5 @@
 """Seeding and capture/restore of every RNG training draws from, so a resume continues exactly."""
+
 from __future__ import annotations
 
 import logging
@@ -83,7 +84,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
             # Resuming on a different number of GPUs: restore what lines up, the rest stay seeded.
             logger.warning(
                 "RNG state holds %d CUDA device(s) but %d are visible; restoring the first %d",
-                len(cuda_states), count, min(count, len(cuda_states)),
+                len(cuda_states),
+                count,
+                min(count, len(cuda_states)),
             )
         for index, device_state in enumerate(cuda_states[:count]):
             torch.cuda.set_rng_state(device_state, index)

@@ -3,6 +3,7 @@
 This is how a user adds their own components: import the registries and decorate.
 The tests use these too.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset
 from data import register_dataset
 from models import register_model
 from trainer.injectors import Injector
-from utils.schema import Runtime, StateKey
+from utils.schema import Runtime
 
 
 @register_dataset("toy_regression")
@@ -21,8 +22,15 @@ class ToyRegression(Dataset):
 
     batch_keys = ("x", "y", "index")
 
-    def __init__(self, num_items: int = 256, dim: int = 16, out_dim: int = 4, noise: float = 0.05,
-                 seed: int = 0, phase: str = "train") -> None:
+    def __init__(
+        self,
+        num_items: int = 256,
+        dim: int = 16,
+        out_dim: int = 4,
+        noise: float = 0.05,
+        seed: int = 0,
+        phase: str = "train",
+    ) -> None:
         g = torch.Generator().manual_seed(seed + (0 if phase == "train" else 7919))
         w = torch.randn(dim, out_dim, generator=torch.Generator().manual_seed(seed))
         self.x = torch.randn(num_items, dim, generator=g)
@@ -39,8 +47,15 @@ class ToyRegression(Dataset):
 class ToyMLP(nn.Module):
     """An MLP with LayerNorm and dropout (dropout makes resume tests sensitive to RNG state)."""
 
-    def __init__(self, in_dim: int = 16, hidden: int = 64, out_dim: int = 4, depth: int = 2,
-                 dropout: float = 0.0, checkpointing: Runtime[bool] = False) -> None:
+    def __init__(
+        self,
+        in_dim: int = 16,
+        hidden: int = 64,
+        out_dim: int = 4,
+        depth: int = 2,
+        dropout: float = 0.0,
+        checkpointing: Runtime[bool] = False,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         dim = in_dim

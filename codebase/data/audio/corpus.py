@@ -1,17 +1,22 @@
 """Corpus screening shared by ``paired_voice_audio`` and ``data.h5`` preparation: which
 items are usable (from headers alone), why the others are skipped, and a stable split."""
+
 from __future__ import annotations
 
 import hashlib
 
 from tqdm import tqdm
-from utils.audio import AudioError, audio_info
 
 from data.audio.fetchers import Skipped, Utterance
+from utils.audio import AudioError, audio_info
 
 
-def screen(items: list[Utterance], sample_rate: int, max_wav_length: int | None = None,
-           max_text_length: int | None = None) -> tuple[list[Utterance], list[float], Skipped]:
+def screen(
+    items: list[Utterance],
+    sample_rate: int,
+    max_wav_length: int | None = None,
+    max_text_length: int | None = None,
+) -> tuple[list[Utterance], list[float], Skipped]:
     """Keep the items whose text and audio header are usable: ``(kept, seconds, skipped)``.
 
     Reads only headers (soundfile.info), so it is fast on large corpora; audio that is corrupt
@@ -24,8 +29,12 @@ def screen(items: list[Utterance], sample_rate: int, max_wav_length: int | None 
             skipped.append((item.id, "empty text"))
             continue
         if max_text_length is not None and len(text) > max_text_length:
-            skipped.append((item.id, f"too long (text): {len(text)} > max_text_length "
-                                     f"{max_text_length} characters"))
+            skipped.append(
+                (
+                    item.id,
+                    f"too long (text): {len(text)} > max_text_length {max_text_length} characters",
+                )
+            )
             continue
         try:
             frames, rate, _ = audio_info(item.path)
@@ -38,18 +47,23 @@ def screen(items: list[Utterance], sample_rate: int, max_wav_length: int | None 
             continue
         resampled = frames * sample_rate / rate  # length once resampled to sample_rate
         if max_wav_length is not None and resampled > max_wav_length:
-            skipped.append((item.id, f"too long (audio): {resampled:.0f} > max_wav_length "
-                                     f"{max_wav_length} samples"))
+            skipped.append(
+                (
+                    item.id,
+                    f"too long (audio): {resampled:.0f} > max_wav_length {max_wav_length} samples",
+                )
+            )
             continue
-        kept.append(item if text == item.text else Utterance(item.path, text, item.speaker,
-                                                             item.id))
+        kept.append(
+            item if text == item.text else Utterance(item.path, text, item.speaker, item.id)
+        )
         durations.append(frames / rate)
     return kept, durations, skipped
 
 
 def split_fraction(uid: str) -> float:
     """A stable number in [0, 1) for an item id (same on every machine and Python run)."""
-    return int(hashlib.sha1(uid.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32
+    return int(hashlib.sha1(uid.encode("utf-8")).hexdigest()[:8], 16) / 2**32
 
 
 def reason_category(reason: str) -> str:

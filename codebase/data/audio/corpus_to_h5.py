@@ -1,9 +1,9 @@
 """A raw corpus, prepared once into ``data.h5``: codec codes, phoneme ids, text, speaker,
 duration (run by ``python -m data.audio.prepare`` and by ``hdf5_codes`` datasets).
 
-An existing file is brought up to date: items already in it are skipped. Work goes to ``data.h5.partial`` and is
-committed every few items, so a killed run resumes where it stopped; the finished file
-replaces ``data.h5`` atomically, so ``data.h5`` is never half-written.
+An existing file is brought up to date: items already in it are skipped. Work goes to
+``data.h5.partial`` and is committed every few items, so a killed run resumes where it
+stopped; the finished file replaces ``data.h5`` atomically, so it is never half-written.
 
 Layout (all items concatenated; item i is rows ``offsets[i]:offsets[i+1]``):
 ``codes`` int16 [frames, levels], ``code_offsets``, ``phonemes`` int16 (ids, no bos/eos),
@@ -11,6 +11,7 @@ Layout (all items concatenated; item i is rows ``offsets[i]:offsets[i+1]``):
 attributes: ``codec`` and ``phonemizer`` (JSON configs), ``vocab`` (JSON symbol map),
 ``sample_rate``, ``frame_rate``, ``n_levels``, ``codebook_size``, ``n_items``, ``format_version``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,14 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from models.audio.codecs import build_codec
-from models.audio.codecs.mel_rvq import MelRVQCodec
 from tqdm import tqdm
-from utils.audio import AudioError, load_audio
 
 from data.audio.corpus import screen
 from data.audio.fetchers import fetch
 from data.audio.phonemes import PhonemeVocab, Phonemizer
+from models.audio.codecs import build_codec
+from models.audio.codecs.mel_rvq import MelRVQCodec
+from utils.audio import AudioError, load_audio
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -43,6 +44,7 @@ _STR = h5py.string_dtype()
 @dataclass
 class PrepareOptions:
     """``datasets.<phase>.prepare``: how to build the data file from a raw corpus."""
+
     fetcher_mode: str | list[str]  # lj | libritts | tsv (DLAS: a list, one per path)
     path: Path | list[Path]  # the raw corpus (folder, metadata.csv or .tsv)
     codec: str = "mel_rvq"  # encodec | vocos | dac | mel_rvq
@@ -66,15 +68,19 @@ class PrepareReport:
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
     @property
     def realtime_factor(self) -> float:
         """Seconds of audio prepared per second of wall time."""
         return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
     def describe(self) -> str:
         counts = Counter(reason for _, reason in self.skipped)
-        lines = [f"{self.items_added} item(s) added ({self.audio_seconds / 3600:.2f} h of audio "
-                 f"in {self.wall_seconds:.1f} s, {self.realtime_factor:.1f}x real time); "
-                 f"{self.items_total} item(s) in the file"]
+        lines = [
+            f"{self.items_added} item(s) added ({self.audio_seconds / 3600:.2f} h of audio "
+            f"in {self.wall_seconds:.1f} s, {self.realtime_factor:.1f}x real time); "
+            f"{self.items_total} item(s) in the file"
+        ]
         if counts:
             lines.append("skipped: " + ", ".join(f"{n} {r}" for r, n in counts.most_common()))
         return "\n".join(lines)
@@ -84,8 +90,9 @@ def codec_options_for(opts: PrepareOptions, h5_path: Path) -> dict[str, Any]:
     """The codec's options, with mel_rvq's fitted file placed beside data.h5 by default."""
     options = dict(opts.codec_options)
     if opts.codec == "mel_rvq":
-        options["checkpoint"] = str(opts.codec_checkpoint or
-                                    h5_path.with_name(h5_path.stem + "_mel_rvq.safetensors"))
+        options["checkpoint"] = str(
+            opts.codec_checkpoint or h5_path.with_name(h5_path.stem + "_mel_rvq.safetensors")
+        )
     return options
 
 
@@ -98,10 +105,15 @@ def prepare(h5_path: Path, opts: PrepareOptions, progress: bool = True) -> Prepa
     items, screened_out = _screen(items, opts)
     report.skipped += duplicates + screened_out
     if not items:
-        raise ValueError(f"no usable items in {opts.path} (fetcher_mode {opts.fetcher_mode}); "
-                         f"skipped: {report.skipped[:5]}")
-    phonemizer = Phonemizer(language=opts.language, preserve_punctuation=opts.preserve_punctuation,
-                            with_stress=opts.with_stress)
+        raise ValueError(
+            f"no usable items in {opts.path} (fetcher_mode {opts.fetcher_mode}); "
+            f"skipped: {report.skipped[:5]}"
+        )
+    phonemizer = Phonemizer(
+        language=opts.language,
+        preserve_punctuation=opts.preserve_punctuation,
+        with_stress=opts.with_stress,
+    )
     partial = h5_path.with_name(h5_path.name + ".partial")
     if h5_path.exists() and not partial.exists():
         done = set(read_ids(h5_path))
@@ -117,8 +129,13 @@ def prepare(h5_path: Path, opts: PrepareOptions, progress: bool = True) -> Prepa
         symbols = _phonemize(phonemizer, todo, progress)
         vocab = _extend_vocab(f, symbols)
         writer = _Writer(f, opts.flush_every)
-        bar = tqdm(todo, desc=f"preparing {h5_path.name}", unit="item", disable=not progress,
-                   mininterval=1.0)
+        bar = tqdm(
+            todo,
+            desc=f"preparing {h5_path.name}",
+            unit="item",
+            disable=not progress,
+            mininterval=1.0,
+        )
         for u, syms in zip(bar, symbols):
             reason = _add_item(writer, codec, vocab, u, syms, opts, report)
             if reason:
@@ -130,8 +147,15 @@ def prepare(h5_path: Path, opts: PrepareOptions, progress: bool = True) -> Prepa
     return report
 
 
-def _add_item(writer: "_Writer", codec: Any, vocab: Any, u: Any, symbols: list[str],
-              opts: PrepareOptions, report: PrepareReport) -> str | None:
+def _add_item(
+    writer: _Writer,
+    codec: Any,
+    vocab: Any,
+    u: Any,
+    symbols: list[str],
+    opts: PrepareOptions,
+    report: PrepareReport,
+) -> str | None:
     """Encode one utterance and queue it; returns a skip reason or None."""
     if not symbols:
         return "no phonemes (empty text)"
@@ -154,12 +178,15 @@ def _add_item(writer: "_Writer", codec: Any, vocab: Any, u: Any, symbols: list[s
 
 class _Writer:
     """Buffers items and appends them to the resizable datasets, committing ``n_items``."""
+
     def __init__(self, f: h5py.File, flush_every: int) -> None:
         self.f, self.flush_every, self.buffer = f, flush_every, []
+
     def add(self, u: Any, codes: np.ndarray, phonemes: np.ndarray, duration: float) -> None:
         self.buffer.append((u, codes, phonemes, duration))
         if len(self.buffer) >= self.flush_every:
             self.flush()
+
     def flush(self) -> None:
         if not self.buffer:
             return
@@ -192,8 +219,10 @@ def _write(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
 
 class _open_partial:
     """Open (or create) the partial file; a corrupt one from a killed run is started over."""
+
     def __init__(self, path: Path, codec: Any, phonemizer: Any) -> None:
         self.path, self.codec, self.phonemizer = path, codec, phonemizer
+
     def __enter__(self) -> h5py.File:
         if self.path.exists():
             try:
@@ -206,20 +235,27 @@ class _open_partial:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = f = h5py.File(self.path, "w")
         levels = self.codec.n_levels
-        f.create_dataset("codes", (0, levels), np.int16, maxshape=(None, levels),
-                         chunks=(4096, levels))
+        f.create_dataset(
+            "codes", (0, levels), np.int16, maxshape=(None, levels), chunks=(4096, levels)
+        )
         f.create_dataset("phonemes", (0,), np.int16, maxshape=(None,), chunks=(8192,))
         for name in ("code_offsets", "phoneme_offsets"):
             f.create_dataset(name, (1,), np.int64, maxshape=(None,), chunks=(1024,), data=[0])
         for name in ("ids", "texts", "speakers"):
             f.create_dataset(name, (0,), _STR, maxshape=(None,), chunks=(1024,))
         f.create_dataset("durations", (0,), np.float32, maxshape=(None,), chunks=(1024,))
-        f.attrs.update(format_version=FORMAT_VERSION, n_items=0,
-                       codec=json.dumps(self.codec.config()),
-                       phonemizer=json.dumps(self.phonemizer.config()),
-                       sample_rate=self.codec.sample_rate, frame_rate=self.codec.frame_rate,
-                       n_levels=levels, codebook_size=self.codec.codebook_size)
+        f.attrs.update(
+            format_version=FORMAT_VERSION,
+            n_items=0,
+            codec=json.dumps(self.codec.config()),
+            phonemizer=json.dumps(self.phonemizer.config()),
+            sample_rate=self.codec.sample_rate,
+            frame_rate=self.codec.frame_rate,
+            n_levels=levels,
+            codebook_size=self.codec.codebook_size,
+        )
         return f
+
     def __exit__(self, *exc: Any) -> None:
         self.f.close()
 
@@ -228,12 +264,20 @@ def _check_compatible(f: h5py.File, codec: Any, phonemizer: Any, path: Path) -> 
     for key, now in (("codec", codec.config()), ("phonemizer", phonemizer.config())):
         before = json.loads(f.attrs[key])
         if before != json.loads(json.dumps(now)):
-            raise ValueError(f"{path} was prepared with {key} {before}, but the options now ask "
-                             f"for {now}; delete the file (and its .partial) to prepare it anew, "
-                             f"or restore the original options")
+            raise ValueError(
+                f"{path} was prepared with {key} {before}, but the options now ask "
+                f"for {now}; delete the file (and its .partial) to prepare it anew, "
+                f"or restore the original options"
+            )
     n = int(f.attrs["n_items"])  # drop rows written after the last commit
-    for name, rows in (("code_offsets", n + 1), ("phoneme_offsets", n + 1), ("ids", n),
-                       ("texts", n), ("speakers", n), ("durations", n)):
+    for name, rows in (
+        ("code_offsets", n + 1),
+        ("phoneme_offsets", n + 1),
+        ("ids", n),
+        ("texts", n),
+        ("speakers", n),
+        ("durations", n),
+    ):
         f[name].resize(rows, axis=0)
     f["codes"].resize(int(f["code_offsets"][n]), axis=0)
     f["phonemes"].resize(int(f["phoneme_offsets"][n]), axis=0)
@@ -254,10 +298,11 @@ def _extend_vocab(f: h5py.File, symbol_lists: list[list[str]]) -> Any:
 def _phonemize(phonemizer: Any, items: list[Any], progress: bool) -> list[list[str]]:
     out: list[list[str]] = []
     chunk = 256
-    bar = tqdm(total=len(items), desc="phonemizing", unit="item", disable=not progress,
-               mininterval=1.0)
+    bar = tqdm(
+        total=len(items), desc="phonemizing", unit="item", disable=not progress, mininterval=1.0
+    )
     for start in range(0, len(items), chunk):
-        texts = [u.text for u in items[start:start + chunk]]
+        texts = [u.text for u in items[start : start + chunk]]
         out += phonemizer.phonemize_symbols(texts)
         bar.update(len(texts))
     bar.close()
@@ -278,8 +323,9 @@ def fit_mel_rvq(out: Path, items: list[Any], opts: PrepareOptions, progress: boo
     sample_rate = arch.get("sample_rate", 16000)
     order = np.random.default_rng(0).permutation(len(items))
     wavs, seconds = [], 0.0
-    for i in tqdm(order, desc="loading audio to fit mel_rvq", disable=not progress,
-                  mininterval=1.0):
+    for i in tqdm(
+        order, desc="loading audio to fit mel_rvq", disable=not progress, mininterval=1.0
+    ):
         if seconds >= opts.fit_minutes * 60:
             break
         try:

@@ -9,6 +9,7 @@ redone). Held-out texts never occur in training. Same seed -> same TSVs and WAV 
 
 Build from ``codebase/``: ``python -m data.audio.demo_corpus --out /tmp/corpus``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ from typing import Callable
 
 import torch
 from tqdm import tqdm
-from utils.audio import save_audio
-from utils.io import atomic_write
 
 from data.audio.espeak_synth import EspeakSynth
+from utils.audio import save_audio
+from utils.io import atomic_write
 
 FORMAT_VERSION = 1  # bump when sentences, voices or layout change, so old corpora are rebuilt
 SAMPLE_RATE = 16000
@@ -39,73 +40,261 @@ CHUNKSIZE = 16  # utterances per pool task: amortises IPC, still balances two wo
 # (variant, pitch, pitch_range, rate): male variants low, female high, rates 140-200, so that
 # neighbouring speakers differ in at least two of timbre, pitch and tempo.
 VOICES: list[tuple[str, int, int, int]] = [
-    ("m3", 30, 40, 160), ("f2", 75, 60, 175), ("m1", 20, 30, 190), ("f4", 85, 70, 150),
-    ("m7", 40, 55, 200), ("f1", 65, 80, 165), ("m2", 25, 45, 145), ("f5", 80, 40, 185),
-    ("m4", 35, 65, 170), ("f3", 70, 50, 140), ("klatt", 45, 60, 180), ("m6", 15, 35, 155),
+    ("m3", 30, 40, 160),
+    ("f2", 75, 60, 175),
+    ("m1", 20, 30, 190),
+    ("f4", 85, 70, 150),
+    ("m7", 40, 55, 200),
+    ("f1", 65, 80, 165),
+    ("m2", 25, 45, 145),
+    ("f5", 80, 40, 185),
+    ("m4", 35, 65, 170),
+    ("f3", 70, 50, 140),
+    ("klatt", 45, 60, 180),
+    ("m6", 15, 35, 155),
 ]
 
 # --- sentences: a small grammar plus hand-written lines (numbers spelled out, so the text
 # needs no normalisation and the phonemes match what espeak says) ---
 MIN_WORDS, MAX_WORDS = 4, 10
 DETERMINERS = ["the", "a", "this", "that", "my", "your", "his", "her", "our", "their", "every"]
-ADJECTIVES = ["red", "old", "quiet", "happy", "little", "bright", "cold", "heavy", "gentle",
-              "strange", "green", "tired", "clever", "empty", "busy", "golden", "small", "dark",
-              "warm", "yellow", "brave", "noisy", "soft", "ancient", "lucky", "wooden"]
-NOUNS = ["dog", "farmer", "window", "teacher", "river", "apple", "garden", "doctor", "bottle",
-         "student", "mountain", "letter", "engine", "painter", "basket", "village", "kitten",
-         "sailor", "pencil", "island", "bridge", "baker", "candle", "forest", "wagon", "singer",
-         "blanket", "hammer", "rabbit", "castle", "jacket", "driver", "flower", "kettle",
-         "market", "orange", "ticket", "button", "tower", "violin"]
-VERBS = [("find", "found"), ("carry", "carried"), ("paint", "painted"), ("follow", "followed"),
-         ("watch", "watched"), ("open", "opened"), ("clean", "cleaned"), ("build", "built"),
-         ("bring", "brought"), ("sell", "sold"), ("visit", "visited"), ("hide", "hid"),
-         ("borrow", "borrowed"), ("push", "pushed"), ("draw", "drew"), ("lift", "lifted"),
-         ("fix", "fixed"), ("count", "counted"), ("wash", "washed"), ("catch", "caught")]
-INTRANSITIVE = [("sleep", "slept"), ("wait", "waited"), ("sing", "sang"), ("run", "ran"),
-                ("sit", "sat"), ("dance", "danced"), ("walk", "walked"), ("rest", "rested"),
-                ("play", "played"), ("stand", "stood")]
-ADVERBS = ["slowly", "quickly", "quietly", "carefully", "happily", "suddenly", "gently",
-           "often", "never", "always", "proudly", "loudly"]
-PREPOSITIONS = ["under", "near", "behind", "beside", "inside", "across", "over", "around",
-                "beyond", "below"]
-NAMES = ["Anna", "Peter", "Maria", "John", "Lucy", "Oscar", "Emma", "David", "Sofia", "Henry",
-         "Clara", "Victor", "Nina", "Samuel", "Julia", "Martin", "Rosa", "Thomas"]
-NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve",
-           "twenty", "forty", "a hundred"]
-TIMES = ["today", "yesterday", "this morning", "last night", "on Sunday", "after lunch",
-         "at noon", "every week"]
+ADJECTIVES = [
+    "red",
+    "old",
+    "quiet",
+    "happy",
+    "little",
+    "bright",
+    "cold",
+    "heavy",
+    "gentle",
+    "strange",
+    "green",
+    "tired",
+    "clever",
+    "empty",
+    "busy",
+    "golden",
+    "small",
+    "dark",
+    "warm",
+    "yellow",
+    "brave",
+    "noisy",
+    "soft",
+    "ancient",
+    "lucky",
+    "wooden",
+]
+NOUNS = [
+    "dog",
+    "farmer",
+    "window",
+    "teacher",
+    "river",
+    "apple",
+    "garden",
+    "doctor",
+    "bottle",
+    "student",
+    "mountain",
+    "letter",
+    "engine",
+    "painter",
+    "basket",
+    "village",
+    "kitten",
+    "sailor",
+    "pencil",
+    "island",
+    "bridge",
+    "baker",
+    "candle",
+    "forest",
+    "wagon",
+    "singer",
+    "blanket",
+    "hammer",
+    "rabbit",
+    "castle",
+    "jacket",
+    "driver",
+    "flower",
+    "kettle",
+    "market",
+    "orange",
+    "ticket",
+    "button",
+    "tower",
+    "violin",
+]
+VERBS = [
+    ("find", "found"),
+    ("carry", "carried"),
+    ("paint", "painted"),
+    ("follow", "followed"),
+    ("watch", "watched"),
+    ("open", "opened"),
+    ("clean", "cleaned"),
+    ("build", "built"),
+    ("bring", "brought"),
+    ("sell", "sold"),
+    ("visit", "visited"),
+    ("hide", "hid"),
+    ("borrow", "borrowed"),
+    ("push", "pushed"),
+    ("draw", "drew"),
+    ("lift", "lifted"),
+    ("fix", "fixed"),
+    ("count", "counted"),
+    ("wash", "washed"),
+    ("catch", "caught"),
+]
+INTRANSITIVE = [
+    ("sleep", "slept"),
+    ("wait", "waited"),
+    ("sing", "sang"),
+    ("run", "ran"),
+    ("sit", "sat"),
+    ("dance", "danced"),
+    ("walk", "walked"),
+    ("rest", "rested"),
+    ("play", "played"),
+    ("stand", "stood"),
+]
+ADVERBS = [
+    "slowly",
+    "quickly",
+    "quietly",
+    "carefully",
+    "happily",
+    "suddenly",
+    "gently",
+    "often",
+    "never",
+    "always",
+    "proudly",
+    "loudly",
+]
+PREPOSITIONS = [
+    "under",
+    "near",
+    "behind",
+    "beside",
+    "inside",
+    "across",
+    "over",
+    "around",
+    "beyond",
+    "below",
+]
+NAMES = [
+    "Anna",
+    "Peter",
+    "Maria",
+    "John",
+    "Lucy",
+    "Oscar",
+    "Emma",
+    "David",
+    "Sofia",
+    "Henry",
+    "Clara",
+    "Victor",
+    "Nina",
+    "Samuel",
+    "Julia",
+    "Martin",
+    "Rosa",
+    "Thomas",
+]
+NUMBERS = [
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "twelve",
+    "twenty",
+    "forty",
+    "a hundred",
+]
+TIMES = [
+    "today",
+    "yesterday",
+    "this morning",
+    "last night",
+    "on Sunday",
+    "after lunch",
+    "at noon",
+    "every week",
+]
 
 HAND_WRITTEN = [
-    "The sun rose slowly over the hills.", "Please close the door behind you.",
-    "How much does this old clock cost?", "We should leave before it gets dark.",
-    "My brother plays the piano every evening.", "The train to the city is late again.",
-    "Could you pass me the salt, please?", "She wrote a long letter to her friend.",
-    "It was raining when we reached the station.", "Nobody knew the answer to the question.",
-    "The children laughed at the funny clown.", "Turn left at the end of the street.",
-    "I have never seen such a tall tree.", "The soup is too hot to eat.",
-    "Where did you put my glasses?", "The birds sing loudly in the morning.",
-    "Our neighbours are moving to another town.", "He forgot his umbrella on the bus.",
-    "The museum opens at nine o'clock.", "Let us meet at the corner cafe.",
-    "This road leads down to the sea.", "Why is the sky blue today?",
-    "The cat jumped onto the kitchen table.", "They built a small boat last summer.",
-    "Please speak a little more slowly.", "The library is closed on Mondays.",
-    "Fresh bread smells wonderful in the morning.", "The wind blew the leaves across the yard.",
-    "Can you hear the music next door?", "She always drinks tea without sugar.",
-    "The meeting will start in ten minutes.", "Keep the change, and thank you.",
-    "A good book is a loyal friend.", "The river flooded the fields in spring.",
-    "Do not touch the wet paint.", "We watched the stars until midnight.",
-    "His voice echoed through the empty hall.", "The price of apples went up again.",
-    "Bring a warm coat, it will be cold.", "The old man fed the pigeons bread.",
-    "Is there a pharmacy near here?", "I will call you when I arrive.",
-    "The garden looks lovely after the rain.", "She painted the fence bright blue.",
-    "What time does the last bus leave?", "The baby finally fell asleep.",
-    "Our team won the match on Saturday.", "Water boils at one hundred degrees.",
-    "Put the books back on the shelf.", "The lamp in the hallway is broken.",
-    "He runs five miles every morning.", "The snow covered the whole village.",
-    "Which way is the train station?", "The soup needs a little more salt.",
-    "My grandmother tells the best stories.", "Listen carefully to the instructions.",
-    "The ship sailed away at dawn.", "Everyone was waiting for the announcement.",
-    "The coffee machine makes a strange noise.", "We planted roses along the path.",
+    "The sun rose slowly over the hills.",
+    "Please close the door behind you.",
+    "How much does this old clock cost?",
+    "We should leave before it gets dark.",
+    "My brother plays the piano every evening.",
+    "The train to the city is late again.",
+    "Could you pass me the salt, please?",
+    "She wrote a long letter to her friend.",
+    "It was raining when we reached the station.",
+    "Nobody knew the answer to the question.",
+    "The children laughed at the funny clown.",
+    "Turn left at the end of the street.",
+    "I have never seen such a tall tree.",
+    "The soup is too hot to eat.",
+    "Where did you put my glasses?",
+    "The birds sing loudly in the morning.",
+    "Our neighbours are moving to another town.",
+    "He forgot his umbrella on the bus.",
+    "The museum opens at nine o'clock.",
+    "Let us meet at the corner cafe.",
+    "This road leads down to the sea.",
+    "Why is the sky blue today?",
+    "The cat jumped onto the kitchen table.",
+    "They built a small boat last summer.",
+    "Please speak a little more slowly.",
+    "The library is closed on Mondays.",
+    "Fresh bread smells wonderful in the morning.",
+    "The wind blew the leaves across the yard.",
+    "Can you hear the music next door?",
+    "She always drinks tea without sugar.",
+    "The meeting will start in ten minutes.",
+    "Keep the change, and thank you.",
+    "A good book is a loyal friend.",
+    "The river flooded the fields in spring.",
+    "Do not touch the wet paint.",
+    "We watched the stars until midnight.",
+    "His voice echoed through the empty hall.",
+    "The price of apples went up again.",
+    "Bring a warm coat, it will be cold.",
+    "The old man fed the pigeons bread.",
+    "Is there a pharmacy near here?",
+    "I will call you when I arrive.",
+    "The garden looks lovely after the rain.",
+    "She painted the fence bright blue.",
+    "What time does the last bus leave?",
+    "The baby finally fell asleep.",
+    "Our team won the match on Saturday.",
+    "Water boils at one hundred degrees.",
+    "Put the books back on the shelf.",
+    "The lamp in the hallway is broken.",
+    "He runs five miles every morning.",
+    "The snow covered the whole village.",
+    "Which way is the train station?",
+    "The soup needs a little more salt.",
+    "My grandmother tells the best stories.",
+    "Listen carefully to the instructions.",
+    "The ship sailed away at dawn.",
+    "Everyone was waiting for the announcement.",
+    "The coffee machine makes a strange noise.",
+    "We planted roses along the path.",
 ]
 
 
@@ -134,16 +323,20 @@ def _np(rng: random.Random) -> str:
 _TEMPLATES: tuple[Callable[[random.Random, str, str, str], str], ...] = (
     lambda r, verb, past, ipast: f"{_np(r)} {past} {_np(r)}.",
     lambda r, verb, past, ipast: f"{_np(r)} {ipast} {r.choice(PREPOSITIONS)} {_np(r)}.",
-    lambda r, verb, past, ipast: (f"{r.choice(NAMES)} {r.choice(ADVERBS)} {past} {_np(r)} "
-                                  f"{r.choice(TIMES)}."),
+    lambda r, verb, past, ipast: (
+        f"{r.choice(NAMES)} {r.choice(ADVERBS)} {past} {_np(r)} {r.choice(TIMES)}."
+    ),
     lambda r, verb, past, ipast: f"did {_np(r)} {verb} {_np(r)}?",
-    lambda r, verb, past, ipast: (f"{r.choice(['where', 'when', 'why'])} did "
-                                  f"{r.choice(NAMES)} {verb} {_np(r)}?"),
+    lambda r, verb, past, ipast: (
+        f"{r.choice(['where', 'when', 'why'])} did {r.choice(NAMES)} {verb} {_np(r)}?"
+    ),
     lambda r, verb, past, ipast: f"{verb} {_np(r)} {r.choice(PREPOSITIONS)} {_np(r)}.",
     lambda r, verb, past, ipast: f"please {verb} {_np(r)} {r.choice(ADVERBS)}.",
-    lambda r, verb, past, ipast: (f"{r.choice(NAMES)} and {r.choice(NAMES)} {past} "
-                                  f"{r.choice(NUMBERS)} {r.choice(ADJECTIVES)} "
-                                  f"{_plural(r.choice(NOUNS))}."),
+    lambda r, verb, past, ipast: (
+        f"{r.choice(NAMES)} and {r.choice(NAMES)} {past} "
+        f"{r.choice(NUMBERS)} {r.choice(ADJECTIVES)} "
+        f"{_plural(r.choice(NOUNS))}."
+    ),
     lambda r, verb, past, ipast: f"{_np(r)} {ipast} and {_np(r)} {r.choice(INTRANSITIVE)[1]}.",
 )
 
@@ -166,6 +359,7 @@ def make_sentence(rng: random.Random) -> str:
 @dataclass
 class DemoCorpus:
     """Where a built corpus is and how big it is."""
+
     root: Path
     train_tsv: Path
     heldout_tsv: Path
@@ -180,8 +374,10 @@ def speaker_settings(speakers: int) -> dict[str, dict]:
     """``spk0``.. -> espeak settings from :data:`VOICES`."""
     if not 1 <= speakers <= len(VOICES):
         raise ValueError(f"speakers={speakers}: the demo corpus has 1 to {len(VOICES)} voices")
-    return {f"spk{i}": dict(variant=v, pitch=p, pitch_range=r, rate=w)
-            for i, (v, p, r, w) in enumerate(VOICES[:speakers])}
+    return {
+        f"spk{i}": dict(variant=v, pitch=p, pitch_range=r, rate=w)
+        for i, (v, p, r, w) in enumerate(VOICES[:speakers])
+    }
 
 
 def _key(text: str) -> str:
@@ -202,8 +398,10 @@ def make_sentences(count: int, rng: random.Random) -> list[str]:
         else:
             text, attempts = make_sentence(rng), attempts + 1
             if attempts > 50 * count + 1000:
-                raise RuntimeError(f"the demo grammar gave only {len(out)} distinct sentences "
-                                   f"of the {count} asked for")
+                raise RuntimeError(
+                    f"the demo grammar gave only {len(out)} distinct sentences "
+                    f"of the {count} asked for"
+                )
         if _key(text) not in seen:
             seen.add(_key(text))
             out.append(text)
@@ -221,8 +419,10 @@ def plan(utterances: int, speakers: int, seed: int) -> tuple[list[tuple], list[t
     held_utts = sum(1 if j % 2 == 0 or speakers == 1 else 2 for j in range(n_held))
     n_train = utterances - held_utts
     if n_train < speakers:
-        raise ValueError(f"utterances={utterances}: {held_utts} go to the held-out set, which "
-                         f"leaves fewer than one training utterance per speaker ({speakers})")
+        raise ValueError(
+            f"utterances={utterances}: {held_utts} go to the held-out set, which "
+            f"leaves fewer than one training utterance per speaker ({speakers})"
+        )
     rng = random.Random(seed)
     texts = make_sentences(n_held + n_train, rng)
     names = list(speaker_settings(speakers))
@@ -231,8 +431,14 @@ def plan(utterances: int, speakers: int, seed: int) -> tuple[list[tuple], list[t
         who = rng.sample(names, 1 if j % 2 == 0 or speakers == 1 else 2)
         held += [(f"wavs/{s}/h{j:05d}_{s}.wav", text, s) for s in who]
     offset = rng.randrange(speakers)
-    train = [(f"wavs/{names[(i + offset) % speakers]}/u{i:06d}.wav", text,
-              names[(i + offset) % speakers]) for i, text in enumerate(texts[n_held:])]
+    train = [
+        (
+            f"wavs/{names[(i + offset) % speakers]}/u{i:06d}.wav",
+            text,
+            names[(i + offset) % speakers],
+        )
+        for i, text in enumerate(texts[n_held:])
+    ]
     return train, held
 
 
@@ -271,8 +477,14 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def build_demo_corpus(out: Path = DEFAULT_OUT, utterances: int = 5000, speakers: int = 8,
-                      seed: int = 0, workers: int = 2, progress: bool = True) -> DemoCorpus:
+def build_demo_corpus(
+    out: Path = DEFAULT_OUT,
+    utterances: int = 5000,
+    speakers: int = 8,
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+) -> DemoCorpus:
     """Build the corpus into ``out`` (or return the one already there for the same arguments).
 
     Args:
@@ -284,8 +496,13 @@ def build_demo_corpus(out: Path = DEFAULT_OUT, utterances: int = 5000, speakers:
     """
     out = Path(out)
     meta_path = out / "corpus.json"
-    wanted = dict(format_version=FORMAT_VERSION, seed=seed, utterances=utterances,
-                  speakers=speakers, sample_rate=SAMPLE_RATE)
+    wanted = dict(
+        format_version=FORMAT_VERSION,
+        seed=seed,
+        utterances=utterances,
+        speakers=speakers,
+        sample_rate=SAMPLE_RATE,
+    )
     if meta_path.is_file() and (out / "train.tsv").is_file() and (out / "heldout.tsv").is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if {k: meta.get(k) for k in wanted} == wanted:
@@ -314,18 +531,28 @@ def build_demo_corpus(out: Path = DEFAULT_OUT, utterances: int = 5000, speakers:
     _write_tsv(out / "train.tsv", train)
     _write_tsv(out / "heldout.tsv", held)
     _write_json(out / "speakers.json", settings)
-    meta = dict(wanted, train_utterances=len(train), heldout_utterances=len(held),
-                seconds=round(sum(seconds), 3), build_seconds=round(elapsed, 1))
+    meta = dict(
+        wanted,
+        train_utterances=len(train),
+        heldout_utterances=len(held),
+        seconds=round(sum(seconds), 3),
+        build_seconds=round(elapsed, 1),
+    )
     _write_json(meta_path, meta)
     return _corpus(out, meta)
 
 
 def _corpus(out: Path, meta: dict) -> DemoCorpus:
-    return DemoCorpus(root=out, train_tsv=out / "train.tsv", heldout_tsv=out / "heldout.tsv",
-                      speakers_json=out / "speakers.json",
-                      train_utterances=meta["train_utterances"],
-                      heldout_utterances=meta["heldout_utterances"], speakers=meta["speakers"],
-                      seconds=meta["seconds"])
+    return DemoCorpus(
+        root=out,
+        train_tsv=out / "train.tsv",
+        heldout_tsv=out / "heldout.tsv",
+        speakers_json=out / "speakers.json",
+        train_utterances=meta["train_utterances"],
+        heldout_utterances=meta["heldout_utterances"],
+        speakers=meta["speakers"],
+        seconds=meta["seconds"],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -340,10 +567,15 @@ def main(argv: list[str] | None = None) -> None:
     corpus = build_demo_corpus(a.out, a.utterances, a.speakers, a.seed, a.workers)
     elapsed = time.perf_counter() - start
     n = corpus.train_utterances + corpus.heldout_utterances
-    print(json.dumps({k: str(v) if isinstance(v, Path) else v
-                      for k, v in asdict(corpus).items()}, indent=2))
-    print(f"{n} utterances, {corpus.seconds / 3600:.2f} h of audio, {elapsed:.1f} s "
-          f"({n / max(elapsed, 1e-9):.0f} utt/s; a near-zero time means it was already built)")
+    print(
+        json.dumps(
+            {k: str(v) if isinstance(v, Path) else v for k, v in asdict(corpus).items()}, indent=2
+        )
+    )
+    print(
+        f"{n} utterances, {corpus.seconds / 3600:.2f} h of audio, {elapsed:.1f} s "
+        f"({n / max(elapsed, 1e-9):.0f} utt/s; a near-zero time means it was already built)"
+    )
 
 
 if __name__ == "__main__":

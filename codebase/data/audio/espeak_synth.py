@@ -12,6 +12,7 @@ process (worker pools should use processes).
 
 Check from ``codebase/``: ``python -m data.audio.espeak_synth "Hello there." --out /tmp/a.wav``.
 """
+
 from __future__ import annotations
 
 import _ctypes
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio.functional as AF
+
 from utils.audio import save_audio
 from utils.registry import did_you_mean
 
@@ -39,8 +41,9 @@ EE_OK = 0
 BUFFER_MS = 200  # callback chunk length; only affects how often the callback runs
 
 # int callback(short *wav, int numsamples, espeak_EVENT *events); return 0 = go on.
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                             ctypes.c_void_p)
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 RAND_SEED = 0
 _libc = ctypes.CDLL(None)  # the process's C library, whose rand() espeak's noise uses
@@ -84,23 +87,35 @@ class _Espeak:
             self.lib.espeak_Terminate()
             _ctypes.dlclose(self.lib._handle)  # last reference: the next dlopen starts afresh
         self.lib = lib = ctypes.CDLL(str(self.path))
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
-                                          ctypes.c_int]
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]
         lib.espeak_SetSynthCallback.restype = None
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint,
-                                     ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
-                                     ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
-        for fn in ("espeak_SetVoiceByName", "espeak_SetParameter", "espeak_Synth",
-                   "espeak_Synchronize", "espeak_Terminate"):
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.c_void_p,
+        ]
+        for fn in (
+            "espeak_SetVoiceByName",
+            "espeak_SetParameter",
+            "espeak_Synth",
+            "espeak_Synchronize",
+            "espeak_Terminate",
+        ):
             getattr(lib, fn).restype = ctypes.c_int
         rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, BUFFER_MS, self.data.encode(), 0)
         if rate <= 0:
-            raise RuntimeError(f"espeak_Initialize failed (data folder {self.data}); reinstall "
-                               "espeakng-loader")
+            raise RuntimeError(
+                f"espeak_Initialize failed (data folder {self.data}); reinstall espeakng-loader"
+            )
         lib.espeak_SetSynthCallback(self._callback)
         # espeak_Initialize seeds the noise generators (breathy voices such as f2, f5) from
         # the clock: fix both seeds, or the same call gives different samples each second.
@@ -140,8 +155,12 @@ def variants() -> frozenset[str]:
     return frozenset(f.name for f in folder.iterdir() if f.is_file())
 
 
-def trim_silence(wav: torch.Tensor, sample_rate: int, threshold: float = SILENCE_THRESHOLD,
-                 keep_s: float = KEEP_SILENCE_S) -> torch.Tensor:
+def trim_silence(
+    wav: torch.Tensor,
+    sample_rate: int,
+    threshold: float = SILENCE_THRESHOLD,
+    keep_s: float = KEEP_SILENCE_S,
+) -> torch.Tensor:
     """Cut leading/trailing samples with ``|x| < threshold`` down to ``keep_s`` each. [T]"""
     loud = torch.nonzero(wav.abs() >= threshold).flatten()
     if loud.numel() == 0:
@@ -163,9 +182,16 @@ class EspeakSynth:
         self.sample_rate_out = int(sample_rate_out)
         self.sample_rate_native = _espeak().sample_rate
 
-    def synthesize(self, text: str, voice: str = "en-us", variant: str | None = None,
-                   rate: int = 175, pitch: int = 50, pitch_range: int = 50,
-                   word_gap: int = 0) -> torch.Tensor:
+    def synthesize(
+        self,
+        text: str,
+        voice: str = "en-us",
+        variant: str | None = None,
+        rate: int = 175,
+        pitch: int = 50,
+        pitch_range: int = 50,
+        word_gap: int = 0,
+    ) -> torch.Tensor:
         """Speak ``text``; returns float32 [T] in [-1, 1] at ``sample_rate_out``.
 
         Args:
@@ -180,21 +206,32 @@ class EspeakSynth:
         es = _espeak()
         if variant is not None and variant not in variants():
             # espeak would silently speak the plain voice instead
-            raise ValueError(f"espeak variant {variant!r} does not exist"
-                             f"{did_you_mean(variant, variants())}; choose from "
-                             f"{', '.join(sorted(variants()))}")
+            raise ValueError(
+                f"espeak variant {variant!r} does not exist"
+                f"{did_you_mean(variant, variants())}; choose from "
+                f"{', '.join(sorted(variants()))}"
+            )
         es.reload()
         name = (f"{voice}+{variant}" if variant else voice).encode()
         es.check(es.lib.espeak_SetVoiceByName(name), f"voice {name.decode()!r}")
         # After the voice: SetVoiceByName resets pitch and range to the variant's own.
-        for param, value in ((ESPEAK_RATE, rate), (ESPEAK_VOLUME, 100), (ESPEAK_PITCH, pitch),
-                             (ESPEAK_RANGE, pitch_range), (ESPEAK_WORDGAP, word_gap)):
+        for param, value in (
+            (ESPEAK_RATE, rate),
+            (ESPEAK_VOLUME, 100),
+            (ESPEAK_PITCH, pitch),
+            (ESPEAK_RANGE, pitch_range),
+            (ESPEAK_WORDGAP, word_gap),
+        ):
             es.check(es.lib.espeak_SetParameter(param, int(value), 0), f"parameter {param}")
         data = text.encode("utf-8") + b"\0"
         es.chunks = []
         try:
-            es.check(es.lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8,
-                                         None, None), f"synthesizing {text!r}")
+            es.check(
+                es.lib.espeak_Synth(
+                    data, len(data), 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None
+                ),
+                f"synthesizing {text!r}",
+            )
             es.check(es.lib.espeak_Synchronize(), "synchronize")
             pcm = np.concatenate(es.chunks) if es.chunks else np.zeros(0, np.int16)
         finally:

@@ -8,15 +8,15 @@ that every consumer screens items the same way.
 Fetchers are registered by DLAS's ``fetcher_mode`` name; add one with
 ``@FETCHERS.register("name")`` on a function ``(root: Path) -> (items, skipped)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from utils.registry import Registry
-
 from data.audio.demo_corpus import build_demo_corpus
+from utils.registry import Registry
 
 Skipped = list[tuple[str, str]]
 Fetcher = Callable[[Path], tuple[list["Utterance"], Skipped]]
@@ -27,6 +27,7 @@ FETCHERS: Registry[Fetcher] = Registry("fetcher_mode")
 @dataclass(frozen=True)
 class Utterance:
     """One corpus entry: its audio file, transcript, speaker name and corpus-wide id."""
+
     path: Path
     text: str
     speaker: str
@@ -35,8 +36,9 @@ class Utterance:
 
 def _read_lines(file: Path) -> list[str]:
     if not file.is_file():
-        raise FileNotFoundError(f"corpus index {file} does not exist; check `path` in the "
-                                f"dataset options")
+        raise FileNotFoundError(
+            f"corpus index {file} does not exist; check `path` in the dataset options"
+        )
     # utf-8-sig: strips the byte-order mark spreadsheet tools put at the start of CSV/TSV files
     return file.read_text(encoding="utf-8-sig").splitlines()
 
@@ -72,16 +74,30 @@ def fetch_libritts(root: Path) -> tuple[list[Utterance], Skipped]:
     (``train-clean-100``) or one speaker's folder."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"LibriTTS folder {root} does not exist; check `path` in the "
-                                f"dataset options")
+        raise FileNotFoundError(
+            f"LibriTTS folder {root} does not exist; check `path` in the dataset options"
+        )
     items, skipped = [], []
     for wav in sorted(root.rglob("*.wav")):
         uid = wav.stem
-        transcript = next((t for t in (wav.with_name(f"{uid}.normalized.txt"),
-                                       wav.with_name(f"{uid}.original.txt")) if t.is_file()), None)
+        transcript = next(
+            (
+                t
+                for t in (
+                    wav.with_name(f"{uid}.normalized.txt"),
+                    wav.with_name(f"{uid}.original.txt"),
+                )
+                if t.is_file()
+            ),
+            None,
+        )
         if transcript is None:
-            skipped.append((str(wav), f"missing transcript: no {uid}.normalized.txt or "
-                                      f"{uid}.original.txt beside it"))
+            skipped.append(
+                (
+                    str(wav),
+                    f"missing transcript: no {uid}.normalized.txt or {uid}.original.txt beside it",
+                )
+            )
             continue
         try:
             text = " ".join(transcript.read_text(encoding="utf-8").split())
@@ -111,9 +127,14 @@ def fetch_tsv(root: Path) -> tuple[list[Utterance], Skipped]:
         if number == 1 and [f.lower() for f in fields] == TSV_HEADER:
             continue
         if len(fields) != 3 or not fields[0] or not fields[2]:
-            skipped.append((f"{tsv}:{number}", f"malformed line: expected 3 tab-separated "
-                                               f"columns path, text, speaker (path and speaker "
-                                               f"non-empty), got {len(fields)} column(s)"))
+            skipped.append(
+                (
+                    f"{tsv}:{number}",
+                    f"malformed line: expected 3 tab-separated "
+                    f"columns path, text, speaker (path and speaker "
+                    f"non-empty), got {len(fields)} column(s)",
+                )
+            )
             continue
         rel, text, speaker = fields
         audio = Path(rel).expanduser()
@@ -131,14 +152,17 @@ def fetch_demo(root: Path) -> tuple[list[Utterance], Skipped]:
     root = Path(root)
     if not root.is_file():
         if root.name not in ("train.tsv", "heldout.tsv"):
-            raise ValueError(f"fetcher_mode demo: path must be a demo corpus's train.tsv or "
-                             f"heldout.tsv, got {root}")
+            raise ValueError(
+                f"fetcher_mode demo: path must be a demo corpus's train.tsv or "
+                f"heldout.tsv, got {root}"
+            )
         build_demo_corpus(root.parent)
     return fetch_tsv(root)
 
 
-def fetch(fetcher_mode: str | list[str], path: Path | str | list[Path] | list[str]
-          ) -> tuple[list[Utterance], Skipped]:
+def fetch(
+    fetcher_mode: str | list[str], path: Path | str | list[Path] | list[str]
+) -> tuple[list[Utterance], Skipped]:
     """Read one corpus or several: ``fetcher_mode`` and ``path`` are single values or lists of
     equal length (DLAS writes ``fetcher_mode: ['lj']``); one mode with several paths, or one
     path with several modes, is broadcast."""
@@ -147,8 +171,10 @@ def fetch(fetcher_mode: str | list[str], path: Path | str | list[Path] | list[st
     if not modes or not paths:
         raise ValueError("fetch: fetcher_mode and path must not be empty")
     if len(modes) != len(paths) and 1 not in (len(modes), len(paths)):
-        raise ValueError(f"fetch: {len(modes)} fetcher_mode(s) {modes} for {len(paths)} path(s); "
-                         f"give one mode per path, or a single mode for all paths")
+        raise ValueError(
+            f"fetch: {len(modes)} fetcher_mode(s) {modes} for {len(paths)} path(s); "
+            f"give one mode per path, or a single mode for all paths"
+        )
     n = max(len(modes), len(paths))
     modes, paths = modes * (n // len(modes)), paths * (n // len(paths))
     items: list[Utterance] = []

@@ -1,4 +1,5 @@
 """Training items from ``data.h5``: target codes, phoneme ids and a same-speaker prompt."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,6 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from utils import distributed
-from utils.schema import Runtime
-from utils.seed import generator
 
 from data import register_dataset
 from data.audio.bucket_sampler import BucketBatchSampler
@@ -22,6 +20,9 @@ from data.audio.corpus_to_h5 import PrepareOptions
 from data.audio.corpus_to_h5 import prepare as prepare_corpus
 from data.audio.phonemes import PhonemeVocab
 from data.loader import pad_batch
+from utils import distributed
+from utils.schema import Runtime
+from utils.seed import generator
 
 
 @register_dataset("hdf5_codes")
@@ -44,20 +45,38 @@ class Hdf5CodesDataset(Dataset):
         seed: seeds the per-item randomness together with the epoch and the item index.
     """
 
-    batch_keys = ("codes", "code_lengths", "phonemes", "phoneme_lengths", "prompt",
-                  "prompt_lengths", "speaker", "text", "id")
+    batch_keys = (
+        "codes",
+        "code_lengths",
+        "phonemes",
+        "phoneme_lengths",
+        "prompt",
+        "prompt_lengths",
+        "speaker",
+        "text",
+        "id",
+    )
 
-    def __init__(self, path: Path, prepare: PrepareOptions | None = None,
-                 max_tokens: int | None = None, prompt_frames: int = 150,
-                 n_levels: int | None = None, max_frames: int | None = None,
-                 val_fraction: float = 0.0, seed: int = 0, phase: Runtime[str] = "train") -> None:
+    def __init__(
+        self,
+        path: Path,
+        prepare: PrepareOptions | None = None,
+        max_tokens: int | None = None,
+        prompt_frames: int = 150,
+        n_levels: int | None = None,
+        max_frames: int | None = None,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        phase: Runtime[str] = "train",
+    ) -> None:
         self.path, self.max_tokens, self.prompt_frames = Path(path), max_tokens, prompt_frames
         self.seed, self.epoch, self.phase = seed, 0, phase
         if not self.path.is_file():
             if prepare is None:
                 raise FileNotFoundError(
                     f"{self.path} does not exist: run `python -m data.audio.prepare -opt <yml>` "
-                    f"or add a `prepare:` section to this dataset so training prepares it")
+                    f"or add a `prepare:` section to this dataset so training prepares it"
+                )
             if distributed.is_main():
                 report = prepare_corpus(self.path, prepare)
                 print(f"prepared {self.path}: {report.describe()}")
@@ -72,16 +91,22 @@ class Hdf5CodesDataset(Dataset):
             texts = [_s(v) for v in f["texts"][:n]]
         self.n_levels = n_levels or int(self.attrs["n_levels"])
         if self.n_levels > int(self.attrs["n_levels"]):
-            raise ValueError(f"n_levels {n_levels} > the {self.attrs['n_levels']} levels in "
-                             f"{self.path}")
+            raise ValueError(
+                f"n_levels {n_levels} > the {self.attrs['n_levels']} levels in {self.path}"
+            )
         self.vocab = PhonemeVocab.from_json(self.attrs["vocab"])
         frames = np.diff(self.code_offsets)
-        keep = [i for i in range(n)
-                if (val_fraction <= 0 or (split_fraction(ids[i]) < val_fraction) == (phase == "val"))
-                and (max_frames is None or frames[i] <= max_frames)]
+        keep = [
+            i
+            for i in range(n)
+            if (val_fraction <= 0 or (split_fraction(ids[i]) < val_fraction) == (phase == "val"))
+            and (max_frames is None or frames[i] <= max_frames)
+        ]
         if not keep:
-            raise ValueError(f"{self.path}: no items for phase {phase!r} (val_fraction "
-                             f"{val_fraction}, max_frames {max_frames})")
+            raise ValueError(
+                f"{self.path}: no items for phase {phase!r} (val_fraction "
+                f"{val_fraction}, max_frames {max_frames})"
+            )
         self.rows = np.asarray(keep)
         self.ids = [ids[i] for i in keep]
         self.speakers = [speakers[i] for i in keep]
@@ -99,8 +124,11 @@ class Hdf5CodesDataset(Dataset):
 
     def checkpoint_metadata(self) -> dict[str, str]:
         """What a model trained on this data needs at inference: saved in every checkpoint."""
-        return {"phoneme_vocab": str(self.attrs["vocab"]), "phonemizer": str(self.attrs["phonemizer"]),
-                "codec": str(self.attrs["codec"])}
+        return {
+            "phoneme_vocab": str(self.attrs["vocab"]),
+            "phonemizer": str(self.attrs["phonemizer"]),
+            "codec": str(self.attrs["codec"]),
+        }
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -112,7 +140,7 @@ class Hdf5CodesDataset(Dataset):
 
     def _codes(self, j: int) -> torch.Tensor:
         r = self.rows[j]
-        rows = self._h5()["codes"][self.code_offsets[r]:self.code_offsets[r + 1], : self.n_levels]
+        rows = self._h5()["codes"][self.code_offsets[r] : self.code_offsets[r + 1], : self.n_levels]
         return torch.from_numpy(rows.astype(np.int64)).t()  # [levels, frames]
 
     def frames(self, j: int) -> int:
@@ -125,11 +153,16 @@ class Hdf5CodesDataset(Dataset):
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         r = self.rows[j]
-        ids = self._h5()["phonemes"][self.phoneme_offsets[r]:self.phoneme_offsets[r + 1]]
+        ids = self._h5()["phonemes"][self.phoneme_offsets[r] : self.phoneme_offsets[r + 1]]
         phonemes = torch.tensor([self.vocab.bos_id, *ids.tolist(), self.vocab.eos_id])
         g = generator(self.seed, j, self.epoch)
-        item = {"codes": self._codes(j), "phonemes": phonemes, "speaker": self.speakers[j],
-                "text": self.texts[j], "id": self.ids[j]}
+        item = {
+            "codes": self._codes(j),
+            "phonemes": phonemes,
+            "speaker": self.speakers[j],
+            "text": self.texts[j],
+            "id": self.ids[j],
+        }
         item["prompt"] = self._prompt(j, g)
         return item
 
@@ -142,31 +175,47 @@ class Hdf5CodesDataset(Dataset):
         codes = self._codes(k)
         excess = codes.shape[1] - self.prompt_frames
         start = int(torch.randint(excess + 1, (1,), generator=g)) if excess > 0 else 0
-        return codes[:, start:start + self.prompt_frames]
+        return codes[:, start : start + self.prompt_frames]
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         batch["codes"], batch["code_lengths"] = pad_batch([it["codes"] for it in items])
         batch["prompt"], batch["prompt_lengths"] = pad_batch([it["prompt"] for it in items])
         batch["phonemes"], batch["phoneme_lengths"] = pad_batch(
-            [it["phonemes"] for it in items], pad=self.vocab.pad_id)
+            [it["phonemes"] for it in items], pad=self.vocab.pad_id
+        )
         for key in ("speaker", "text", "id"):
             batch[key] = [it[key] for it in items]
         return batch
 
     def token_lengths(self) -> list[int]:
         """Per-item batch cost: target frames + phonemes + prompt frames."""
-        return [self.frames(j) + self.phoneme_count(j) + self.prompt_frames
-                for j in range(len(self))]
+        return [
+            self.frames(j) + self.phoneme_count(j) + self.prompt_frames for j in range(len(self))
+        ]
 
-    def make_batch_sampler(self, batch_size: int | None, shuffle: bool, seed: int, rank: int,
-                           world_size: int, drop_last: bool) -> BucketBatchSampler:
+    def make_batch_sampler(
+        self,
+        batch_size: int | None,
+        shuffle: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+    ) -> BucketBatchSampler:
         if self.max_tokens is None and batch_size is None:
             raise ValueError("hdf5_codes needs max_tokens (token budget) or batch_size")
         return BucketBatchSampler(
-            self.token_lengths(), max_tokens=self.max_tokens,
-            batch_size=None if self.max_tokens else batch_size, shuffle=shuffle, seed=seed,
-            drop_last=drop_last, rank=rank, world_size=world_size, on_epoch=self._set_epoch)
+            self.token_lengths(),
+            max_tokens=self.max_tokens,
+            batch_size=None if self.max_tokens else batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            on_epoch=self._set_epoch,
+        )
 
     def _set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # copied into workers, which the loader starts anew each epoch

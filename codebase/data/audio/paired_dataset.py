@@ -8,6 +8,7 @@ used is skipped and counted with a reason, never fatal. Run it as a self-check:
 prints item/hour/speaker counts, a duration histogram and every skipped item, and writes a few
 items as ``<id>.wav`` + ``<id>.png`` (mel) to listen to and look at.
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":
@@ -30,6 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from data import register_dataset
+from data.audio.corpus import reason_category, screen, split_fraction
+from data.audio.fetchers import fetch
+from data.loader import pad_batch
+from data.spec import build_dataset, require_phase, validate_datasets
 from utils.audio import (
     AudioError,
     load_audio,
@@ -40,12 +47,6 @@ from utils.audio import (
 from utils.options import experiment_parser, load_cli
 from utils.schema import ConfigError, Runtime
 from utils.seed import generator
-
-from data import register_dataset
-from data.audio.corpus import reason_category, screen, split_fraction
-from data.audio.fetchers import fetch
-from data.loader import pad_batch
-from data.spec import build_dataset, require_phase, validate_datasets
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,34 @@ class PairedVoiceAudioDataset(Dataset):
         seed: seeds the conditioning choice and crops (with the item index).
     """
 
-    def __init__(self, path: Path | list[Path], fetcher_mode: str | list[str] = "lj",
-                 sample_rate: int = 22050, max_wav_length: int | None = None,
-                 max_text_length: int | None = None, load_conditioning: bool = False,
-                 num_conditioning_candidates: int = 1, conditioning_length: int = 44000,
-                 phase: Runtime[str] = "train", val_fraction: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path | list[Path],
+        fetcher_mode: str | list[str] = "lj",
+        sample_rate: int = 22050,
+        max_wav_length: int | None = None,
+        max_text_length: int | None = None,
+        load_conditioning: bool = False,
+        num_conditioning_candidates: int = 1,
+        conditioning_length: int = 44000,
+        phase: Runtime[str] = "train",
+        val_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"paired_voice_audio: val_fraction must be in [0, 1), got "
-                             f"{val_fraction}")
+            raise ValueError(
+                f"paired_voice_audio: val_fraction must be in [0, 1), got {val_fraction}"
+            )
         if val_fraction > 0 and phase not in ("train", "val"):
-            raise ValueError(f"paired_voice_audio: phase must be 'train' or 'val' when "
-                             f"val_fraction is set, got {phase!r}")
+            raise ValueError(
+                f"paired_voice_audio: phase must be 'train' or 'val' when "
+                f"val_fraction is set, got {phase!r}"
+            )
         if num_conditioning_candidates < 1 or conditioning_length < 1:
-            raise ValueError("paired_voice_audio: num_conditioning_candidates and "
-                             "conditioning_length must be >= 1")
+            raise ValueError(
+                "paired_voice_audio: num_conditioning_candidates and "
+                "conditioning_length must be >= 1"
+            )
         self.sample_rate, self.max_wav_length = sample_rate, max_wav_length
         self.load_conditioning = load_conditioning
         self.num_conditioning = num_conditioning_candidates
@@ -92,17 +107,23 @@ class PairedVoiceAudioDataset(Dataset):
         if val_fraction > 0:  # split before screening: only this phase's audio is opened
             want_val = phase == "val"
             fetched = [u for u in fetched if (split_fraction(u.id) < val_fraction) == want_val]
-        self.items, self._durations, bad = screen(fetched, sample_rate, max_wav_length,
-                                                  max_text_length)
+        self.items, self._durations, bad = screen(
+            fetched, sample_rate, max_wav_length, max_text_length
+        )
         self.skipped += bad
         self._bad: set[int] = set()  # indices whose audio failed to decode in __getitem__
         self._by_speaker: dict[str, list[int]] = defaultdict(list)
         for i, item in enumerate(self.items):
             self._by_speaker[item.speaker].append(i)
         counts = ", ".join(f"{k} {v}" for k, v in self.skip_counts().items())
-        log.log(logging.WARNING if self.skipped else logging.INFO,
-                "paired_voice_audio (%s): %d items, %d skipped%s", phase, len(self.items),
-                len(self.skipped), f" ({counts})" if counts else "")
+        log.log(
+            logging.WARNING if self.skipped else logging.INFO,
+            "paired_voice_audio (%s): %d items, %d skipped%s",
+            phase,
+            len(self.items),
+            len(self.skipped),
+            f" ({counts})" if counts else "",
+        )
 
     # ------------------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -122,14 +143,21 @@ class PairedVoiceAudioDataset(Dataset):
             if wav is None:
                 continue
             item = self.items[i]
-            out: dict[str, Any] = {"wav": wav, "wav_length": int(wav.shape[0]), "text": item.text,
-                                   "speaker": item.speaker, "path": str(item.path)}
+            out: dict[str, Any] = {
+                "wav": wav,
+                "wav_length": int(wav.shape[0]),
+                "text": item.text,
+                "speaker": item.speaker,
+                "path": str(item.path),
+            }
             if self.load_conditioning:
                 out["conditioning"] = self._conditioning(i, wav)
             return i, out
-        raise RuntimeError(f"paired_voice_audio ({self.phase}): none of the {len(self.items)} "
-                           f"items could be decoded; see the skipped reasons: "
-                           f"{self.skip_counts()}")
+        raise RuntimeError(
+            f"paired_voice_audio ({self.phase}): none of the {len(self.items)} "
+            f"items could be decoded; see the skipped reasons: "
+            f"{self.skip_counts()}"
+        )
 
     def _load_wav(self, i: int) -> torch.Tensor | None:
         try:
@@ -141,7 +169,7 @@ class PairedVoiceAudioDataset(Dataset):
             log.warning("paired_voice_audio: skipping %s: %s", self.items[i].id, reason)
             return None
         if self.max_wav_length is not None:
-            wav = wav[:self.max_wav_length]  # resampling may round one sample past the screen
+            wav = wav[: self.max_wav_length]  # resampling may round one sample past the screen
         return wav
 
     def _conditioning(self, index: int, wav: torch.Tensor) -> torch.Tensor:
@@ -162,7 +190,7 @@ class PairedVoiceAudioDataset(Dataset):
         size = self.conditioning_length
         if wav.shape[0] > size:
             start = int(torch.randint(0, wav.shape[0] - size + 1, (1,), generator=g))
-            return wav[start:start + size]
+            return wav[start : start + size]
         return torch.nn.functional.pad(wav, (0, size - wav.shape[0]))
 
     # ----------------------------------------------------------------------------- batching
@@ -175,10 +203,13 @@ class PairedVoiceAudioDataset(Dataset):
         """Zero-pad ``wav`` to the longest item: ``wav`` [B, T], ``wav_lengths`` [B] long,
         ``conditioning`` [B, N, L]; text/speaker/path as lists."""
         wav, lengths = pad_batch([it["wav"] for it in items])
-        batch: dict[str, Any] = {"wav": wav, "wav_lengths": lengths,
-                                 "text": [it["text"] for it in items],
-                                 "speaker": [it["speaker"] for it in items],
-                                 "path": [it["path"] for it in items]}
+        batch: dict[str, Any] = {
+            "wav": wav,
+            "wav_lengths": lengths,
+            "text": [it["text"] for it in items],
+            "speaker": [it["speaker"] for it in items],
+            "path": [it["path"] for it in items],
+        }
         if "conditioning" in items[0]:
             batch["conditioning"] = torch.stack([it["conditioning"] for it in items])
         return batch
@@ -203,8 +234,15 @@ def dataset_from_options(opt: dict, phase: str) -> PairedVoiceAudioDataset:
     source = opt.get("_file")
     spec = require_phase(validate_datasets(opt), phase, source)
     if not issubclass(spec.cls, PairedVoiceAudioDataset):
-        raise ConfigError([(f"datasets.{phase}.mode", f"is {spec.mode!r}; this check reads "
-                                                      f"'paired_voice_audio' datasets only")], source)
+        raise ConfigError(
+            [
+                (
+                    f"datasets.{phase}.mode",
+                    f"is {spec.mode!r}; this check reads 'paired_voice_audio' datasets only",
+                )
+            ],
+            source,
+        )
     return build_dataset(spec, phase)
 
 
@@ -214,8 +252,10 @@ def histogram(values: list[float], bins: int = 10, width: int = 40) -> list[str]
         return ["  (no items)"]
     counts, edges = np.histogram(values, bins=bins if max(values) > min(values) else 1)
     top = max(int(counts.max()), 1)
-    return [f"  {lo:7.2f} - {hi:7.2f} s | {'#' * round(width * c / top):<{width}} {c}"
-            for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+    return [
+        f"  {lo:7.2f} - {hi:7.2f} s | {'#' * round(width * c / top):<{width}} {c}"
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts)
+    ]
 
 
 def report(dataset: PairedVoiceAudioDataset, top_speakers: int = 10) -> str:
@@ -223,14 +263,21 @@ def report(dataset: PairedVoiceAudioDataset, top_speakers: int = 10) -> str:
     durations = dataset.durations()
     speakers = Counter(dataset.speakers())
     total = sum(durations)
-    lines = [f"items: {len(dataset)} (skipped {len(dataset.skipped)})",
-             f"total: {total / 3600:.3f} hours ({total:.1f} s)"
-             + (f"; {min(durations):.2f} to {max(durations):.2f} s per item, mean "
-                f"{total / len(durations):.2f} s" if durations else ""),
-             f"speakers: {len(speakers)}; top: " + ", ".join(
-                 f"{s} ({n})" for s, n in speakers.most_common(top_speakers)),
-             "durations:", *histogram(durations),
-             f"skipped items: {len(dataset.skipped)}"]
+    lines = [
+        f"items: {len(dataset)} (skipped {len(dataset.skipped)})",
+        f"total: {total / 3600:.3f} hours ({total:.1f} s)"
+        + (
+            f"; {min(durations):.2f} to {max(durations):.2f} s per item, mean "
+            f"{total / len(durations):.2f} s"
+            if durations
+            else ""
+        ),
+        f"speakers: {len(speakers)}; top: "
+        + ", ".join(f"{s} ({n})" for s, n in speakers.most_common(top_speakers)),
+        "durations:",
+        *histogram(durations),
+        f"skipped items: {len(dataset.skipped)}",
+    ]
     lines += [f"  {uid}: {reason}" for uid, reason in dataset.skipped]
     lines.append("skipped per reason:" + ("" if dataset.skipped else " (none)"))
     lines += [f"  {reason}: {n}" for reason, n in dataset.skip_counts().items()]
@@ -242,7 +289,7 @@ def write_samples(dataset: PairedVoiceAudioDataset, out: Path, n: int) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     picks = sorted({round(k * (len(dataset) - 1) / max(n - 1, 1)) for k in range(n)})
     written = []
-    for index in picks[:len(dataset)]:
+    for index in picks[: len(dataset)]:
         used, item = dataset.load_item(index)
         name = re.sub(r"[^\w.-]+", "_", dataset.items[used].id)
         save_audio(out / f"{name}.wav", item["wav"], dataset.sample_rate)
@@ -253,12 +300,18 @@ def write_samples(dataset: PairedVoiceAudioDataset, out: Path, n: int) -> list[P
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = experiment_parser("Check a paired_voice_audio dataset: counts, durations, skipped "
-                          "items, sample wav/png files.")
+    p = experiment_parser(
+        "Check a paired_voice_audio dataset: counts, durations, skipped "
+        "items, sample wav/png files."
+    )
     p.add_argument("--phase", default="train", help="which datasets.<phase> to check")
     p.add_argument("--samples", type=int, default=4, help="items to write as wav + png")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for the samples (default: <run folder>/dataset_check/<phase>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the samples (default: <run folder>/dataset_check/<phase>)",
+    )
     args = p.parse_args(argv)
     try:
         loaded = load_cli(args, lambda opt: (opt, dataset_from_options(opt, args.phase)))

@@ -7,6 +7,7 @@ system espeak is needed; ``PHONEMIZER_ESPEAK_LIBRARY`` picks another library, as
 
 Check from ``codebase/``: ``python -m data.audio.phonemes "Some text" --stress``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,22 +46,28 @@ def espeak_library() -> str:
     env_lib = os.environ.get("PHONEMIZER_ESPEAK_LIBRARY")
     if env_lib:
         if not (Path(env_lib).is_file() and os.access(env_lib, os.R_OK)):
-            raise RuntimeError(f"PHONEMIZER_ESPEAK_LIBRARY={env_lib} is not a readable file; "
-                               "point it at libespeak-ng.so, or unset it to use the library "
-                               "bundled by `pip install espeakng-loader`")
+            raise RuntimeError(
+                f"PHONEMIZER_ESPEAK_LIBRARY={env_lib} is not a readable file; "
+                "point it at libespeak-ng.so, or unset it to use the library "
+                "bundled by `pip install espeakng-loader`"
+            )
         library = env_lib
     else:
         try:
             import espeakng_loader
         except ImportError as e:
-            raise RuntimeError("no espeak-ng library: `pip install espeakng-loader` (bundles "
-                               "espeak-ng), or set PHONEMIZER_ESPEAK_LIBRARY to a "
-                               "libespeak-ng shared library") from e
+            raise RuntimeError(
+                "no espeak-ng library: `pip install espeakng-loader` (bundles "
+                "espeak-ng), or set PHONEMIZER_ESPEAK_LIBRARY to a "
+                "libespeak-ng shared library"
+            ) from e
         library = espeakng_loader.get_library_path()
         if not Path(library).is_file():
-            raise RuntimeError(f"espeakng-loader's library {library} is missing; reinstall it "
-                               "(`pip install --force-reinstall espeakng-loader`) or set "
-                               "PHONEMIZER_ESPEAK_LIBRARY")
+            raise RuntimeError(
+                f"espeakng-loader's library {library} is missing; reinstall it "
+                "(`pip install --force-reinstall espeakng-loader`) or set "
+                "PHONEMIZER_ESPEAK_LIBRARY"
+            )
         # The bundled library has no compiled-in data folder: hand it the bundled one unless
         # the user points espeak somewhere else (phonemizer reads PHONEMIZER_ESPEAK_DATA_PATH
         # itself; espeak reads ESPEAK_DATA_PATH when given no path).
@@ -121,9 +128,14 @@ class Phonemizer:
         njobs: processes phonemizer uses for one call (worth it only for big batches).
     """
 
-    def __init__(self, language: str = "en-us", preserve_punctuation: bool = True,
-                 with_stress: bool = False, punctuation_marks: str | None = None,
-                 njobs: int = 1) -> None:
+    def __init__(
+        self,
+        language: str = "en-us",
+        preserve_punctuation: bool = True,
+        with_stress: bool = False,
+        punctuation_marks: str | None = None,
+        njobs: int = 1,
+    ) -> None:
         from phonemizer.punctuation import Punctuation
 
         if njobs < 1:
@@ -131,8 +143,9 @@ class Phonemizer:
         self.language = language
         self.preserve_punctuation = preserve_punctuation
         self.with_stress = with_stress
-        self.punctuation_marks = (Punctuation.default_marks() if punctuation_marks is None
-                                  else punctuation_marks)
+        self.punctuation_marks = (
+            Punctuation.default_marks() if punctuation_marks is None else punctuation_marks
+        )
         self.njobs = njobs
         self._backend: Any = None
         self._make_backend()  # now, so that a bad language fails at construction
@@ -143,18 +156,25 @@ class Phonemizer:
 
         try:
             self._backend = EspeakBackend(
-                self.language, punctuation_marks=self.punctuation_marks,
-                preserve_punctuation=self.preserve_punctuation, with_stress=self.with_stress,
+                self.language,
+                punctuation_marks=self.punctuation_marks,
+                preserve_punctuation=self.preserve_punctuation,
+                with_stress=self.with_stress,
                 # espeak marks foreign words with "(en)" flags: they are not phones
-                language_switch="remove-flags", logger=_espeak_log)
+                language_switch="remove-flags",
+                logger=_espeak_log,
+            )
         except RuntimeError as e:
             if "not supported" not in str(e):
-                raise RuntimeError(f"espeak-ng failed to start ({e}); set "
-                                   "PHONEMIZER_ESPEAK_LIBRARY to a working libespeak-ng") from e
+                raise RuntimeError(
+                    f"espeak-ng failed to start ({e}); set "
+                    "PHONEMIZER_ESPEAK_LIBRARY to a working libespeak-ng"
+                ) from e
             raise ValueError(
                 f"unknown espeak language {self.language!r}"
                 f"{did_you_mean(self.language, supported_languages())}; list the supported ones "
-                "with `python -m data.audio.phonemes --list-languages` (from codebase/)") from e
+                "with `python -m data.audio.phonemes --list-languages` (from codebase/)"
+            ) from e
         return self._backend
 
     def __getstate__(self) -> dict:
@@ -163,22 +183,29 @@ class Phonemizer:
 
     def config(self) -> dict[str, Any]:
         """The options that rebuild this phonemizer (saved next to the vocab)."""
-        return {"language": self.language, "preserve_punctuation": self.preserve_punctuation,
-                "with_stress": self.with_stress, "punctuation_marks": self.punctuation_marks,
-                "njobs": self.njobs}
+        return {
+            "language": self.language,
+            "preserve_punctuation": self.preserve_punctuation,
+            "with_stress": self.with_stress,
+            "punctuation_marks": self.punctuation_marks,
+            "njobs": self.njobs,
+        }
 
     def phonemize_symbols(self, texts: Sequence[str]) -> list[list[str]]:
         """One symbol list per text: phones, ``" "`` between words, punctuation and (with
         ``with_stress``) stress marks as their own symbols. Blank text -> ``[]``."""
         if isinstance(texts, str):
-            raise TypeError("phonemize_symbols takes a list of texts; wrap a single text in a "
-                            "list: phonemize_symbols([text])")
+            raise TypeError(
+                "phonemize_symbols takes a list of texts; wrap a single text in a "
+                "list: phonemize_symbols([text])"
+            )
         from phonemizer.separator import Separator
 
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
-            raise TypeError(f"phonemize_symbols: text {bad[0]} is a "
-                            f"{type(texts[bad[0]]).__name__}, not a str")
+            raise TypeError(
+                f"phonemize_symbols: text {bad[0]} is a {type(texts[bad[0]]).__name__}, not a str"
+            )
         # phonemizer reads one text per line and misaligns punctuation around empty lines, so
         # whitespace (newlines included) is normalised and blank texts never reach it.
         clean = [" ".join(t.split()) for t in texts]
@@ -187,12 +214,16 @@ class Phonemizer:
         if not todo:
             return out
         backend = self._backend or self._make_backend()
-        phonemized = backend.phonemize([clean[i] for i in todo], strip=True, njobs=self.njobs,
-                                       separator=Separator(phone=_PHONE_SEP, word=WORD_BOUNDARY,
-                                                           syllable=None))
+        phonemized = backend.phonemize(
+            [clean[i] for i in todo],
+            strip=True,
+            njobs=self.njobs,
+            separator=Separator(phone=_PHONE_SEP, word=WORD_BOUNDARY, syllable=None),
+        )
         if len(phonemized) != len(todo):  # never expected; a silent shift would mislabel data
-            raise RuntimeError(f"phonemizer returned {len(phonemized)} results for "
-                               f"{len(todo)} texts")
+            raise RuntimeError(
+                f"phonemizer returned {len(phonemized)} results for {len(todo)} texts"
+            )
         for i, p in zip(todo, phonemized):
             out[i] = split_symbols(p, self.punctuation_marks)
         return out
@@ -243,7 +274,7 @@ class PhonemeVocab:
     def extended(self, symbols: Iterable[str]) -> PhonemeVocab:
         """This vocab plus the new ``symbols`` appended (existing ids stay valid)."""
         new = sorted(set(symbols) - set(self.id_to_symbol))
-        return PhonemeVocab(self.id_to_symbol[len(self.SPECIALS):] + new)
+        return PhonemeVocab(self.id_to_symbol[len(self.SPECIALS) :] + new)
 
     def __len__(self) -> int:
         return len(self.id_to_symbol)
@@ -276,8 +307,10 @@ class PhonemeVocab:
         for i in ids:
             i = int(i)
             if not 0 <= i < len(self.id_to_symbol):
-                raise IndexError(f"phoneme id {i} is outside this vocab of {len(self)} symbols;"
-                                 " was the data prepared with another vocab?")
+                raise IndexError(
+                    f"phoneme id {i} is outside this vocab of {len(self)} symbols;"
+                    " was the data prepared with another vocab?"
+                )
             if i not in (self.pad_id, self.bos_id, self.eos_id):
                 out.append(self.id_to_symbol[i])
         return out
@@ -290,13 +323,17 @@ class PhonemeVocab:
         if not isinstance(d, dict) or not isinstance(d.get("symbols"), list):
             raise ValueError("not a phoneme vocab: expected a dict with a 'symbols' list")
         if d.get("format", cls.FORMAT) != cls.FORMAT:
-            raise ValueError(f"phoneme vocab format {d.get('format')} is not supported "
-                             f"(this code reads format {cls.FORMAT})")
+            raise ValueError(
+                f"phoneme vocab format {d.get('format')} is not supported "
+                f"(this code reads format {cls.FORMAT})"
+            )
         symbols = d["symbols"]
-        if tuple(symbols[:len(cls.SPECIALS)]) != cls.SPECIALS:
-            raise ValueError(f"phoneme vocab must start with {list(cls.SPECIALS)}, got "
-                             f"{symbols[:len(cls.SPECIALS)]}")
-        return cls(symbols[len(cls.SPECIALS):])
+        if tuple(symbols[: len(cls.SPECIALS)]) != cls.SPECIALS:
+            raise ValueError(
+                f"phoneme vocab must start with {list(cls.SPECIALS)}, got "
+                f"{symbols[: len(cls.SPECIALS)]}"
+            )
+        return cls(symbols[len(cls.SPECIALS) :])
 
     def to_json(self) -> str:
         # ensure_ascii=False keeps IPA readable in h5 attributes and safetensors metadata
@@ -321,8 +358,10 @@ class PhonemeVocab:
     def load(cls, path: str | Path) -> PhonemeVocab:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"phoneme vocab {path} not found; it is written by data "
-                                    "preparation (or PhonemeVocab.save)")
+            raise FileNotFoundError(
+                f"phoneme vocab {path} not found; it is written by data "
+                "preparation (or PhonemeVocab.save)"
+            )
         try:
             return cls.from_json(path.read_text(encoding="utf-8"))
         except ValueError as e:
@@ -346,8 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.text is None:
         p.error("give a text to phonemize, or --list-languages")
     try:
-        ph = Phonemizer(args.language, preserve_punctuation=not args.no_punctuation,
-                        with_stress=args.stress)
+        ph = Phonemizer(
+            args.language, preserve_punctuation=not args.no_punctuation, with_stress=args.stress
+        )
     except (ValueError, RuntimeError) as e:
         p.error(str(e))
     symbols = ph.phonemize_symbols([args.text])[0]

@@ -7,15 +7,15 @@ to date (items already in the file are skipped). Work goes to ``data.h5.partial`
 committed every few items, so a killed run resumes where it stopped; the finished file
 replaces ``data.h5`` atomically, so ``data.h5`` is never half-written.
 """
+
 from __future__ import annotations
 
 import sys
 
-from utils.options import experiment_parser, load_cli
-
 from data.audio.corpus_to_h5 import prepare
 from data.audio.hdf5_dataset import Hdf5CodesDataset
 from data.spec import validate_datasets
+from utils.options import experiment_parser, load_cli
 
 
 def main(argv: list[str] | None = None) -> int:

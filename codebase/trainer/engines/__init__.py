@@ -4,6 +4,7 @@ The trainer calls the engine; the engine never knows about injectors or losses. 
 experiment's top-level ``engine:`` option picks one: ``local`` (one process, or DDP under
 torchrun) or ``deepspeed`` (ZeRO 0-2, options in the ``deepspeed:`` section).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,13 +26,14 @@ def validate_engine_options(engine: str, section: dict, exp: Any, problems: Prob
     if engine == "deepspeed":
         return validate_options(section, exp, problems)
     if section:
-        problems.add("deepspeed", f"is set but engine is {engine!r}; add `engine: deepspeed` "
-                                  "or remove the section")
+        problems.add(
+            "deepspeed",
+            f"is set but engine is {engine!r}; add `engine: deepspeed` or remove the section",
+        )
     return None
 
 
-def build_engine(exp: Any, device: torch.device, dist: DistInfo,
-                 micro_batch: int | None) -> Engine:
+def build_engine(exp: Any, device: torch.device, dist: DistInfo, micro_batch: int | None) -> Engine:
     """The engine the experiment asks for; ``micro_batch`` is the per-rank batch size."""
     if exp.engine == "deepspeed":
         return DeepSpeedEngine(device, exp.precision, dist, exp.deepspeed, micro_batch)

@@ -1,4 +1,5 @@
 """What every engine shares: device choice, autocast, and the interface the trainer calls."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,6 @@ from utils.distributed import DistInfo
 
 NULL_CONTEXT = contextlib.nullcontext()  # reusable: entering it has no state
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
 
 
 class Engine:
@@ -34,8 +33,13 @@ class Engine:
         self.device, self.precision, self.dist = device, precision, dist
         self.dtype = DTYPES[precision]
 
-    def prepare(self, name: str, net: nn.Module, optimizer: torch.optim.Optimizer | None,
-                clip: float | None = None) -> nn.Module:
+    def prepare(
+        self,
+        name: str,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        clip: float | None = None,
+    ) -> nn.Module:
         """Move trainable network ``name`` to the device and wrap it for training (``optimizer``
         is None when no step trains it; ``clip`` is its step's gradient-norm limit)."""
         raise NotImplementedError
@@ -52,8 +56,13 @@ class Engine:
     def backward(self, net: nn.Module, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self, net: nn.Module, optimizer: torch.optim.Optimizer,
-             params: Iterable[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, bool]:
+    def step(
+        self,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[nn.Parameter],
+        clip: float | None,
+    ) -> tuple[torch.Tensor, bool]:
         """Apply the accumulated gradients. Returns (gradient norm, whether it was skipped)."""
         raise NotImplementedError
 

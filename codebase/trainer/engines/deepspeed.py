@@ -11,6 +11,7 @@ engine's autocast), so saved networks, EMA copies and evaluators work unchanged;
 stage <= 2 every rank holds the full parameters. DeepSpeed's own checkpoint (optimizer
 shards, loss scale, counters) goes into ``training_state/<step>.deepspeed/<network>/``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,10 @@ OWNED_KEYS = {
     "gradient_clipping": "steps.<name>.clip_grad_eps",
     "optimizer": "steps.<name>.optimizer and optimizer_params",
     "scheduler": "train.default_lr_scheme",
-    "fp16": "precision", "bf16": "precision", "torch_autocast": "precision", "amp": "precision",
+    "fp16": "precision",
+    "bf16": "precision",
+    "torch_autocast": "precision",
+    "amp": "precision",
 }
 _TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -51,6 +55,7 @@ _TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 @dataclass
 class DeepSpeedOptions:
     """``deepspeed:`` section, read when ``engine: deepspeed``."""
+
     # 0: plain data parallel; 1: + optimizer states sharded over ranks; 2: + gradients sharded.
     # Stage 3 (sharded parameters) is not offered: saving networks and EMA need full weights.
     zero_stage: int = 2
@@ -68,9 +73,12 @@ def validate_options(section: dict, exp: Any, problems: Problems) -> DeepSpeedOp
     if opts is None:
         return None
     if opts.zero_stage not in ZERO_STAGES:
-        problems.add("deepspeed.zero_stage", f"must be one of {', '.join(map(str, ZERO_STAGES))}, "
-                     f"got {opts.zero_stage} (stage 3 shards the parameters, which saving "
-                     "networks and EMA copies do not support)")
+        problems.add(
+            "deepspeed.zero_stage",
+            f"must be one of {', '.join(map(str, ZERO_STAGES))}, "
+            f"got {opts.zero_stage} (stage 3 shards the parameters, which saving "
+            "networks and EMA copies do not support)",
+        )
     for key, where in OWNED_KEYS.items():
         if key in opts.config:
             problems.add(f"deepspeed.config.{key}", f"is set by the trainer; set {where} instead")
@@ -79,15 +87,21 @@ def validate_options(section: dict, exp: Any, problems: Problems) -> DeepSpeedOp
         problems.add("deepspeed.config.zero_optimization.stage", "set deepspeed.zero_stage instead")
     if exp.precision == "fp16" and opts.zero_stage > 0:
         # DeepSpeed (0.19) leaves torch-autocast fp16 gradients scaled under ZeRO.
-        problems.add("precision", "fp16 with engine 'deepspeed' works with deepspeed.zero_stage 0 "
-                     "only; use precision bf16 (or zero_stage 0)")
+        problems.add(
+            "precision",
+            "fp16 with engine 'deepspeed' works with deepspeed.zero_stage 0 "
+            "only; use precision bf16 (or zero_stage 0)",
+        )
     trained: dict[str, str] = {}
     for name, step in exp.steps.items():
         net = step.training if step is not None else None
         if net is not None and net in trained:
-            problems.add(f"steps.{name}.training", f"network {net!r} is already trained by "
-                         f"steps.{trained[net]}; engine 'deepspeed' needs one step (one "
-                         "optimizer) per network")
+            problems.add(
+                f"steps.{name}.training",
+                f"network {net!r} is already trained by "
+                f"steps.{trained[net]}; engine 'deepspeed' needs one step (one "
+                "optimizer) per network",
+            )
         trained.setdefault(net, name)
     return opts
 
@@ -96,13 +110,17 @@ def deep_merge(base: dict, extra: dict) -> dict:
     """``base`` with ``extra`` merged in; nested mappings merge, other values replace."""
     out = copy.deepcopy(base)
     for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+        out[k] = (
+            deep_merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
             else copy.deepcopy(v)
+        )
     return out
 
 
-def build_config(opts: DeepSpeedOptions, precision: str, micro_batch: int, world_size: int,
-                 clip: float | None) -> dict:
+def build_config(
+    opts: DeepSpeedOptions, precision: str, micro_batch: int, world_size: int, clip: float | None
+) -> dict:
     """The DeepSpeed config of one network's engine."""
     config: dict[str, Any] = {
         # The trainer hands DeepSpeed one micro-batch per update (it accumulates itself with
@@ -131,13 +149,16 @@ def import_deepspeed(device: torch.device) -> Any:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
     except ImportError as e:
-        raise ImportError(f"engine 'deepspeed' needs the deepspeed package ({e}): "
-                          f"{INSTALL_HINT}") from e
+        raise ImportError(
+            f"engine 'deepspeed' needs the deepspeed package ({e}): {INSTALL_HINT}"
+        ) from e
     accel = get_accelerator().device_name()
     if accel != device.type:
-        raise RuntimeError(f"DeepSpeed runs on {accel!r} but the experiment's device is "
-                           f"{str(device)!r}; set DS_ACCELERATOR={device.type} (or the `device` "
-                           "option) so they agree")
+        raise RuntimeError(
+            f"DeepSpeed runs on {accel!r} but the experiment's device is "
+            f"{str(device)!r}; set DS_ACCELERATOR={device.type} (or the `device` "
+            "option) so they agree"
+        )
     return deepspeed
 
 
@@ -149,8 +170,9 @@ def ensure_process_group(device: torch.device) -> None:
         os.environ.setdefault(key, value)  # read by DeepSpeed's start-up checks
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A HashStore needs no port: nothing else joins a one-process group.
-    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(),
-                                         rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        backend, store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
 
 
 class DeepSpeedEngine(Engine):
@@ -159,8 +181,14 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     owns_optimizer_state = True
 
-    def __init__(self, device: torch.device, precision: str, dist: DistInfo,
-                 options: DeepSpeedOptions, micro_batch: int | None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        precision: str,
+        dist: DistInfo,
+        options: DeepSpeedOptions,
+        micro_batch: int | None,
+    ) -> None:
         super().__init__(device, precision, dist)
         self.options = options
         self.micro_batch = micro_batch or 1  # token-budget batches: only used for DS's counters
@@ -168,13 +196,19 @@ class DeepSpeedEngine(Engine):
         ensure_process_group(device)
         self.engines: dict[str, Any] = {}  # network name -> deepspeed engine, in prepare order
 
-    def prepare(self, name: str, net: nn.Module, optimizer: torch.optim.Optimizer | None,
-                clip: float | None = None) -> nn.Module:
+    def prepare(
+        self,
+        name: str,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        clip: float | None = None,
+    ) -> nn.Module:
         net = net.to(self.device)
         if optimizer is None:  # trainable but trained by no step: nothing for DeepSpeed to do
             return net
-        config = build_config(self.options, self.precision, self.micro_batch,
-                              self.dist.world_size, clip)
+        config = build_config(
+            self.options, self.precision, self.micro_batch, self.dist.world_size, clip
+        )
         engine, _, _, _ = self.ds.initialize(model=net, optimizer=optimizer, config=config)
         self.engines[name] = engine
         return engine
@@ -191,8 +225,13 @@ class DeepSpeedEngine(Engine):
     def backward(self, net: nn.Module, loss: torch.Tensor) -> None:
         net.backward(loss, scale_wrt_gas=False)  # micro-batch shares are already in the loss
 
-    def step(self, net: nn.Module, optimizer: torch.optim.Optimizer,
-             params: Iterable[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, bool]:
+    def step(
+        self,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[nn.Parameter],
+        clip: float | None,
+    ) -> tuple[torch.Tensor, bool]:
         """DeepSpeed's step (clip, overflow check, update). Returns (norm, skipped)."""
         norm = None
         if net.zero_optimization_stage() == 0:
@@ -209,8 +248,9 @@ class DeepSpeedEngine(Engine):
         net.step()
         if norm is None:  # ZeRO computed it (a tensor on the device, or a float)
             value = net.get_global_grad_norm()
-            norm = torch.as_tensor(float("nan") if value is None else value,
-                                   dtype=torch.float32, device=self.device)
+            norm = torch.as_tensor(
+                float("nan") if value is None else value, dtype=torch.float32, device=self.device
+            )
         return norm.detach(), not net.was_step_applied()
 
     def save_checkpoint(self, folder: Path) -> None:
@@ -220,11 +260,19 @@ class DeepSpeedEngine(Engine):
     def load_checkpoint(self, folder: Path) -> None:
         for name, engine in self.engines.items():
             if not (folder / name).is_dir():  # e.g. a checkpoint of the local engine
-                log.warning("no DeepSpeed checkpoint for network %r in %s: its weights are "
-                            "loaded, its optimizer starts fresh", name, folder)
+                log.warning(
+                    "no DeepSpeed checkpoint for network %r in %s: its weights are "
+                    "loaded, its optimizer starts fresh",
+                    name,
+                    folder,
+                )
                 continue
-            path, _ = engine.load_checkpoint(str(folder), tag=name, load_module_strict=True,
-                                             load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+            path, _ = engine.load_checkpoint(
+                str(folder),
+                tag=name,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {folder / name}")

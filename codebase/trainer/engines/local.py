@@ -1,4 +1,5 @@
 """Single-process and DistributedDataParallel training on one device per process."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,13 @@ class LocalEngine(Engine):
         super().__init__(device, precision, dist)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    def prepare(self, name: str, net: nn.Module, optimizer: torch.optim.Optimizer | None,
-                clip: float | None = None) -> nn.Module:
+    def prepare(
+        self,
+        name: str,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        clip: float | None = None,
+    ) -> nn.Module:
         """Move to the device; wrap in DDP if distributed and it has trainable parameters.
 
         DDP broadcasts rank 0's parameters and buffers here, so every rank starts equal.
@@ -46,8 +52,13 @@ class LocalEngine(Engine):
     def backward(self, net: nn.Module, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, net: nn.Module, optimizer: torch.optim.Optimizer,
-             params: Iterable[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, bool]:
+    def step(
+        self,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[nn.Parameter],
+        clip: float | None,
+    ) -> tuple[torch.Tensor, bool]:
         """Unscale, clip, and step unless the gradient is non-finite. Returns (norm, skipped)."""
         params = [p for p in params if p.grad is not None]
         self.scaler.unscale_(optimizer)

@@ -3,6 +3,7 @@
 Built-in evaluators live in sibling modules and register by snake_case class name minus
 ``_evaluator`` (``TtsSamplesEvaluator`` -> ``tts_samples``).
 """
+
 from trainer.evaluators import tts_samples  # noqa: F401 - registers tts_samples
 from trainer.evaluators.base import EVALUATORS, Evaluator
 

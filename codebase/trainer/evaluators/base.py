@@ -1,4 +1,5 @@
 """The evaluator base class and its registry."""
+
 from __future__ import annotations
 
 from trainer.component import Component
@@ -25,6 +26,6 @@ class Evaluator(Component):
     def evaluate(self, step: int) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> "Evaluator":
+    def train(self, mode: bool = True) -> Evaluator:
         """Evaluators have no training mode; here so the trainer can treat parts alike."""
         return self

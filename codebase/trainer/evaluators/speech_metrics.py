@@ -8,6 +8,7 @@
 - :func:`closest_reference`: is each output closer to its own reference than to the references
   of other sentences in the same voice? A model that ignores the text is right by chance only.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -18,8 +19,18 @@ import torch
 from torch import nn
 
 # Sums over frames, turned into ratios by :func:`teacher_forced_metrics`.
-TF_SUMS = ("ar_loss", "ar_count", "ar_frames", "ar_hits", "repeat_hits", "changes",
-           "change_hits", "nar_loss", "nar_hits", "nar_count")
+TF_SUMS = (
+    "ar_loss",
+    "ar_count",
+    "ar_frames",
+    "ar_hits",
+    "repeat_hits",
+    "changes",
+    "change_hits",
+    "nar_loss",
+    "nar_hits",
+    "nar_count",
+)
 
 
 @torch.no_grad()
@@ -39,13 +50,16 @@ def teacher_forced_sums(model: nn.Module, batch: dict[str, Any]) -> dict[str, fl
     for level in range(1, n_levels):
         s = model.item_losses(*args, codes, lengths, nar_level=level)
         if level == 1:
-            sums["ar_loss"], sums["ar_count"] = float(s["ar_loss"].sum()), float(s["ar_count"].sum())
+            sums["ar_loss"], sums["ar_count"] = (
+                float(s["ar_loss"].sum()),
+                float(s["ar_count"].sum()),
+            )
         sums["nar_loss"] += float(s["nar_loss"].sum())
         sums["nar_hits"] += float(s["nar_correct"].sum())
         sums["nar_count"] += float(s["nar_count"].sum())
 
     target = codes[:, 0]  # [B, T]
-    predicted = model.ar_logits(*args, target, lengths).argmax(-1)[:, 1:target.shape[1]]
+    predicted = model.ar_logits(*args, target, lengths).argmax(-1)[:, 1 : target.shape[1]]
     now, before = target[:, 1:], target[:, :-1]
     frame = torch.arange(1, target.shape[1], device=target.device)[None]
     valid = frame < lengths[:, None]
@@ -61,16 +75,19 @@ def teacher_forced_sums(model: nn.Module, batch: dict[str, Any]) -> dict[str, fl
 
 def teacher_forced_metrics(sums: dict[str, float]) -> dict[str, float]:
     """Ratios of summed :func:`teacher_forced_sums` (names as logged under ``eval/<name>/``)."""
+
     def ratio(a: str, b: str) -> float:
         return sums[a] / sums[b] if sums[b] else float("nan")
 
-    return {"tf_loss_ar": ratio("ar_loss", "ar_count"),
-            "tf_loss_nar": ratio("nar_loss", "nar_count"),
-            "tf_acc_ar": ratio("ar_hits", "ar_frames"),
-            "tf_acc_ar_repeat_baseline": ratio("repeat_hits", "ar_frames"),
-            "tf_acc_ar_changes": ratio("change_hits", "changes"),
-            "tf_change_fraction": ratio("changes", "ar_frames"),
-            "tf_acc_nar": ratio("nar_hits", "nar_count")}
+    return {
+        "tf_loss_ar": ratio("ar_loss", "ar_count"),
+        "tf_loss_nar": ratio("nar_loss", "nar_count"),
+        "tf_acc_ar": ratio("ar_hits", "ar_frames"),
+        "tf_acc_ar_repeat_baseline": ratio("repeat_hits", "ar_frames"),
+        "tf_acc_ar_changes": ratio("change_hits", "changes"),
+        "tf_change_fraction": ratio("changes", "ar_frames"),
+        "tf_acc_nar": ratio("nar_hits", "nar_count"),
+    }
 
 
 def dtw_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,8 +102,12 @@ def dtw_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(dtw(cdist(x, y), distance_only=True).normalizedDistance)
 
 
-def closest_reference(outputs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
-                      output_refs: Sequence[int], speakers: Sequence[str]) -> dict[str, Any]:
+def closest_reference(
+    outputs: Sequence[torch.Tensor],
+    refs: Sequence[torch.Tensor],
+    output_refs: Sequence[int],
+    speakers: Sequence[str],
+) -> dict[str, Any]:
     """Compare each output mel with every reference mel of the same speaker.
 
     Args:
@@ -116,11 +137,23 @@ def closest_reference(outputs: Sequence[torch.Tensor], refs: Sequence[torch.Tens
         others.append(float(np.mean(rest)))
         closest.append(nearest == r)
         chance.append(1.0 / len(candidates))
-        rows.append({"output": i, "own": dist[r], "others": others[-1], "closest": nearest == r,
-                     "rank": 1 + sum(d < dist[r] for d in rest), "candidates": len(candidates)})
+        rows.append(
+            {
+                "output": i,
+                "own": dist[r],
+                "others": others[-1],
+                "closest": nearest == r,
+                "rank": 1 + sum(d < dist[r] for d in rest),
+                "candidates": len(candidates),
+            }
+        )
     if not rows:
         nan = float("nan")
         return {"own": nan, "others": nan, "own_closest": nan, "chance": nan, "per_item": []}
-    return {"own": float(np.mean(own)), "others": float(np.mean(others)),
-            "own_closest": float(np.mean(closest)), "chance": float(np.mean(chance)),
-            "per_item": rows}
+    return {
+        "own": float(np.mean(own)),
+        "others": float(np.mean(others)),
+        "own_closest": float(np.mean(closest)),
+        "chance": float(np.mean(chance)),
+        "per_item": rows,
+    }

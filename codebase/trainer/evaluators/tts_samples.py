@@ -27,6 +27,7 @@ images under ``samples/<id>``. The scalars it returns (logged as ``eval/<scalar>
 :meth:`TtsSamplesEvaluator.report` compares the first and the latest evaluation in words; the
 trainer prints it at the end of training.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,15 +37,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import nn
+
 from models.audio.tts.synthesis import (
     build_codec_from_config,
     decode_codes,
     generate_codes,
 )
-from torch import nn
-from utils.audio import mel_spectrogram, save_audio, save_mel_png
-from utils.schema import Runtime
-
 from trainer.component import TrainerEnv
 from trainer.evaluators.base import Evaluator
 from trainer.evaluators.speech_metrics import (
@@ -53,6 +52,8 @@ from trainer.evaluators.speech_metrics import (
     teacher_forced_metrics,
     teacher_forced_sums,
 )
+from utils.audio import mel_spectrogram, save_audio, save_mel_png
+from utils.schema import Runtime
 
 # STFT settings of the score (auraloss' MelSTFTLoss defaults but 80 mels: with 128 mels at
 # 16 kHz and a 1024-point FFT some low mel filters would be empty).
@@ -84,48 +85,76 @@ class TtsSamplesEvaluator(Evaluator):
         codec_options: overrides of the data file's codec config (e.g. a moved ``checkpoint``).
     """
 
-    def __init__(self, network: str = "valle", dataset: str = "val", num_samples: int = 4,
-                 teacher_forced_items: int = 512, reference_items: int = 256,
-                 batch_size: int = 16, max_duration_factor: float = 2.0,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, nar_temperature: float = 0.0, seed: int = 0,
-                 codec_options: dict[str, Any] | None = None,
-                 networks: Runtime[dict[str, nn.Module]] = None,
-                 env: Runtime[TrainerEnv] = None, datasets: Runtime[dict[str, Any]] = None,
-                 logger: Runtime[Any] = None) -> None:
+    def __init__(
+        self,
+        network: str = "valle",
+        dataset: str = "val",
+        num_samples: int = 4,
+        teacher_forced_items: int = 512,
+        reference_items: int = 256,
+        batch_size: int = 16,
+        max_duration_factor: float = 2.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        nar_temperature: float = 0.0,
+        seed: int = 0,
+        codec_options: dict[str, Any] | None = None,
+        networks: Runtime[dict[str, nn.Module]] = None,
+        env: Runtime[TrainerEnv] = None,
+        datasets: Runtime[dict[str, Any]] = None,
+        logger: Runtime[Any] = None,
+    ) -> None:
         super().__init__()
         if network not in networks:
-            raise ValueError(f"tts_samples: no network {network!r}; the networks are "
-                             f"{sorted(networks)} (set `network:`)")
+            raise ValueError(
+                f"tts_samples: no network {network!r}; the networks are "
+                f"{sorted(networks)} (set `network:`)"
+            )
         if dataset not in datasets:
-            raise ValueError(f"tts_samples: no dataset phase {dataset!r}; the datasets are "
-                             f"{sorted(datasets)} (add datasets.{dataset} or set `dataset:`)")
+            raise ValueError(
+                f"tts_samples: no dataset phase {dataset!r}; the datasets are "
+                f"{sorted(datasets)} (add datasets.{dataset} or set `dataset:`)"
+            )
         if num_samples < 1 or max_duration_factor <= 0 or batch_size < 1:
-            raise ValueError(f"tts_samples: need num_samples >= 1, batch_size >= 1 and "
-                             f"max_duration_factor > 0, got {num_samples}, {batch_size} and "
-                             f"{max_duration_factor}")
+            raise ValueError(
+                f"tts_samples: need num_samples >= 1, batch_size >= 1 and "
+                f"max_duration_factor > 0, got {num_samples}, {batch_size} and "
+                f"{max_duration_factor}"
+            )
         data = datasets[dataset]
         self.codec_config = _codec_config(data, dataset)
         model = networks[network]
         if not callable(getattr(model, "generate", None)):
-            raise ValueError(f"tts_samples: network {network!r} ({type(model).__name__}) has "
-                             f"no generate()")
-        if teacher_forced_items and not all(callable(getattr(model, f, None))
-                                            for f in ("ar_logits", "item_losses")):
-            raise ValueError(f"tts_samples: network {network!r} ({type(model).__name__}) has "
-                             f"no ar_logits()/item_losses() for the teacher-forced scores; set "
-                             f"teacher_forced_items: 0")
+            raise ValueError(
+                f"tts_samples: network {network!r} ({type(model).__name__}) has no generate()"
+            )
+        if teacher_forced_items and not all(
+            callable(getattr(model, f, None)) for f in ("ar_logits", "item_losses")
+        ):
+            raise ValueError(
+                f"tts_samples: network {network!r} ({type(model).__name__}) has "
+                f"no ar_logits()/item_losses() for the teacher-forced scores; set "
+                f"teacher_forced_items: 0"
+            )
         self.network, self.dataset_phase = network, dataset
-        self.picked = _round_robin(list(getattr(data, "speakers", [""] * len(data))),
-                                   min(num_samples, len(data)))
+        self.picked = _round_robin(
+            list(getattr(data, "speakers", [""] * len(data))), min(num_samples, len(data))
+        )
         self.teacher_forced_items = min(max(teacher_forced_items, 0), len(data))
         ref_items = set(range(min(max(reference_items, 0), len(data))))
         self.references = sorted(ref_items | set(self.picked)) if reference_items else []
         self.batch_size = batch_size
         self.max_duration_factor = max_duration_factor
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty,
-                             nar_temperature=nar_temperature, seed=seed)
+        self.sampling = dict(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            nar_temperature=nar_temperature,
+            seed=seed,
+        )
         self.codec_options = dict(codec_options or {})
         self.networks, self.env, self.datasets, self.logger = networks, env, datasets, logger
         self._codec: nn.Module | None = None
@@ -138,8 +167,9 @@ class TtsSamplesEvaluator(Evaluator):
 
     def codec(self) -> nn.Module:
         if self._codec is None:  # built at the first evaluation, not at start-up
-            codec = build_codec_from_config(self.codec_config, self.codec_options,
-                                            where=f"dataset {self.dataset_phase!r}")
+            codec = build_codec_from_config(
+                self.codec_config, self.codec_options, where=f"dataset {self.dataset_phase!r}"
+            )
             self._codec = codec.to(self.env.device).eval()
         return self._codec
 
@@ -174,7 +204,7 @@ class TtsSamplesEvaluator(Evaluator):
     def _batches(self, indices: list[int]) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
         data = self.datasets[self.dataset_phase]
         for i in range(0, len(indices), self.batch_size):
-            chunk = indices[i:i + self.batch_size]
+            chunk = indices[i : i + self.batch_size]
             yield chunk, [data[j] for j in chunk]
 
     def _teacher_forced(self, model: nn.Module) -> dict[str, float]:
@@ -197,11 +227,17 @@ class TtsSamplesEvaluator(Evaluator):
         for chunk, items in self._batches(self.picked):
             want = [it["codes"][:n_levels] for it in items]
             limits = [max(1, math.ceil(self.max_duration_factor * c.shape[-1])) for c in want]
-            codes = generate_codes(model, [it["phonemes"] for it in items],
-                                   [it["prompt"][:n_levels] for it in items],
-                                   max_frames=limits, device=self.env.device, **self.sampling)
-            for j, it, wav, gen, ref_codes in zip(chunk, items, decode_codes(codec, codes),
-                                                  codes, want):
+            codes = generate_codes(
+                model,
+                [it["phonemes"] for it in items],
+                [it["prompt"][:n_levels] for it in items],
+                max_frames=limits,
+                device=self.env.device,
+                **self.sampling,
+            )
+            for j, it, wav, gen, ref_codes in zip(
+                chunk, items, decode_codes(codec, codes), codes, want
+            ):
                 ref = self._reference(j, n_levels)
                 scores.append(self._score(wav, ref))
                 ratios.append(gen.shape[-1] / max(ref_codes.shape[-1], 1))
@@ -213,11 +249,18 @@ class TtsSamplesEvaluator(Evaluator):
             for j in self.references:
                 self._reference(j, n_levels)
             position = {j: k for k, j in enumerate(self.references)}
-            close = closest_reference(mels, [self._ref_mels[j] for j in self.references],
-                                      [position[j] for j in self.picked],
-                                      [speakers[j] for j in self.references])
-            results.update(dtw_own=close["own"], dtw_others=close["others"],
-                           own_closest=close["own_closest"], own_closest_chance=close["chance"])
+            close = closest_reference(
+                mels,
+                [self._ref_mels[j] for j in self.references],
+                [position[j] for j in self.picked],
+                [speakers[j] for j in self.references],
+            )
+            results.update(
+                dtw_own=close["own"],
+                dtw_others=close["others"],
+                own_closest=close["own_closest"],
+                own_closest_chance=close["chance"],
+            )
         return results
 
     def _score(self, wav: torch.Tensor, ref: torch.Tensor) -> float:
@@ -229,14 +272,14 @@ class TtsSamplesEvaluator(Evaluator):
         y = torch.nn.functional.pad(ref, (0, pad)).view(1, 1, -1)
         return float(self.mel_stft()(x, y))
 
-    def _write(self, folder, name: str, wav: torch.Tensor, ref: torch.Tensor, sr: int,
-               step: int) -> None:
+    def _write(
+        self, folder, name: str, wav: torch.Tensor, ref: torch.Tensor, sr: int, step: int
+    ) -> None:
 
         for suffix, audio in (("", wav), ("_ref", ref)):
             mel = _plot_mel(audio, sr)
             save_audio(folder / f"{name}{suffix}.wav", audio, sr)
-            save_mel_png(folder / f"{name}{suffix}.png", mel,
-                         title=f"{name}{suffix} (step {step})")
+            save_mel_png(folder / f"{name}{suffix}.png", mel, title=f"{name}{suffix} (step {step})")
             if self.logger is not None:
                 if audio.numel():
                     self.logger.log_audio(f"samples/{name}{suffix}", audio, sr, step)
@@ -315,8 +358,9 @@ def mel_stft_loss(sample_rate: int) -> nn.Module:
     from auraloss.freq import STFTLoss
 
     loss = STFTLoss(fft_size=_FFT, hop_size=_HOP, win_length=_FFT, sample_rate=sample_rate)
-    fb = AF.melscale_fbanks(_FFT // 2 + 1, 0.0, sample_rate / 2, _N_MELS, sample_rate,
-                            norm="slaney", mel_scale="slaney")  # [freqs, mels]
+    fb = AF.melscale_fbanks(
+        _FFT // 2 + 1, 0.0, sample_rate / 2, _N_MELS, sample_rate, norm="slaney", mel_scale="slaney"
+    )  # [freqs, mels]
     loss.scale, loss.n_bins = "mel", _N_MELS
     loss.register_buffer("fb", fb.t().unsqueeze(0).contiguous())  # [1, mels, freqs]
     return loss
@@ -344,8 +388,10 @@ def _codec_config(data: Any, phase: str) -> dict[str, Any]:
     if config is None and "codec" in getattr(data, "attrs", {}):
         config = json.loads(data.attrs["codec"])
     if not isinstance(config, dict):
-        raise ValueError(f"tts_samples: dataset {phase!r} ({type(data).__name__}) has no codec "
-                         f"config; it needs an hdf5_codes dataset (a prepared data.h5)")
+        raise ValueError(
+            f"tts_samples: dataset {phase!r} ({type(data).__name__}) has no codec "
+            f"config; it needs an hdf5_codes dataset (a prepared data.h5)"
+        )
     return config
 
 

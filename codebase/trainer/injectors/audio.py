@@ -1,15 +1,16 @@
 """Audio injectors: log-mel spectrograms and random crops of waveforms."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 import torch
-from utils.audio import log_mel, mel_transform
-from utils.io import load_torch
 
 from trainer.component import ComponentSpec
 from trainer.injectors.base import Injector
+from utils.audio import log_mel, mel_transform
+from utils.io import load_torch
 
 
 def load_mel_norms(file: Path, n_mels: int) -> torch.Tensor:
@@ -17,27 +18,33 @@ def load_mel_norms(file: Path, n_mels: int) -> torch.Tensor:
     torch.save) or a ``.safetensors`` file with key ``mel_norms``."""
     file = Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"mel_norm_file {file} does not exist; point mel_norm_file at a "
-                                f"[n_mels] tensor (.pth or .safetensors) or remove the option")
+        raise FileNotFoundError(
+            f"mel_norm_file {file} does not exist; point mel_norm_file at a "
+            f"[n_mels] tensor (.pth or .safetensors) or remove the option"
+        )
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         tensors = load_file(str(file))
         if "mel_norms" not in tensors:
-            raise ValueError(f"mel_norm_file {file} has no tensor 'mel_norms' (keys: "
-                             f"{sorted(tensors)}); save the norms under that key")
+            raise ValueError(
+                f"mel_norm_file {file} has no tensor 'mel_norms' (keys: "
+                f"{sorted(tensors)}); save the norms under that key"
+            )
         norms = tensors["mel_norms"]
     else:
-
         norms = load_torch(file)
     if not isinstance(norms, torch.Tensor) or norms.reshape(-1).shape[0] != n_mels:
         shape = list(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
-        raise ValueError(f"mel_norm_file {file} holds {shape}, expected a tensor of {n_mels} "
-                         f"per-bin norms (one per mel channel; check n_mels)")
+        raise ValueError(
+            f"mel_norm_file {file} holds {shape}, expected a tensor of {n_mels} "
+            f"per-bin norms (one per mel channel; check n_mels)"
+        )
     norms = norms.reshape(-1).float()
     if not torch.isfinite(norms).all() or (norms == 0).any():
-        raise ValueError(f"mel_norm_file {file} contains zero or non-finite norms; the mel is "
-                         f"divided by them")
+        raise ValueError(
+            f"mel_norm_file {file} contains zero or non-finite norms; the mel is divided by them"
+        )
     return norms
 
 
@@ -53,10 +60,18 @@ class TorchMelSpectrogramInjector(Injector):
         log: take the log (false: the power mel).
     """
 
-    def __init__(self, sample_rate: int = 22050, n_mels: int = 80, n_fft: int = 1024,
-                 hop_length: int = 256, win_length: int | None = None, f_min: float = 0.0,
-                 f_max: float | None = 8000.0, mel_norm_file: Path | None = None,
-                 log: bool = True) -> None:
+    def __init__(
+        self,
+        sample_rate: int = 22050,
+        n_mels: int = 80,
+        n_fft: int = 1024,
+        hop_length: int = 256,
+        win_length: int | None = None,
+        f_min: float = 0.0,
+        f_max: float | None = 8000.0,
+        mel_norm_file: Path | None = None,
+        log: bool = True,
+    ) -> None:
         super().__init__()
         # a submodule, so moving the injector to a device moves the window and filterbank
         self.mel = mel_transform(sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max)
@@ -69,9 +84,11 @@ class TorchMelSpectrogramInjector(Injector):
         if wav.dim() == 3 and wav.shape[1] == 1:
             wav = wav.squeeze(1)
         if wav.dim() != 2:
-            raise ValueError(f"{getattr(self, 'path', 'torch_mel_spectrogram')}: input "
-                             f"{self.input!r} must be audio [B, T] or [B, 1, T], got shape "
-                             f"{list(wav.shape)}")
+            raise ValueError(
+                f"{getattr(self, 'path', 'torch_mel_spectrogram')}: input "
+                f"{self.input!r} must be audio [B, T] or [B, 1, T], got shape "
+                f"{list(wav.shape)}"
+            )
         # fp32 even under autocast: the log of tiny half-precision powers underflows to -inf
         with torch.autocast(device_type=wav.device.type, enabled=False):
             mel = self.mel(wav.float())  # [B, n_mels, frames]
@@ -100,8 +117,10 @@ class RandomAudioCropInjector(Injector):
     def configure(self, spec: ComponentSpec) -> None:
         super().configure(spec)
         if len(self.inputs) not in (1, 2) or len(self.outputs) != len(self.inputs):
-            raise ValueError(f"random_audio_crop: `in` must be [wav] or [wav, wav_lengths] and "
-                             f"`out` as many keys; got in={self.inputs}, out={self.outputs}")
+            raise ValueError(
+                f"random_audio_crop: `in` must be [wav] or [wav, wav_lengths] and "
+                f"`out` as many keys; got in={self.inputs}, out={self.outputs}"
+            )
 
     def forward(self, state: dict[str, Any]) -> dict[str, Any]:
         wav = state[self.inputs[0]]  # [B, T] or [B, C, T]

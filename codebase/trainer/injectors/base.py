@@ -1,4 +1,5 @@
 """The injector base class and the two structural injectors: ``generator`` and ``for_each``."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -62,8 +63,10 @@ class GeneratorInjector(Injector):
     def __init__(self, generator: str, networks: Runtime[dict[str, nn.Module]]) -> None:
         super().__init__()
         if generator not in networks:
-            raise KeyError(f"generator injector: no network called {generator!r}"
-                           f"{did_you_mean(generator, networks)}")
+            raise KeyError(
+                f"generator injector: no network called {generator!r}"
+                f"{did_you_mean(generator, networks)}"
+            )
         self.generator = generator
         self._networks = networks  # a plain dict: the networks are not this injector's children
 
@@ -105,8 +108,11 @@ class ForEachInjector(Injector):
     @classmethod
     def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path) -> dict:
         if "subtype" not in options:
-            problems.add(f"{path}.subtype", "missing required option: the injector to apply "
-                                            f"to each item ({', '.join(INJECTORS.names())})")
+            problems.add(
+                f"{path}.subtype",
+                "missing required option: the injector to apply "
+                f"to each item ({', '.join(INJECTORS.names())})",
+            )
             return {}
         try:
             sub = INJECTORS.get(options["subtype"])

@@ -5,6 +5,7 @@ encodes in one step and decodes in another holds one copy of the weights. The co
 in eval mode, outside autocast (codes must not depend on the training precision), and is not
 a child module of the injector, so the trainer never moves, casts or saves it.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ from utils.registry import component_name
 from utils.schema import Problems, Runtime, bind_options
 
 # (name, options as sorted JSON, device) -> codec, alive while an injector holds it.
-_SHARED: "weakref.WeakValueDictionary[tuple[str, str, str], Codec]" = weakref.WeakValueDictionary()
+_SHARED: weakref.WeakValueDictionary[tuple[str, str, str], Codec] = weakref.WeakValueDictionary()
 
 
 def shared_codec(name: str, options: dict[str, Any], device: torch.device | str) -> Codec:
@@ -49,16 +50,24 @@ class _CodecInjector(Injector):
     abstract = True
     _what: ClassVar[str] = "input"  # what the first `in` key holds, for error messages
 
-    def __init__(self, env: Runtime[TrainerEnv], codec: str, codec_options: dict[str, Any] | None = None,
-                 sample_rate: int | None = None) -> None:
+    def __init__(
+        self,
+        env: Runtime[TrainerEnv],
+        codec: str,
+        codec_options: dict[str, Any] | None = None,
+        sample_rate: int | None = None,
+    ) -> None:
         super().__init__()
         if sample_rate is not None and sample_rate <= 0:
-            raise ValueError(f"{component_name(type(self), self.kind)}: sample_rate must be "
-                             f"positive, got {sample_rate}")
+            raise ValueError(
+                f"{component_name(type(self), self.kind)}: sample_rate must be "
+                f"positive, got {sample_rate}"
+            )
         self.device = torch.device(env.device)
         # object.__setattr__ keeps the shared codec out of this module's children (see above).
-        object.__setattr__(self, "codec", shared_codec(codec, dict(codec_options or {}),
-                                                       self.device))
+        object.__setattr__(
+            self, "codec", shared_codec(codec, dict(codec_options or {}), self.device)
+        )
         self.sample_rate = sample_rate or self.codec.sample_rate
 
     def _where(self) -> str:
@@ -78,17 +87,23 @@ class _CodecInjector(Injector):
         except KeyError as e:
             problems.add(f"{path}.codec", str(e))
             return kwargs
-        kwargs["codec_options"] = bind_options(codec_cls, kwargs.get("codec_options") or {},
-                                               f"{path}.codec_options", problems,
-                                               base_dir=base_dir)
+        kwargs["codec_options"] = bind_options(
+            codec_cls,
+            kwargs.get("codec_options") or {},
+            f"{path}.codec_options",
+            problems,
+            base_dir=base_dir,
+        )
         return kwargs
 
     def configure(self, spec: ComponentSpec) -> None:
         super().configure(spec)
         if not 1 <= len(self.inputs) <= 2 or len(self.outputs) not in (1, len(self.inputs)):
-            raise ValueError(f"{self._where()}: `in` is the {self._what} "
-                             f"and optionally its lengths; `out` is one key, or two when `in` "
-                             f"has lengths (got in={self.inputs}, out={self.outputs})")
+            raise ValueError(
+                f"{self._where()}: `in` is the {self._what} "
+                f"and optionally its lengths; `out` is one key, or two when `in` "
+                f"has lengths (got in={self.inputs}, out={self.outputs})"
+            )
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=False):
@@ -115,8 +130,10 @@ class AudioToCodesInjector(_CodecInjector):
         if wav.dim() == 3 and wav.shape[1] == 1:
             wav = wav[:, 0]
         if wav.dim() != 2:
-            raise ValueError(f"{self._where()}: {self.inputs[0]!r} must be mono audio [B, T] or "
-                             f"[B, 1, T], got shape {tuple(wav.shape)}")
+            raise ValueError(
+                f"{self._where()}: {self.inputs[0]!r} must be mono audio [B, T] or "
+                f"[B, 1, T], got shape {tuple(wav.shape)}"
+            )
         rate = self.codec.sample_rate
         wav = wav.to(self.device, torch.float32)  # resample where the codec runs
         if self.sample_rate != rate:
@@ -143,8 +160,10 @@ class CodesToAudioInjector(_CodecInjector):
     def forward(self, state: dict[str, Any]) -> dict[str, Any]:
         codes = state[self.inputs[0]]
         if codes.dim() != 3:
-            raise ValueError(f"{self._where()}: {self.inputs[0]!r} must be codes [B, n_levels, "
-                             f"frames], got shape {tuple(codes.shape)}")
+            raise ValueError(
+                f"{self._where()}: {self.inputs[0]!r} must be codes [B, n_levels, "
+                f"frames], got shape {tuple(codes.shape)}"
+            )
         lengths = state[self.inputs[1]].long().to(codes.device) if len(self.inputs) == 2 else None
         if lengths is not None:
             valid = torch.arange(codes.shape[-1], device=codes.device) < lengths[:, None]

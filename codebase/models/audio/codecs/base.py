@@ -1,4 +1,5 @@
 """The one codec interface used by injectors, data preparation and synthesis."""
+
 from __future__ import annotations
 
 import itertools
@@ -74,13 +75,15 @@ def as_batch(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, bool]:
     if x.dim() == dims - 1:
         return x.unsqueeze(0), True
     if x.dim() != dims:
-        raise ValueError(f"expected a tensor with {dims - 1} or {dims} dims, got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"expected a tensor with {dims - 1} or {dims} dims, got shape {tuple(x.shape)}"
+        )
     return x, False
 
 
-def resolve_checkpoint(checkpoint: str | Path | None, default_cache: Path | None,
-                       what: str, how: str) -> Path:
+def resolve_checkpoint(
+    checkpoint: str | Path | None, default_cache: Path | None, what: str, how: str
+) -> Path:
     """The weights file to load: ``checkpoint`` if given, else the library's cache path.
 
     Raises :class:`CodecUnavailable` naming the missing file and where to put it.
@@ -94,4 +97,5 @@ def resolve_checkpoint(checkpoint: str | Path | None, default_cache: Path | None
     looked = " or ".join(str(c) for c in candidates) or "(no path)"
     raise CodecUnavailable(
         f"{what}: pretrained weights not found at {looked}. This machine cannot download them; "
-        f"{how}. Or set `pretrained: false` for randomly initialised weights (tests only).")
+        f"{how}. Or set `pretrained: false` for randomly initialised weights (tests only)."
+    )

@@ -11,6 +11,7 @@ type      sample rate  hop    frames/s    levels
 44khz     44100        512    86.13       9
 ========  ===========  =====  ==========  ======
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,20 +21,40 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from models.audio.codecs.base import (Codec, CodecUnavailable, as_batch, register_codec,
-                                      resolve_checkpoint)
+from models.audio.codecs.base import (
+    Codec,
+    CodecUnavailable,
+    as_batch,
+    register_codec,
+    resolve_checkpoint,
+)
 from models.audio.codecs.encodec import check_audio, check_codes, quiet_weight_norm, seeded
 
 # DAC's constructor arguments per model, from conf/final/{24khz,16khz,44khz}.yml of
 # descript-audio-codec (the released weights carry the same values in their metadata).
 _COMMON = dict(encoder_dim=64, decoder_dim=1536, codebook_size=1024, codebook_dim=8)
 DAC_ARCH: dict[str, dict[str, Any]] = {
-    "24khz": dict(_COMMON, sample_rate=24000, encoder_rates=[2, 4, 5, 8],
-                  decoder_rates=[8, 5, 4, 2], n_codebooks=32),
-    "16khz": dict(_COMMON, sample_rate=16000, encoder_rates=[2, 4, 5, 8],
-                  decoder_rates=[8, 5, 4, 2], n_codebooks=12),
-    "44khz": dict(_COMMON, sample_rate=44100, encoder_rates=[2, 4, 8, 8],
-                  decoder_rates=[8, 8, 4, 2], n_codebooks=9),
+    "24khz": dict(
+        _COMMON,
+        sample_rate=24000,
+        encoder_rates=[2, 4, 5, 8],
+        decoder_rates=[8, 5, 4, 2],
+        n_codebooks=32,
+    ),
+    "16khz": dict(
+        _COMMON,
+        sample_rate=16000,
+        encoder_rates=[2, 4, 5, 8],
+        decoder_rates=[8, 5, 4, 2],
+        n_codebooks=12,
+    ),
+    "44khz": dict(
+        _COMMON,
+        sample_rate=44100,
+        encoder_rates=[2, 4, 8, 8],
+        decoder_rates=[8, 8, 4, 2],
+        n_codebooks=9,
+    ),
 }
 BITRATE = "8kbps"  # the release every model type has
 
@@ -48,14 +69,15 @@ def import_dac() -> ModuleType:
             f"the dac codec needs the descript-audio-codec package ({e}): run "
             "`pip install -e '.[dac]'` from the repository root. Its dependency "
             "descript-audiotools pins protobuf<3.20, which newer wandb and tensorboard reject, "
-            "so a separate virtual environment is the safe place for it") from None
+            "so a separate virtual environment is the safe place for it"
+        ) from None
     return dac
 
 
 def dac_weights_location(dac: ModuleType, model_type: str) -> tuple[Path, str]:
     """(cache file, download URL) exactly as ``dac.utils.download`` would use them."""
-    tag = getattr(dac.utils, "__MODEL_LATEST_TAGS__")[(model_type, BITRATE)]
-    url = getattr(dac.utils, "__MODEL_URLS__")[(model_type, tag, BITRATE)]
+    tag = dac.utils.__MODEL_LATEST_TAGS__[(model_type, BITRATE)]
+    url = dac.utils.__MODEL_URLS__[(model_type, tag, BITRATE)]
     name = f"weights_{model_type}_{BITRATE}_{tag}.pth"
     return Path.home() / ".cache" / "descript" / "dac" / name, url
 
@@ -73,34 +95,46 @@ class DacCodec(Codec):
         checkpoint: a local copy of the release's ``weights_*.pth``.
     """
 
-    def __init__(self, model_type: Literal["24khz", "44khz", "16khz"] = "24khz",
-                 n_levels: int | None = None, pretrained: bool = True,
-                 checkpoint: Path | None = None) -> None:
+    def __init__(
+        self,
+        model_type: Literal["24khz", "44khz", "16khz"] = "24khz",
+        n_levels: int | None = None,
+        pretrained: bool = True,
+        checkpoint: Path | None = None,
+    ) -> None:
         super().__init__()
         if model_type not in DAC_ARCH:
-            raise ValueError(f"dac: unknown model_type {model_type!r}; use one of "
-                             f"{sorted(DAC_ARCH)}")
+            raise ValueError(
+                f"dac: unknown model_type {model_type!r}; use one of {sorted(DAC_ARCH)}"
+            )
         arch = DAC_ARCH[model_type]
         if n_levels is not None and not 1 <= n_levels <= arch["n_codebooks"]:
-            raise ValueError(f"dac: n_levels must be between 1 and {arch['n_codebooks']} for the "
-                             f"{model_type} model, got {n_levels}")
+            raise ValueError(
+                f"dac: n_levels must be between 1 and {arch['n_codebooks']} for the "
+                f"{model_type} model, got {n_levels}"
+            )
         if not pretrained and checkpoint is not None:
             raise ValueError("dac: `checkpoint` is only read with `pretrained: true`")
         dac = import_dac()
         if pretrained:
             cache, url = dac_weights_location(dac, model_type)
             path = resolve_checkpoint(
-                checkpoint, cache, f"dac ({model_type})",
+                checkpoint,
+                cache,
+                f"dac ({model_type})",
                 f"download {url} on a machine with internet and copy it to {cache} (DAC's own "
-                f"cache), or pass its path as `checkpoint:`")
+                f"cache), or pass its path as `checkpoint:`",
+            )
             try:
                 with quiet_weight_norm():  # rebuilds the network from the file's own metadata
                     self.model = dac.DAC.load(str(path))
             except Exception as e:  # unpickling or key errors: say which file is wrong
                 raise ValueError(f"dac: {path} is not a DAC weights file ({e})") from e
             if self.model.sample_rate != arch["sample_rate"]:
-                raise ValueError(f"dac: {path} holds a {self.model.sample_rate} Hz model, but "
-                                 f"model_type is {model_type!r}; fix one of them")
+                raise ValueError(
+                    f"dac: {path} holds a {self.model.sample_rate} Hz model, but "
+                    f"model_type is {model_type!r}; fix one of them"
+                )
         else:
             with seeded(0), quiet_weight_norm():
                 self.model = dac.DAC(**arch)
@@ -138,5 +172,9 @@ class DacCodec(Codec):
 
     def config(self) -> dict[str, Any]:
         """Name and the options that change the codes (not file locations)."""
-        return {"name": "dac", "model_type": self.model_type, "n_levels": self.n_levels,
-                "pretrained": self.pretrained}
+        return {
+            "name": "dac",
+            "model_type": self.model_type,
+            "n_levels": self.n_levels,
+            "pretrained": self.pretrained,
+        }

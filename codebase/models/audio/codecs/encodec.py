@@ -7,6 +7,7 @@ is out of scope: the framework works on mono audio.
 Also home of two helpers the other pretrained backends share: :func:`seeded` (random weights
 that are the same in every process) and :func:`check_codes`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,20 +61,23 @@ def check_codes(codes: torch.Tensor, n_levels: int, codebook_size: int, what: st
     if codes.is_floating_point() or codes.is_complex():
         raise TypeError(f"{what}.decode: codes must be an integer tensor, got {codes.dtype}")
     if codes.shape[1] != n_levels:
-        raise ValueError(f"{what}.decode: codes have {codes.shape[1]} levels (shape "
-                         f"{tuple(codes.shape)}), the codec has {n_levels}; encode and decode "
-                         f"with the same codec options")
+        raise ValueError(
+            f"{what}.decode: codes have {codes.shape[1]} levels (shape "
+            f"{tuple(codes.shape)}), the codec has {n_levels}; encode and decode "
+            f"with the same codec options"
+        )
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
-        raise ValueError(f"{what}.decode: codes must lie in [0, {codebook_size}), got "
-                         f"[{int(codes.min())}, {int(codes.max())}]; replace padding ids "
-                         f"before decoding (or pass lengths to the codes_to_audio injector)")
+        raise ValueError(
+            f"{what}.decode: codes must lie in [0, {codebook_size}), got "
+            f"[{int(codes.min())}, {int(codes.max())}]; replace padding ids "
+            f"before decoding (or pass lengths to the codes_to_audio injector)"
+        )
 
 
 def check_audio(wav: torch.Tensor, what: str) -> None:
     """Audio must be a non-empty float tensor (an int16 tensor would encode as loud noise)."""
     if not wav.is_floating_point():
-        raise TypeError(f"{what}.encode: audio must be a float tensor in [-1, 1], got "
-                        f"{wav.dtype}")
+        raise TypeError(f"{what}.encode: audio must be a float tensor in [-1, 1], got {wav.dtype}")
     if wav.shape[-1] == 0:
         raise ValueError(f"{what}.encode: the audio is empty (shape {tuple(wav.shape)})")
 
@@ -81,10 +85,13 @@ def check_audio(wav: torch.Tensor, what: str) -> None:
 def encodec_weights(checkpoint: Path | None) -> Path:
     """``checkpoint`` or torch.hub's copy; :class:`CodecUnavailable` names both if missing."""
     return resolve_checkpoint(
-        checkpoint, encodec_cache_path(), "encodec (24 kHz)",
+        checkpoint,
+        encodec_cache_path(),
+        "encodec (24 kHz)",
         f"download {ENCODEC_24KHZ_URL} on a machine with internet and copy it to "
         f"{encodec_cache_path()} (torch.hub's cache; $TORCH_HOME moves it), or pass its path "
-        f"as `checkpoint:`")
+        f"as `checkpoint:`",
+    )
 
 
 def build_encodec_24khz(pretrained: bool, checkpoint: Path | None) -> EncodecModel:
@@ -107,8 +114,10 @@ def build_encodec_24khz(pretrained: bool, checkpoint: Path | None) -> EncodecMod
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # unpickling or key/shape errors: say which file is wrong
-        raise ValueError(f"encodec: {path} is not the EnCodec 24 kHz state dict "
-                         f"({ENCODEC_24KHZ_FILE} from {ROOT_URL}): {e}") from e
+        raise ValueError(
+            f"encodec: {path} is not the EnCodec 24 kHz state dict "
+            f"({ENCODEC_24KHZ_FILE} from {ROOT_URL}): {e}"
+        ) from e
     model.name = "encodec_24khz"  # what the package's own loader sets for pretrained weights
     return model.eval()
 
@@ -142,15 +151,24 @@ class EncodecCodec(Codec):
         model: only "24khz": the 48 kHz model is stereo and the framework is mono.
     """
 
-    def __init__(self, bandwidth: float = 6.0, pretrained: bool = True,
-                 checkpoint: Path | None = None, model: Literal["24khz"] = "24khz") -> None:
+    def __init__(
+        self,
+        bandwidth: float = 6.0,
+        pretrained: bool = True,
+        checkpoint: Path | None = None,
+        model: Literal["24khz"] = "24khz",
+    ) -> None:
         super().__init__()
         if model != "24khz":
-            raise ValueError(f"encodec: model {model!r} is not supported; only '24khz' (the "
-                             f"48 kHz EnCodec is stereo, this framework is mono)")
+            raise ValueError(
+                f"encodec: model {model!r} is not supported; only '24khz' (the "
+                f"48 kHz EnCodec is stereo, this framework is mono)"
+            )
         if float(bandwidth) not in ENCODEC_24KHZ_BANDWIDTHS:
-            raise ValueError(f"encodec: bandwidth {bandwidth} kbps is not one the 24 kHz model "
-                             f"was trained for; use one of {list(ENCODEC_24KHZ_BANDWIDTHS)}")
+            raise ValueError(
+                f"encodec: bandwidth {bandwidth} kbps is not one the 24 kHz model "
+                f"was trained for; use one of {list(ENCODEC_24KHZ_BANDWIDTHS)}"
+            )
         self.bandwidth, self.pretrained, self.model_name = float(bandwidth), pretrained, model
         self.model = build_encodec_24khz(pretrained, Path(checkpoint) if checkpoint else None)
         self.model.set_target_bandwidth(self.bandwidth)
@@ -159,7 +177,8 @@ class EncodecCodec(Codec):
         self.hop_length = math.prod(self.model.encoder.ratios)
         self.frame_rate = self.sample_rate / self.hop_length
         self.n_levels = self.model.quantizer.get_num_quantizers_for_bandwidth(
-            self.model.frame_rate, self.bandwidth)
+            self.model.frame_rate, self.bandwidth
+        )
         self.codebook_size = self.model.quantizer.bins
 
     @torch.no_grad()
@@ -167,7 +186,7 @@ class EncodecCodec(Codec):
         wav, added = as_batch(wav, 2)
         check_audio(wav, "encodec")
         # The 24 kHz model has no segmenting: one frame tuple (codes [B, K, frames], scale None).
-        (codes, _), = self.model.encode(wav.to(self.device, torch.float32).unsqueeze(1))
+        ((codes, _),) = self.model.encode(wav.to(self.device, torch.float32).unsqueeze(1))
         codes = codes.long().to(wav.device)
         return codes[0] if added else codes
 
@@ -186,5 +205,9 @@ class EncodecCodec(Codec):
     def config(self) -> dict[str, Any]:
         """Name and the options that change the codes. The checkpoint path is left out: the
         same weights give the same codes wherever the file lies."""
-        return {"name": "encodec", "bandwidth": self.bandwidth, "model": self.model_name,
-                "pretrained": self.pretrained}
+        return {
+            "name": "encodec",
+            "bandwidth": self.bandwidth,
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+        }

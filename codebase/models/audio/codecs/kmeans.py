@@ -1,4 +1,5 @@
 """Residual vector quantisation by k-means, in torch (used to fit :mod:`mel_rvq`)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,8 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for s in range(0, x.shape[0], _CHUNK):
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 does not change the argmin.
-        d = torch.addmm(c_sq, x[s:s + _CHUNK], codebook.T, alpha=-2.0)  # [rows, K]
-        idx[s:s + _CHUNK] = d.argmin(1)
+        d = torch.addmm(c_sq, x[s : s + _CHUNK], codebook.T, alpha=-2.0)  # [rows, K]
+        idx[s : s + _CHUNK] = d.argmin(1)
     return idx
 
 
@@ -45,8 +46,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.T
     return centroids
 
 
-def fit_rvq(x: torch.Tensor, n_levels: int, k: int, iters: int,
-            gen: torch.Generator) -> torch.Tensor:
+def fit_rvq(
+    x: torch.Tensor, n_levels: int, k: int, iters: int, gen: torch.Generator
+) -> torch.Tensor:
     """Residual codebooks [n_levels, k, D] for frames ``x`` [N, D]: each level is k-means on
     what the levels before it left over."""
     residual = x
@@ -63,7 +65,7 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     # the Lloyd iterations, and 64 points per centroid are plenty to spread the seeds.
     n = x.shape[0]
     if n > 64 * k:
-        x = x[torch.randperm(n, generator=gen)[:64 * k]]
+        x = x[torch.randperm(n, generator=gen)[: 64 * k]]
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
     x_sq = (x * x).sum(1)  # [n]
     centroids[0] = x[torch.randint(x.shape[0], (1,), generator=gen)]

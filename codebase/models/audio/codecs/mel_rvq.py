@@ -7,6 +7,7 @@ undoes the normalisation and inverts the mel spectrogram with Griffin-Lim. Far b
 codec in quality, but 80 mels keep the formants and low harmonics, enough to hear the words,
 which is what the offline demo needs to train VALL-E without pretrained weights.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,13 +30,24 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mel_rvq"
 FORMAT_VERSION = "1"
-ARCH_KEYS = ("sample_rate", "n_mels", "hop_length", "win_length", "n_fft", "f_min", "f_max",
-             "n_levels", "codebook_size")
+ARCH_KEYS = (
+    "sample_rate",
+    "n_mels",
+    "hop_length",
+    "win_length",
+    "n_fft",
+    "f_min",
+    "f_max",
+    "n_levels",
+    "codebook_size",
+)
 # log(0) guard, as in most TTS mel front ends: -11.5 is far below any audible bin.
 LOG_FLOOR = 1e-5
-_HOW_TO_FIT = ("mel_rvq must be fitted on audio first: `MelRVQCodec.fit(wavs, out=PATH)` "
-               "writes PATH (the data preparation step does this automatically when the codec "
-               "is mel_rvq); then set `codec_options: {checkpoint: PATH}`")
+_HOW_TO_FIT = (
+    "mel_rvq must be fitted on audio first: `MelRVQCodec.fit(wavs, out=PATH)` "
+    "writes PATH (the data preparation step does this automatically when the codec "
+    "is mel_rvq); then set `codec_options: {checkpoint: PATH}`"
+)
 
 
 @register_codec("mel_rvq")
@@ -59,15 +71,33 @@ class MelRVQCodec(Codec):
         griffin_lim_iters: Griffin-Lim iterations in :meth:`decode` (more: cleaner, slower).
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, pretrained: bool = True,
-                 sample_rate: int = 16000, n_mels: int = 80, hop_length: int = 400,
-                 win_length: int = 1024, n_fft: int = 1024, f_min: float = 0.0,
-                 f_max: float | None = 8000, n_levels: int = 4, codebook_size: int = 256,
-                 griffin_lim_iters: int = 32) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        pretrained: bool = True,
+        sample_rate: int = 16000,
+        n_mels: int = 80,
+        hop_length: int = 400,
+        win_length: int = 1024,
+        n_fft: int = 1024,
+        f_min: float = 0.0,
+        f_max: float | None = 8000,
+        n_levels: int = 4,
+        codebook_size: int = 256,
+        griffin_lim_iters: int = 32,
+    ) -> None:
         super().__init__()
-        arch = dict(sample_rate=sample_rate, n_mels=n_mels, hop_length=hop_length,
-                    win_length=win_length, n_fft=n_fft, f_min=f_min, f_max=f_max,
-                    n_levels=n_levels, codebook_size=codebook_size)
+        arch = dict(
+            sample_rate=sample_rate,
+            n_mels=n_mels,
+            hop_length=hop_length,
+            win_length=win_length,
+            n_fft=n_fft,
+            f_min=f_min,
+            f_max=f_max,
+            n_levels=n_levels,
+            codebook_size=codebook_size,
+        )
         tensors: dict[str, torch.Tensor] | None = None
         path: Path | None = None
         if not pretrained and checkpoint:
@@ -94,28 +124,48 @@ class MelRVQCodec(Codec):
         # power=1 (magnitude): log-magnitude mels are what Griffin-Lim below inverts.
         # pad_mode="constant": reflect padding fails on clips shorter than n_fft // 2.
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=a["sample_rate"], n_fft=a["n_fft"], win_length=a["win_length"],
-            hop_length=a["hop_length"], f_min=a["f_min"], f_max=a["f_max"], n_mels=a["n_mels"],
-            power=1.0, center=True, pad_mode="constant")
+            sample_rate=a["sample_rate"],
+            n_fft=a["n_fft"],
+            win_length=a["win_length"],
+            hop_length=a["hop_length"],
+            f_min=a["f_min"],
+            f_max=a["f_max"],
+            n_mels=a["n_mels"],
+            power=1.0,
+            center=True,
+            pad_mode="constant",
+        )
         self.inverse_mel = torchaudio.transforms.InverseMelScale(
-            n_stft=a["n_fft"] // 2 + 1, n_mels=a["n_mels"], sample_rate=a["sample_rate"],
-            f_min=a["f_min"], f_max=a["f_max"])
+            n_stft=a["n_fft"] // 2 + 1,
+            n_mels=a["n_mels"],
+            sample_rate=a["sample_rate"],
+            f_min=a["f_min"],
+            f_max=a["f_max"],
+        )
         self.register_buffer("window", torch.hann_window(a["win_length"]), persistent=False)
         # Per-bin normalisation of log-mels, so every bin weighs the same in k-means distances.
         self.register_buffer("mean", torch.zeros(a["n_mels"]))
         self.register_buffer("std", torch.ones(a["n_mels"]))
         # [n_levels, codebook_size, n_mels]
-        self.register_buffer("codebooks", _random_codebooks(self.n_levels, self.codebook_size,
-                                                            a["n_mels"]))
+        self.register_buffer(
+            "codebooks", _random_codebooks(self.n_levels, self.codebook_size, a["n_mels"])
+        )
         for name, tensor in (tensors or {}).items():  # shapes checked by read_checkpoint
             getattr(self, name).copy_(tensor)
 
     # ------------------------------------------------------------------------ fitting
 
     @classmethod
-    def fit(cls, wavs: Iterable[torch.Tensor], out: str | Path | None = None, *,
-            max_frames: int = 200_000, iters: int = 20, seed: int = 0,
-            **options: Any) -> "MelRVQCodec":
+    def fit(
+        cls,
+        wavs: Iterable[torch.Tensor],
+        out: str | Path | None = None,
+        *,
+        max_frames: int = 200_000,
+        iters: int = 20,
+        seed: int = 0,
+        **options: Any,
+    ) -> MelRVQCodec:
         """Fit normalisation and RVQ codebooks on ``wavs`` (1-d tensors at ``sample_rate``).
 
         Frames beyond ``max_frames`` are subsampled uniformly (seeded), so memory stays bounded
@@ -127,11 +177,15 @@ class MelRVQCodec(Codec):
         """
         for bad in ("checkpoint", "pretrained"):
             if bad in options:
-                raise TypeError(f"MelRVQCodec.fit() does not take {bad!r}: it fits new "
-                                f"codebooks and writes them to `out`")
+                raise TypeError(
+                    f"MelRVQCodec.fit() does not take {bad!r}: it fits new "
+                    f"codebooks and writes them to `out`"
+                )
         if max_frames < 1 or iters < 0:
-            raise ValueError(f"MelRVQCodec.fit: need max_frames >= 1 and iters >= 0, got "
-                             f"max_frames={max_frames}, iters={iters}")
+            raise ValueError(
+                f"MelRVQCodec.fit: need max_frames >= 1 and iters >= 0, got "
+                f"max_frames={max_frames}, iters={iters}"
+            )
         codec = cls(pretrained=False, **options)
         gen = torch.Generator().manual_seed(seed)
         frames, mean, std = codec._sample_frames(wavs, max_frames, gen)
@@ -140,9 +194,9 @@ class MelRVQCodec(Codec):
             raise ValueError(
                 f"MelRVQCodec.fit: got {frames.shape[0]} mel frames but codebook_size is "
                 f"{codec.codebook_size}; give at least {seconds:.1f} s of audio or a smaller "
-                f"codebook_size")
-        codebooks = fit_rvq((frames - mean) / std, codec.n_levels, codec.codebook_size, iters,
-                            gen)
+                f"codebook_size"
+            )
+        codebooks = fit_rvq((frames - mean) / std, codec.n_levels, codec.codebook_size, iters, gen)
         for name, tensor in (("mean", mean), ("std", std), ("codebooks", codebooks)):
             getattr(codec, name).copy_(tensor)
         codec.pretrained = True
@@ -151,8 +205,9 @@ class MelRVQCodec(Codec):
         return codec
 
     @torch.no_grad()
-    def _sample_frames(self, wavs: Iterable[torch.Tensor], max_frames: int,
-                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sample_frames(
+        self, wavs: Iterable[torch.Tensor], max_frames: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(frames [<=max_frames, n_mels] log-mel, mean [n_mels], std [n_mels]) over ``wavs``."""
         n_mels = self.arch["n_mels"]
         total = torch.zeros(n_mels, dtype=torch.float64)
@@ -166,8 +221,10 @@ class MelRVQCodec(Codec):
         for i, wav in enumerate(wavs):
             if not isinstance(wav, torch.Tensor) or wav.dim() != 1:
                 shape = tuple(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__
-                raise ValueError(f"MelRVQCodec.fit: item {i} must be a 1-d waveform tensor at "
-                                 f"{self.sample_rate} Hz, got {shape}")
+                raise ValueError(
+                    f"MelRVQCodec.fit: item {i} must be a 1-d waveform tensor at "
+                    f"{self.sample_rate} Hz, got {shape}"
+                )
             if wav.numel() == 0:
                 skipped += 1
                 continue
@@ -184,8 +241,10 @@ class MelRVQCodec(Codec):
         if skipped:
             log.warning("MelRVQCodec.fit: skipped %d empty waveform(s)", skipped)
         if count == 0:
-            raise ValueError("MelRVQCodec.fit: no audio given (the iterable was empty or every "
-                             "waveform had 0 samples)")
+            raise ValueError(
+                "MelRVQCodec.fit: no audio given (the iterable was empty or every "
+                "waveform had 0 samples)"
+            )
         mean = total / count
         var = (total_sq / count - mean * mean).clamp_min(0)
         # A bin that never varies (e.g. above the audio's band) would divide by ~0.
@@ -217,7 +276,7 @@ class MelRVQCodec(Codec):
         return torch.stack(codes).view(self.n_levels, b, f).transpose(0, 1)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, levels, frames] (the first 1..n_levels levels) -> frames [B, frames, n_mels]."""
+        """codes [B, levels, frames] (the first 1..n_levels levels) -> [B, frames, n_mels]."""
         codes = self._check_codes(codes)
         levels = torch.arange(codes.shape[1], device=codes.device)
         # codebooks[level, code] for every (B, level, frame), summed over levels.
@@ -251,18 +310,28 @@ class MelRVQCodec(Codec):
         # a clip of 1-2 frames is too short for that, so silent frames lengthen it, cut after.
         padded = max(frames, (a["n_fft"] // 2 + 1) // hop + 2)
         spec = torch.nn.functional.pad(spec, (0, padded - frames))
-        with torch.random.fork_rng(devices=[spec.device] if spec.is_cuda else []), \
-                warnings.catch_warnings():
+        with (
+            torch.random.fork_rng(devices=[spec.device] if spec.is_cuda else []),
+            warnings.catch_warnings(),
+        ):
             # istft zero-fills the last hop - 1 samples of that length, and says so: intended.
             warnings.filterwarnings("ignore", message="The length of signal is shorter")
             torch.manual_seed(0)
             # The length must give back exactly `padded` centred frames: padded * hop - 1
             # samples. The result is cut/padded to frames * hop, as other codecs return.
             wav = torchaudio.functional.griffinlim(
-                spec, self.window.float(), a["n_fft"], hop, a["win_length"], power=1.0,
-                n_iter=self.griffin_lim_iters, momentum=0.99, length=padded * hop - 1,
-                rand_init=True)
-        wav = torch.nn.functional.pad(wav, (0, 1))[:, :frames * hop].clamp(-1.0, 1.0)
+                spec,
+                self.window.float(),
+                a["n_fft"],
+                hop,
+                a["win_length"],
+                power=1.0,
+                n_iter=self.griffin_lim_iters,
+                momentum=0.99,
+                length=padded * hop - 1,
+                rand_init=True,
+            )
+        wav = torch.nn.functional.pad(wav, (0, 1))[:, : frames * hop].clamp(-1.0, 1.0)
         return wav[0] if added else wav
 
     def frames_for(self, num_samples: int) -> int:
@@ -271,40 +340,55 @@ class MelRVQCodec(Codec):
 
     def config(self) -> dict[str, Any]:
         """Options that rebuild this codec (checkpoint None until it is saved)."""
-        return {"name": "mel_rvq",
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "pretrained": self.pretrained, **self.arch,
-                "griffin_lim_iters": self.griffin_lim_iters}
+        return {
+            "name": "mel_rvq",
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "pretrained": self.pretrained,
+            **self.arch,
+            "griffin_lim_iters": self.griffin_lim_iters,
+        }
 
     # ------------------------------------------------------------------------ files
 
     def save(self, path: str | Path) -> None:
         """Write mean, std and codebooks to a safetensors file (atomically), config in metadata."""
         path = Path(path).expanduser().resolve()
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous()
-                   for name in ("mean", "std", "codebooks")}
-        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                    "config": json.dumps(self.arch, sort_keys=True)}
+        tensors = {
+            name: getattr(self, name).detach().float().cpu().contiguous()
+            for name in ("mean", "std", "codebooks")
+        }
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": json.dumps(self.arch, sort_keys=True),
+        }
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         self.checkpoint = path
         self.pretrained = True
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.n_levels:
-            raise ValueError(f"mel_rvq: codes must be [B, levels, frames] with 1..{self.n_levels}"
-                             f" levels, got shape {tuple(codes.shape)}")
+            raise ValueError(
+                f"mel_rvq: codes must be [B, levels, frames] with 1..{self.n_levels}"
+                f" levels, got shape {tuple(codes.shape)}"
+            )
         if codes.is_floating_point():
             raise TypeError(f"mel_rvq: codes must be integers, got {codes.dtype}")
         codes = codes.long().to(self.codebooks.device)
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"mel_rvq: codes must lie in [0, {self.codebook_size}), got values "
-                             f"in [{int(codes.min())}, {int(codes.max())}]")
+            raise ValueError(
+                f"mel_rvq: codes must lie in [0, {self.codebook_size}), got values "
+                f"in [{int(codes.min())}, {int(codes.max())}]"
+            )
         return codes
 
 
-def _smallest_keys(kept: torch.Tensor, keys: torch.Tensor,
-                   pending: list[tuple[torch.Tensor, torch.Tensor]],
-                   limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _smallest_keys(
+    kept: torch.Tensor,
+    keys: torch.Tensor,
+    pending: list[tuple[torch.Tensor, torch.Tensor]],
+    limit: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``pending`` (frames, keys) into ``kept`` and keep the ``limit`` smallest keys."""
     frames = torch.cat([kept] + [f for f, _ in pending])
     all_keys = torch.cat([keys] + [k for _, k in pending])
@@ -327,8 +411,10 @@ def _random_codebooks(n_levels: int, k: int, d: int) -> torch.Tensor:
 
 def _checkpoint_path(checkpoint: str | Path | None) -> Path:
     if not checkpoint:
-        raise CodecUnavailable(f"mel_rvq: no `checkpoint` given. {_HOW_TO_FIT}. Or set "
-                               f"`pretrained: false` for random codebooks (tests only).")
+        raise CodecUnavailable(
+            f"mel_rvq: no `checkpoint` given. {_HOW_TO_FIT}. Or set "
+            f"`pretrained: false` for random codebooks (tests only)."
+        )
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CodecUnavailable(f"mel_rvq: checkpoint {path} not found. {_HOW_TO_FIT}.")
@@ -340,51 +426,79 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"mel_rvq: {path} is not a readable safetensors file ({e}); it may be "
-                         f"truncated or corrupt, fit it again") from e
+        raise ValueError(
+            f"mel_rvq: {path} is not a readable safetensors file ({e}); it may be "
+            f"truncated or corrupt, fit it again"
+        ) from e
     if meta.get("format") != FORMAT:
-        raise ValueError(f"mel_rvq: {path} was not written by MelRVQCodec.save (metadata format "
-                         f"{meta.get('format')!r}, expected {FORMAT!r}); point `checkpoint` at "
-                         f"a fitted mel_rvq file")
+        raise ValueError(
+            f"mel_rvq: {path} was not written by MelRVQCodec.save (metadata format "
+            f"{meta.get('format')!r}, expected {FORMAT!r}); point `checkpoint` at "
+            f"a fitted mel_rvq file"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"mel_rvq: {path} has format version {meta.get('format_version')!r}, "
-                         f"this code reads {FORMAT_VERSION!r}; fit it again with this code")
+        raise ValueError(
+            f"mel_rvq: {path} has format version {meta.get('format_version')!r}, "
+            f"this code reads {FORMAT_VERSION!r}; fit it again with this code"
+        )
     try:
         arch = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"mel_rvq: {path} has no readable 'config' metadata ({e}); fit it "
-                         f"again") from e
+        raise ValueError(
+            f"mel_rvq: {path} has no readable 'config' metadata ({e}); fit it again"
+        ) from e
     if sorted(arch) != sorted(ARCH_KEYS):
-        raise ValueError(f"mel_rvq: {path} config has keys {sorted(arch)}, expected "
-                         f"{sorted(ARCH_KEYS)}; fit it again with this code")
-    want = {"mean": (arch["n_mels"],), "std": (arch["n_mels"],),
-            "codebooks": (arch["n_levels"], arch["codebook_size"], arch["n_mels"])}
+        raise ValueError(
+            f"mel_rvq: {path} config has keys {sorted(arch)}, expected "
+            f"{sorted(ARCH_KEYS)}; fit it again with this code"
+        )
+    want = {
+        "mean": (arch["n_mels"],),
+        "std": (arch["n_mels"],),
+        "codebooks": (arch["n_levels"], arch["codebook_size"], arch["n_mels"]),
+    }
     got = {name: tuple(t.shape) for name, t in tensors.items()}
     if got != want:
-        raise ValueError(f"mel_rvq: {path} holds tensors {got}, but its config needs {want}; "
-                         f"the file is corrupt, fit it again")
+        raise ValueError(
+            f"mel_rvq: {path} holds tensors {got}, but its config needs {want}; "
+            f"the file is corrupt, fit it again"
+        )
     return arch, tensors
 
 
 def _warn_ignored(given: dict[str, Any], stored: dict[str, Any], path: Path) -> None:
     # Only options set away from their default count: an unset option always "differs" from
     # a file fitted with other settings, and that is no reason to warn.
-    defaults = {name: p.default
-                for name, p in inspect.signature(MelRVQCodec.__init__).parameters.items()}
+    defaults = {
+        name: p.default for name, p in inspect.signature(MelRVQCodec.__init__).parameters.items()
+    }
     ignored = {k: v for k, v in given.items() if v != defaults[k] and v != stored[k]}
     if ignored:
-        log.warning("mel_rvq: %s was fitted with %s; ignoring the conflicting options %s "
-                    "(refit to change the architecture)", path,
-                    {k: stored[k] for k in ignored}, ignored)
+        log.warning(
+            "mel_rvq: %s was fitted with %s; ignoring the conflicting options %s "
+            "(refit to change the architecture)",
+            path,
+            {k: stored[k] for k in ignored},
+            ignored,
+        )
 
 
 def _check_arch(a: dict[str, Any]) -> None:
-    problems = [f"{k} must be a positive integer, got {a[k]!r}"
-                for k in ("sample_rate", "n_mels", "hop_length", "win_length", "n_fft",
-                          "n_levels", "codebook_size")
-                if not isinstance(a[k], int) or isinstance(a[k], bool) or a[k] < 1]
+    problems = [
+        f"{k} must be a positive integer, got {a[k]!r}"
+        for k in (
+            "sample_rate",
+            "n_mels",
+            "hop_length",
+            "win_length",
+            "n_fft",
+            "n_levels",
+            "codebook_size",
+        )
+        if not isinstance(a[k], int) or isinstance(a[k], bool) or a[k] < 1
+    ]
     if not problems:
         nyquist = a["sample_rate"] / 2
         f_max = nyquist if a["f_max"] is None else a["f_max"]
@@ -392,10 +506,13 @@ def _check_arch(a: dict[str, Any]) -> None:
             problems.append(f"win_length ({a['win_length']}) must be <= n_fft ({a['n_fft']})")
         if a["hop_length"] >= a["win_length"]:
             # Hann windows that do not overlap cannot be overlap-added back (Griffin-Lim).
-            problems.append(f"hop_length ({a['hop_length']}) must be < win_length "
-                            f"({a['win_length']})")
+            problems.append(
+                f"hop_length ({a['hop_length']}) must be < win_length ({a['win_length']})"
+            )
         if not 0 <= a["f_min"] < f_max <= nyquist:
-            problems.append(f"need 0 <= f_min < f_max <= sample_rate / 2 = {nyquist:g}, got "
-                            f"f_min={a['f_min']}, f_max={a['f_max']}")
+            problems.append(
+                f"need 0 <= f_min < f_max <= sample_rate / 2 = {nyquist:g}, got "
+                f"f_min={a['f_min']}, f_max={a['f_max']}"
+            )
     if problems:
         raise ValueError("mel_rvq: bad options: " + "; ".join(problems))

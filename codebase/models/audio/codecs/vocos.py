@@ -3,6 +3,7 @@
 Encoding is EnCodec's; decoding uses Vocos, which turns the same codes into cleaner audio than
 EnCodec's own decoder. Vocos was trained for 1.5/3/6/12 kbps (2/4/8/16 levels).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,17 +19,26 @@ from vocos.feature_extractors import EncodecFeatures, FeatureExtractor
 from vocos.heads import ISTFTHead
 from vocos.models import VocosBackbone
 
-from models.audio.codecs.base import (Codec, CodecUnavailable, as_batch, register_codec,
-                                      resolve_checkpoint)
-from models.audio.codecs.encodec import (EncodecCodec, check_codes, encodec_weights,
-                                         seeded)
+from models.audio.codecs.base import (
+    Codec,
+    CodecUnavailable,
+    as_batch,
+    register_codec,
+    resolve_checkpoint,
+)
+from models.audio.codecs.encodec import EncodecCodec, check_codes, encodec_weights, seeded
 
 VOCOS_REPO = "charactr/vocos-encodec-24khz"
 VOCOS_WEIGHTS = "pytorch_model.bin"
 VOCOS_BANDWIDTHS = (1.5, 3.0, 6.0, 12.0)  # bandwidth_id i <-> VOCOS_BANDWIDTHS[i]
 # The repo's config.yaml (same as configs/vocos-encodec.yaml in gemelo-ai/vocos).
-BACKBONE = dict(input_channels=128, dim=384, intermediate_dim=1152, num_layers=8,
-                adanorm_num_embeddings=len(VOCOS_BANDWIDTHS))
+BACKBONE = dict(
+    input_channels=128,
+    dim=384,
+    intermediate_dim=1152,
+    num_layers=8,
+    adanorm_num_embeddings=len(VOCOS_BANDWIDTHS),
+)
 HEAD = dict(dim=384, n_fft=1280, hop_length=320, padding="same")
 
 
@@ -44,7 +54,8 @@ class _EncodecCodebooks(EncodecFeatures):
         FeatureExtractor.__init__(self)  # deliberately not EncodecFeatures.__init__
         self.encodec = encodec
         self.num_q = encodec.quantizer.get_num_quantizers_for_bandwidth(
-            encodec.frame_rate, bandwidth=max(bandwidths))
+            encodec.frame_rate, bandwidth=max(bandwidths)
+        )
         weights = torch.cat([vq.codebook for vq in encodec.quantizer.vq.layers[: self.num_q]])
         self.codebook_weights = nn.Parameter(weights, requires_grad=False)
         self.bandwidths = list(bandwidths)
@@ -52,8 +63,13 @@ class _EncodecCodebooks(EncodecFeatures):
 
 def vocos_cache_hint() -> Path:
     """Where the Hugging Face hub cache keeps the weights (the snapshot folder is a commit id)."""
-    return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=VOCOS_REPO, repo_type="model")
-            / "snapshots" / "<commit>" / VOCOS_WEIGHTS)
+    return (
+        Path(constants.HF_HUB_CACHE)
+        / repo_folder_name(repo_id=VOCOS_REPO, repo_type="model")
+        / "snapshots"
+        / "<commit>"
+        / VOCOS_WEIGHTS
+    )
 
 
 def _vocos_weights(checkpoint: Path | None) -> Path:
@@ -63,11 +79,14 @@ def _vocos_weights(checkpoint: Path | None) -> Path:
     cached = try_to_load_from_cache(VOCOS_REPO, VOCOS_WEIGHTS)  # local lookup only
     default = Path(cached) if isinstance(cached, str) else vocos_cache_hint()
     return resolve_checkpoint(
-        checkpoint, default, f"vocos ({VOCOS_REPO})",
+        checkpoint,
+        default,
+        f"vocos ({VOCOS_REPO})",
         f"run `hf download {VOCOS_REPO}` on a machine with internet and copy its "
         f"cache folder {default.parents[2].name} into {constants.HF_HUB_CACHE} here, or download "
         f"https://huggingface.co/{VOCOS_REPO}/resolve/main/{VOCOS_WEIGHTS} and pass it (or its "
-        f"folder) as `checkpoint:`")
+        f"folder) as `checkpoint:`",
+    )
 
 
 @register_codec("vocos")
@@ -83,12 +102,19 @@ class VocosCodec(Codec):
         encodec_checkpoint: EnCodec's weights (see the ``encodec`` codec's ``checkpoint``).
     """
 
-    def __init__(self, bandwidth: float = 6.0, pretrained: bool = True,
-                 checkpoint: Path | None = None, encodec_checkpoint: Path | None = None) -> None:
+    def __init__(
+        self,
+        bandwidth: float = 6.0,
+        pretrained: bool = True,
+        checkpoint: Path | None = None,
+        encodec_checkpoint: Path | None = None,
+    ) -> None:
         super().__init__()
         if float(bandwidth) not in VOCOS_BANDWIDTHS:
-            raise ValueError(f"vocos: bandwidth {bandwidth} kbps is not one {VOCOS_REPO} was "
-                             f"trained for; use one of {list(VOCOS_BANDWIDTHS)}")
+            raise ValueError(
+                f"vocos: bandwidth {bandwidth} kbps is not one {VOCOS_REPO} was "
+                f"trained for; use one of {list(VOCOS_BANDWIDTHS)}"
+            )
         if not pretrained and checkpoint is not None:
             raise ValueError("vocos: `checkpoint` is only read with `pretrained: true`")
         weights = None
@@ -104,14 +130,17 @@ class VocosCodec(Codec):
         self.bandwidth, self.pretrained = float(bandwidth), pretrained
         self.encodec = EncodecCodec(bandwidth, pretrained, encodec_checkpoint)
         with seeded(0):
-            self.vocos = Vocos(_EncodecCodebooks(self.encodec.model, VOCOS_BANDWIDTHS),
-                               VocosBackbone(**BACKBONE), ISTFTHead(**HEAD))
+            self.vocos = Vocos(
+                _EncodecCodebooks(self.encodec.model, VOCOS_BANDWIDTHS),
+                VocosBackbone(**BACKBONE),
+                ISTFTHead(**HEAD),
+            )
         if weights is not None:
             self._load(weights)
         self.vocos.eval().requires_grad_(False)
-        self.register_buffer("bandwidth_id",
-                             torch.tensor([VOCOS_BANDWIDTHS.index(self.bandwidth)]),
-                             persistent=False)
+        self.register_buffer(
+            "bandwidth_id", torch.tensor([VOCOS_BANDWIDTHS.index(self.bandwidth)]), persistent=False
+        )
         self.sample_rate = self.encodec.sample_rate
         self.frame_rate = self.encodec.frame_rate
         self.n_levels = self.encodec.n_levels
@@ -120,13 +149,18 @@ class VocosCodec(Codec):
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         # As Vocos.from_pretrained does: the EnCodec part always comes from EnCodec's weights.
-        state.update({f"feature_extractor.encodec.{k}": v
-                      for k, v in self.encodec.model.state_dict().items()})
+        state.update(
+            {
+                f"feature_extractor.encodec.{k}": v
+                for k, v in self.encodec.model.state_dict().items()
+            }
+        )
         try:
             self.vocos.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"vocos: {path} is not the {VOCOS_REPO} {VOCOS_WEIGHTS} (another "
-                             f"Vocos model?): {e}") from e
+            raise ValueError(
+                f"vocos: {path} is not the {VOCOS_REPO} {VOCOS_WEIGHTS} (another Vocos model?): {e}"
+            ) from e
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:

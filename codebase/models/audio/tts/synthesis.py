@@ -12,6 +12,7 @@ registry name and kwargs, the phoneme vocab, the phonemizer options and the code
 The batching helpers (:func:`pad_batch`, :func:`generate_codes`, :func:`decode_codes`) are shared
 with the ``tts_samples`` evaluator, which starts from phoneme ids instead of text.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,15 +22,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
+
 from data.audio.phonemes import PhonemeVocab, Phonemizer
 from data.loader import pad_batch
-from torch import nn
+from models import MODELS, build_network
+from models.audio.codecs import build_codec
 from utils.audio import load_audio
 from utils.distributed import resolve_device
 from utils.io import load_module, read_network_metadata
-
-from models import MODELS, build_network
-from models.audio.codecs import build_codec
 
 REQUIRED_METADATA = ("phoneme_vocab", "phonemizer", "codec")
 # Networks synthesis knows how to drive; imported on demand so that they are registered.
@@ -40,11 +41,20 @@ _NETWORK_MODULES = {"valle": "models.audio.tts.valle"}
 
 
 @torch.no_grad()
-def generate_codes(model: nn.Module, phonemes: Sequence[torch.Tensor],
-                   prompts: Sequence[torch.Tensor], *, max_frames: int | Sequence[int],
-                   device: torch.device | str = "cpu", temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, repetition_penalty: float = 1.0,
-                   nar_temperature: float = 0.0, seed: int | None = None) -> list[torch.Tensor]:
+def generate_codes(
+    model: nn.Module,
+    phonemes: Sequence[torch.Tensor],
+    prompts: Sequence[torch.Tensor],
+    *,
+    max_frames: int | Sequence[int],
+    device: torch.device | str = "cpu",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    nar_temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[torch.Tensor]:
     """One batched ``model.generate``: phoneme ids [P_i] (bos..eos) and prompt codes
     [levels, F_i] per item -> generated codes [levels, n_i] per item (on the CPU).
 
@@ -54,8 +64,11 @@ def generate_codes(model: nn.Module, phonemes: Sequence[torch.Tensor],
     n = len(phonemes)
     if n != len(prompts):
         raise ValueError(f"generate_codes: {n} phoneme sequences but {len(prompts)} prompts")
-    limits = [int(max_frames)] * n if isinstance(max_frames, (int, float)) else \
-        [int(m) for m in max_frames]
+    limits = (
+        [int(max_frames)] * n
+        if isinstance(max_frames, (int, float))
+        else [int(m) for m in max_frames]
+    )
     if len(limits) != n or min(limits, default=1) < 1:
         raise ValueError(f"generate_codes: max_frames must be >= 1 per item, got {max_frames}")
     device = torch.device(device)
@@ -65,10 +78,18 @@ def generate_codes(model: nn.Module, phonemes: Sequence[torch.Tensor],
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     codes, lengths = model.generate(
-        ph.to(device), ph_lengths.to(device), pr.to(device), pr_lengths.to(device),
-        max_frames=max(limits), temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, nar_temperature=nar_temperature,
-        generator=generator)
+        ph.to(device),
+        ph_lengths.to(device),
+        pr.to(device),
+        pr_lengths.to(device),
+        max_frames=max(limits),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        nar_temperature=nar_temperature,
+        generator=generator,
+    )
     codes, lengths = codes.cpu(), lengths.cpu()
     return [codes[b, :, : min(int(lengths[b]), limits[b])] for b in range(n)]
 
@@ -90,16 +111,18 @@ def decode_codes(codec: nn.Module, codes: Sequence[torch.Tensor]) -> list[torch.
     return wavs
 
 
-
-def build_codec_from_config(config: dict[str, Any], overrides: dict[str, Any] | None = None,
-                            where: str = "the checkpoint") -> nn.Module:
+def build_codec_from_config(
+    config: dict[str, Any], overrides: dict[str, Any] | None = None, where: str = "the checkpoint"
+) -> nn.Module:
     """A codec from its saved config (``{"name": ..., **options}``) with ``overrides`` applied."""
 
     options = {**config, **(overrides or {})}
     name = options.pop("name", None)
     if not name:
-        raise ValueError(f"the codec config of {where} has no 'name' ({config}); pass "
-                         f"codec_options={{'name': ...}}")
+        raise ValueError(
+            f"the codec config of {where} has no 'name' ({config}); pass "
+            f"codec_options={{'name': ...}}"
+        )
     return build_codec(name, **options)
 
 
@@ -117,8 +140,14 @@ class Synthesizer:
         device: where the model and codec run.
     """
 
-    def __init__(self, model: nn.Module, vocab: Any, phonemizer: Any, codec: nn.Module,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        vocab: Any,
+        phonemizer: Any,
+        codec: nn.Module,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.vocab = vocab
@@ -126,13 +155,19 @@ class Synthesizer:
         self.codec = codec.to(self.device).eval()
         self.n_levels = int(getattr(model, "n_levels", codec.n_levels))
         if self.n_levels > codec.n_levels:
-            raise ValueError(f"the model predicts {self.n_levels} codebook levels but the codec "
-                             f"{type(codec).__name__} has only {codec.n_levels}; build the codec "
-                             f"with at least {self.n_levels} (e.g. encodec `bandwidth`)")
+            raise ValueError(
+                f"the model predicts {self.n_levels} codebook levels but the codec "
+                f"{type(codec).__name__} has only {codec.n_levels}; build the codec "
+                f"with at least {self.n_levels} (e.g. encodec `bandwidth`)"
+            )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        codec_options: dict[str, Any] | None = None) -> Synthesizer:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        codec_options: dict[str, Any] | None = None,
+    ) -> Synthesizer:
         """Load a network file written by the trainer (``models/<step>_<net>[_ema].safetensors``).
 
         ``codec_options`` override or extend the stored codec config, e.g. ``{"checkpoint":
@@ -147,22 +182,27 @@ class Synthesizer:
                 f"{path} has no {', '.join(repr(k) for k in missing)} metadata, so its text "
                 f"front end or codec is unknown; synthesis needs a VALL-E checkpoint saved by this "
                 f"trainer from a prepared data.h5 (hdf5_codes dataset), which stores "
-                f"{list(REQUIRED_METADATA)} in every network file")
+                f"{list(REQUIRED_METADATA)} in every network file"
+            )
         which = meta["which_model"]
         if which in _NETWORK_MODULES and which not in MODELS.names():
             importlib.import_module(_NETWORK_MODULES[which])
         model = build_network(which, meta["kwargs"])
         if not callable(getattr(model, "generate", None)):
-            raise ValueError(f"{path} holds a {which!r} network, which has no generate(); "
-                             f"synthesis needs a VALL-E checkpoint")
+            raise ValueError(
+                f"{path} holds a {which!r} network, which has no generate(); "
+                f"synthesis needs a VALL-E checkpoint"
+            )
         load_module(model, path, strict=True)
         try:
             vocab = PhonemeVocab.from_json(meta["phoneme_vocab"])
             phonemizer = Phonemizer(**json.loads(meta["phonemizer"]))
             codec_config = json.loads(meta["codec"])
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: unreadable synthesis metadata ({e}); re-save the "
-                             f"checkpoint with this trainer") from e
+            raise ValueError(
+                f"{path}: unreadable synthesis metadata ({e}); re-save the "
+                f"checkpoint with this trainer"
+            ) from e
         codec = build_codec_from_config(codec_config, codec_options, where=str(path))
         return cls(model, vocab, phonemizer, codec, device=device)
 
@@ -181,8 +221,12 @@ class Synthesizer:
     # ------------------------------------------------------------------------- inputs
 
     @torch.no_grad()
-    def encode_prompt(self, audio: str | Path | torch.Tensor, seconds: float | None = 3.0,
-                      sample_rate: int | None = None) -> torch.Tensor:
+    def encode_prompt(
+        self,
+        audio: str | Path | torch.Tensor,
+        seconds: float | None = 3.0,
+        sample_rate: int | None = None,
+    ) -> torch.Tensor:
         """A voice prompt as codes [levels, frames]: the first ``seconds`` (None: all) of a file,
         or of a waveform tensor [T] at ``sample_rate`` (default: the codec's)."""
 
@@ -193,11 +237,14 @@ class Synthesizer:
             if wav.dim() == 2:  # [C, T]
                 wav = wav.mean(0)
             if wav.dim() != 1:
-                raise ValueError(f"encode_prompt: expected a waveform [T] or [C, T], got shape "
-                                 f"{tuple(audio.shape)}")
+                raise ValueError(
+                    f"encode_prompt: expected a waveform [T] or [C, T], got shape "
+                    f"{tuple(audio.shape)}"
+                )
             rate = sample_rate or self.sample_rate
             if rate != self.sample_rate:
                 import torchaudio.functional as AF
+
                 wav = AF.resample(wav, rate, self.sample_rate)
         if seconds is not None:
             if seconds <= 0:
@@ -213,17 +260,27 @@ class Synthesizer:
         symbols = self.phonemizer.phonemize_symbols(list(texts))
         empty = [i for i, s in enumerate(symbols) if not s]
         if empty:
-            raise ValueError(f"text {empty[0]} ({texts[empty[0]]!r}) gives no phonemes; give "
-                             f"words to speak")
+            raise ValueError(
+                f"text {empty[0]} ({texts[empty[0]]!r}) gives no phonemes; give words to speak"
+            )
         return [torch.tensor(self.vocab.encode(s, add_bos_eos=True)) for s in symbols]
 
     # ------------------------------------------------------------------------- synthesis
 
     @torch.no_grad()
-    def synthesize(self, texts: Sequence[str], prompt: torch.Tensor | Sequence[torch.Tensor], *,
-                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   repetition_penalty: float = 1.0, max_duration: float = 20.0,
-                   seed: int | None = None, nar_temperature: float = 0.0) -> list[torch.Tensor]:
+    def synthesize(
+        self,
+        texts: Sequence[str],
+        prompt: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        max_duration: float = 20.0,
+        seed: int | None = None,
+        nar_temperature: float = 0.0,
+    ) -> list[torch.Tensor]:
         """Speak each text in the prompt's voice: one waveform [T] (CPU, ``sample_rate``) per
         text, all generated as one batch.
 
@@ -240,14 +297,25 @@ class Synthesizer:
             raise ValueError(f"synthesize: {len(texts)} texts but {len(prompts)} prompts")
         for i, p in enumerate(prompts):
             if p.dim() != 2 or p.shape[0] < self.n_levels:
-                raise ValueError(f"synthesize: prompt {i} must be codes [levels >= "
-                                 f"{self.n_levels}, frames], got shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"synthesize: prompt {i} must be codes [levels >= "
+                    f"{self.n_levels}, frames], got shape {tuple(p.shape)}"
+                )
         prompts = [p[: self.n_levels] for p in prompts]
         if max_duration <= 0:
             raise ValueError(f"synthesize: max_duration must be > 0 seconds, got {max_duration}")
         max_frames = max(1, math.floor(max_duration * self.frame_rate))
         codes = generate_codes(
-            self.model, self.phoneme_ids(texts), prompts, max_frames=max_frames,
-            device=self.device, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, nar_temperature=nar_temperature, seed=seed)
+            self.model,
+            self.phoneme_ids(texts),
+            prompts,
+            max_frames=max_frames,
+            device=self.device,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            nar_temperature=nar_temperature,
+            seed=seed,
+        )
         return decode_codes(self.codec, codes)

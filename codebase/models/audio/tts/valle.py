@@ -14,6 +14,7 @@ Each item is one sequence of its real tokens, packed contiguously (padding only 
 Because each item's tokens are contiguous from position 0, an item's positions, attention and
 loss are the same whether it is alone or padded in a batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_model
+from models.audio.tts.valle_layers import KVCache, Trunk, penalize_repeats, rope_angles, sample
 from utils.schema import Runtime
-from models.audio.tts.valle_layers import (KVCache, Trunk, penalize_repeats, rope_angles,
-                                           sample)
 
 Segment = tuple[torch.Tensor, torch.Tensor]  # (embeddings [B, S_i, D], lengths [B])
 
@@ -55,8 +55,9 @@ def pack(segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, list[torc
 
 def sinusoids(index: torch.Tensor, d: int) -> torch.Tensor:
     """Transformer sinusoidal embeddings of integer positions [...] -> [..., d] (float32)."""
-    freq = torch.exp(torch.arange(0, d, 2, device=index.device, dtype=torch.float32)
-                     * (-math.log(10000.0) / d))  # [d / 2]
+    freq = torch.exp(
+        torch.arange(0, d, 2, device=index.device, dtype=torch.float32) * (-math.log(10000.0) / d)
+    )  # [d / 2]
     angles = index.float()[..., None] * freq
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
@@ -68,8 +69,9 @@ def take(h: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # The reference size of the benchmarks and the full recipe: 168M parameters with shared weights.
-REFERENCE_CONFIG = dict(n_phonemes=256, codebook_size=1024, n_levels=8, d_model=1024, n_layers=12,
-                        n_heads=16)
+REFERENCE_CONFIG = dict(
+    n_phonemes=256, codebook_size=1024, n_levels=8, d_model=1024, n_layers=12, n_heads=16
+)
 
 
 @register_model("valle")
@@ -101,19 +103,34 @@ class VALLE(nn.Module):
             ``checkpointing_enabled``.
     """
 
-    def __init__(self, n_phonemes: int = 256, codebook_size: int = 1024, n_levels: int = 8,
-                 d_model: int = 512, n_layers: int = 12, n_heads: int = 8, ff_mult: int = 4,
-                 dropout: float = 0.1, shared_weights: bool = True,
-                 positions: Literal["rope", "learned"] = "rope", max_positions: int = 4096,
-                 segment_positions: bool = False, ar_input_noise: float = 0.0,
-                 checkpointing: Runtime[bool] = False) -> None:
+    def __init__(
+        self,
+        n_phonemes: int = 256,
+        codebook_size: int = 1024,
+        n_levels: int = 8,
+        d_model: int = 512,
+        n_layers: int = 12,
+        n_heads: int = 8,
+        ff_mult: int = 4,
+        dropout: float = 0.1,
+        shared_weights: bool = True,
+        positions: Literal["rope", "learned"] = "rope",
+        max_positions: int = 4096,
+        segment_positions: bool = False,
+        ar_input_noise: float = 0.0,
+        checkpointing: Runtime[bool] = False,
+    ) -> None:
         super().__init__()
         if n_levels < 2:
-            raise ValueError(f"valle: n_levels must be >= 2 (level 0 for the AR, the rest for "
-                             f"the NAR), got {n_levels}")
+            raise ValueError(
+                f"valle: n_levels must be >= 2 (level 0 for the AR, the rest for "
+                f"the NAR), got {n_levels}"
+            )
         if d_model % n_heads or (d_model // n_heads) % 2:
-            raise ValueError(f"valle: d_model ({d_model}) must split into n_heads ({n_heads}) "
-                             f"heads of even size (rotary positions rotate pairs)")
+            raise ValueError(
+                f"valle: d_model ({d_model}) must split into n_heads ({n_heads}) "
+                f"heads of even size (rotary positions rotate pairs)"
+            )
         if not 0.0 <= ar_input_noise < 1.0:
             raise ValueError(f"valle: ar_input_noise must be in [0, 1), got {ar_input_noise}")
         self.ar_input_noise = ar_input_noise
@@ -126,19 +143,22 @@ class VALLE(nn.Module):
 
         self.phoneme_emb = nn.Embedding(n_phonemes, d_model)
         # one table per level: code 5 of level 0 and code 5 of level 3 are unrelated vectors
-        self.code_embs = nn.ModuleList(nn.Embedding(codebook_size, d_model)
-                                       for _ in range(n_levels))
+        self.code_embs = nn.ModuleList(
+            nn.Embedding(codebook_size, d_model) for _ in range(n_levels)
+        )
         self.start = nn.Parameter(torch.zeros(d_model))  # marks where the target begins
         self.task_emb = nn.Embedding(n_levels, d_model)  # 0 = AR; L = NAR predicting level L
         self.pos_emb = nn.Embedding(max_positions, d_model) if positions == "learned" else None
         # One scale per segment (phonemes, prompt, target), as TransformerTTS's alpha. The
         # sinusoids' RMS is 1/sqrt(2): this starts them at the embeddings' scale (std 0.02).
-        self.segment_scale = (nn.Parameter(torch.full((3,), 0.02 * math.sqrt(2)))
-                              if segment_positions else None)
+        self.segment_scale = (
+            nn.Parameter(torch.full((3,), 0.02 * math.sqrt(2))) if segment_positions else None
+        )
         self.drop = nn.Dropout(dropout)
-        self.trunks = nn.ModuleList(Trunk(d_model, n_layers, n_heads, ff_mult, dropout,
-                                          checkpointing)
-                                    for _ in range(1 if shared_weights else 2))
+        self.trunks = nn.ModuleList(
+            Trunk(d_model, n_layers, n_heads, ff_mult, dropout, checkpointing)
+            for _ in range(1 if shared_weights else 2)
+        )
         self.ar_head = nn.Linear(d_model, codebook_size + 1)
         # a head per NAR level, stacked so a batch with mixed levels is one bmm
         self.nar_weight = nn.Parameter(torch.empty(n_levels - 1, codebook_size, d_model))
@@ -173,16 +193,26 @@ class VALLE(nn.Module):
             x = x + (e if upto is None else e * (level < upto)[:, None, None].to(e.dtype))
         return x
 
-    def _sequence(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                  prompt: torch.Tensor, prompt_lengths: torch.Tensor, target: torch.Tensor,
-                  target_lengths: torch.Tensor, task: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sequence(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        target: torch.Tensor,
+        target_lengths: torch.Tensor,
+        task: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Packed input [B, S, D] for the target segment ``target`` [B, T, D] (start included),
         with lengths [B] and where the target segment starts [B]."""
         segments = [phoneme_lengths, prompt_lengths, target_lengths]
-        x, lengths, starts = pack([(self.phoneme_emb(phonemes), phoneme_lengths),
-                                   (self._embed_codes(prompt), prompt_lengths),
-                                   (target, target_lengths)])
+        x, lengths, starts = pack(
+            [
+                (self.phoneme_emb(phonemes), phoneme_lengths),
+                (self._embed_codes(prompt), prompt_lengths),
+                (target, target_lengths),
+            ]
+        )
         x = x + self.task_emb(task)[:, None]
         if self.segment_scale is not None:
             x = x + self._segment_positions(starts, segments, x.shape[1]).to(x.dtype)
@@ -191,8 +221,9 @@ class VALLE(nn.Module):
             x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))
         return self.drop(x), lengths, starts[2]
 
-    def _segment_positions(self, starts: list[torch.Tensor], lengths: list[torch.Tensor],
-                           s: int) -> torch.Tensor:
+    def _segment_positions(
+        self, starts: list[torch.Tensor], lengths: list[torch.Tensor], s: int
+    ) -> torch.Tensor:
         """[B, S, D] scaled sinusoids of each packed token's index within its segment."""
         j = torch.arange(s, device=starts[0].device)[None]  # [1, S]
         index = torch.zeros(starts[0].shape[0], s, dtype=torch.long, device=j.device)
@@ -209,40 +240,62 @@ class VALLE(nn.Module):
                 f"valle: an item needs {n} positions (phonemes + prompt frames + 1 + target "
                 f"frames) but max_positions is {self.max_positions} with positions='learned'; "
                 f"raise max_positions in the network kwargs, use positions='rope', or use "
-                f"shorter items/prompts (max_frames)")
+                f"shorter items/prompts (max_frames)"
+            )
 
     def _run(self, task: int, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The trunk over packed x [B, S, D]: causal for the AR, keys masked at padding for
         the NAR. Padding sits after each item's tokens, so causal rows never see it."""
         s = x.shape[1]
-        rope = (rope_angles(torch.arange(s, device=x.device)[None], self.d_model // self.n_heads)
-                if self.pos_emb is None else None)
-        mask = None if task == 0 else (torch.arange(s, device=x.device)[None] < lengths[:, None]
-                                       )[:, None, None]  # [B, 1, 1, S]
+        rope = (
+            rope_angles(torch.arange(s, device=x.device)[None], self.d_model // self.n_heads)
+            if self.pos_emb is None
+            else None
+        )
+        mask = (
+            None
+            if task == 0
+            else (torch.arange(s, device=x.device)[None] < lengths[:, None])[:, None, None]
+        )  # [B, 1, 1, S]
         return self._trunk(task)(x, rope, mask, causal=task == 0)
 
-    def _check_ids(self, phonemes: torch.Tensor, prompt: torch.Tensor,
-                   codes: torch.Tensor | None = None) -> None:
+    def _check_ids(
+        self, phonemes: torch.Tensor, prompt: torch.Tensor, codes: torch.Tensor | None = None
+    ) -> None:
         """Clear errors for out-of-range ids (an embedding would fail with an opaque one)."""
         for name, t in (("prompt", prompt), ("codes", codes)):
             if t is not None and (t.dim() != 3 or t.shape[1] < self.n_levels):
-                raise ValueError(f"valle: {name} must be [B, levels >= {self.n_levels}, frames] "
-                                 f"(n_levels={self.n_levels}), got {tuple(t.shape)}")
+                raise ValueError(
+                    f"valle: {name} must be [B, levels >= {self.n_levels}, frames] "
+                    f"(n_levels={self.n_levels}), got {tuple(t.shape)}"
+                )
         tops = [phonemes.max() if phonemes.numel() else phonemes.new_zeros(())]
-        tops += [t[:, : self.n_levels].max() for t in (prompt, codes) if t is not None and t.numel()]
+        tops += [
+            t[:, : self.n_levels].max() for t in (prompt, codes) if t is not None and t.numel()
+        ]
         top = torch.stack(tops).tolist()  # one device sync for all checks
         if top[0] >= self.n_phonemes:
-            raise ValueError(f"valle: phoneme id {top[0]} >= n_phonemes {self.n_phonemes}; "
-                             f"raise n_phonemes to the vocabulary size")
+            raise ValueError(
+                f"valle: phoneme id {top[0]} >= n_phonemes {self.n_phonemes}; "
+                f"raise n_phonemes to the vocabulary size"
+            )
         if max(top[1:], default=0) >= self.codebook_size:
-            raise ValueError(f"valle: code {max(top[1:])} >= codebook_size {self.codebook_size}; "
-                             f"set codebook_size to the codec's")
+            raise ValueError(
+                f"valle: code {max(top[1:])} >= codebook_size {self.codebook_size}; "
+                f"set codebook_size to the codec's"
+            )
 
     # ---- AR and NAR passes ----------------------------------------------------------------
 
-    def ar_logits(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                  prompt: torch.Tensor, prompt_lengths: torch.Tensor, codes0: torch.Tensor,
-                  code_lengths: torch.Tensor) -> torch.Tensor:
+    def ar_logits(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        codes0: torch.Tensor,
+        code_lengths: torch.Tensor,
+    ) -> torch.Tensor:
         """Teacher-forced AR logits [B, T + 1, codebook_size + 1] for level-0 codes0 [B, T]:
         position i predicts frame i, position code_lengths[b] the stop (later ones: padding)."""
         b = codes0.shape[0]
@@ -251,28 +304,43 @@ class VALLE(nn.Module):
             codes0 = torch.where(noisy, torch.randint_like(codes0, self.codebook_size), codes0)
         target = torch.cat([self.start.expand(b, 1, -1), self.code_embs[0](codes0)], dim=1)
         task = torch.zeros(b, dtype=torch.long, device=codes0.device)
-        x, lengths, start = self._sequence(phonemes, phoneme_lengths, prompt, prompt_lengths,
-                                           target, code_lengths + 1, task)
+        x, lengths, start = self._sequence(
+            phonemes, phoneme_lengths, prompt, prompt_lengths, target, code_lengths + 1, task
+        )
         h = take(self._run(0, x, lengths), start, codes0.shape[1] + 1)  # [B, T + 1, D]
         return self.ar_head(h)
 
-    def nar_logits(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                   prompt: torch.Tensor, prompt_lengths: torch.Tensor, codes: torch.Tensor,
-                   code_lengths: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    def nar_logits(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        codes: torch.Tensor,
+        code_lengths: torch.Tensor,
+        level: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits [B, T, codebook_size] of level ``level[b]`` (>= 1) of every target frame,
         given levels below it of codes [B, levels, T]."""
         b, t = codes.shape[0], codes.shape[2]
         target = torch.cat([self.start.expand(b, 1, -1), self._embed_codes(codes, level)], 1)
-        x, lengths, start = self._sequence(phonemes, phoneme_lengths, prompt, prompt_lengths,
-                                           target, code_lengths + 1, level)
+        x, lengths, start = self._sequence(
+            phonemes, phoneme_lengths, prompt, prompt_lengths, target, code_lengths + 1, level
+        )
         h = take(self._run(1, x, lengths), start + 1, t)  # [B, T, D], past the start token
         weight, bias = self.nar_weight[level - 1], self.nar_bias[level - 1]  # [B, K, D], [B, K]
         return torch.baddbmm(bias[:, None], h, weight.transpose(1, 2))
 
-    def item_losses(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                    prompt: torch.Tensor, prompt_lengths: torch.Tensor, codes: torch.Tensor,
-                    code_lengths: torch.Tensor, nar_level: int | torch.Tensor | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def item_losses(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        codes: torch.Tensor,
+        code_lengths: torch.Tensor,
+        nar_level: int | torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Per-item sums [B]: ``{ar,nar}_{loss,correct,count}`` (cross-entropy, top-1 hits,
         target tokens). ``nar_level`` fixes the NAR level (default: uniform per item)."""
         self._check_ids(phonemes, prompt, codes)
@@ -280,9 +348,14 @@ class VALLE(nn.Module):
         k = torch.arange(t + 1, device=dev)[None]  # [1, T + 1]
         ar_target = F.pad(codes[:, 0], (0, 1))  # [B, T + 1]
         ar_target = ar_target.masked_fill(k == code_lengths[:, None], self.codebook_size)
-        out = self._scores("ar", self.ar_logits(phonemes, phoneme_lengths, prompt,
-                                                prompt_lengths, codes[:, 0], code_lengths),
-                           ar_target, k <= code_lengths[:, None])
+        out = self._scores(
+            "ar",
+            self.ar_logits(
+                phonemes, phoneme_lengths, prompt, prompt_lengths, codes[:, 0], code_lengths
+            ),
+            ar_target,
+            k <= code_lengths[:, None],
+        )
         if nar_level is None:
             level = torch.randint(1, self.n_levels, (b,), device=dev)
         else:
@@ -290,28 +363,40 @@ class VALLE(nn.Module):
             if not bool(((level >= 1) & (level < self.n_levels)).all()):
                 raise ValueError(f"valle: nar_level must be in 1..{self.n_levels - 1}")
         nar_target = codes[torch.arange(b, device=dev), level]  # [B, T]
-        logits = self.nar_logits(phonemes, phoneme_lengths, prompt, prompt_lengths, codes,
-                                 code_lengths, level)
+        logits = self.nar_logits(
+            phonemes, phoneme_lengths, prompt, prompt_lengths, codes, code_lengths, level
+        )
         out.update(self._scores("nar", logits, nar_target, k[:, :t] < code_lengths[:, None]))
         return out
 
     @staticmethod
-    def _scores(name: str, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def _scores(
+        name: str, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
         ce = ce.view_as(target) * valid
         hits = (logits.detach().argmax(-1) == target) & valid
-        return {f"{name}_loss": ce.sum(1), f"{name}_correct": hits.sum(1),
-                f"{name}_count": valid.sum(1)}
+        return {
+            f"{name}_loss": ce.sum(1),
+            f"{name}_correct": hits.sum(1),
+            f"{name}_count": valid.sum(1),
+        }
 
-    def forward(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                prompt: torch.Tensor, prompt_lengths: torch.Tensor, codes: torch.Tensor,
-                code_lengths: torch.Tensor, _nar_level: int | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        codes: torch.Tensor,
+        code_lengths: torch.Tensor,
+        _nar_level: int | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Token-mean losses ``loss_ar``, ``loss_nar`` and top-1 accuracies ``acc_ar``,
         ``acc_nar`` (no grad) over the batch's target tokens (AR: frames + stop)."""
-        s = self.item_losses(phonemes, phoneme_lengths, prompt, prompt_lengths, codes,
-                             code_lengths, _nar_level)
+        s = self.item_losses(
+            phonemes, phoneme_lengths, prompt, prompt_lengths, codes, code_lengths, _nar_level
+        )
         out = {}
         for name in ("ar", "nar"):
             count = s[f"{name}_count"].sum().clamp(min=1)
@@ -321,22 +406,36 @@ class VALLE(nn.Module):
 
     # ---- generation -----------------------------------------------------------------------
 
-    def ar_prefill(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                   prompt: torch.Tensor, prompt_lengths: torch.Tensor, capacity: int
-                   ) -> tuple[torch.Tensor, KVCache]:
+    def ar_prefill(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        capacity: int,
+    ) -> tuple[torch.Tensor, KVCache]:
         """Run [phonemes | prompt | start] once, caching keys/values with room for
         ``capacity`` more tokens; returns the logits of frame 0 [B, codebook_size + 1]."""
         b, dev = phonemes.shape[0], phonemes.device
         task = torch.zeros(b, dtype=torch.long, device=dev)
-        x, lengths, target_start = self._sequence(phonemes, phoneme_lengths, prompt,
-                                                  prompt_lengths, self.start.expand(b, 1, -1),
-                                                  torch.ones_like(task), task)
+        x, lengths, target_start = self._sequence(
+            phonemes,
+            phoneme_lengths,
+            prompt,
+            prompt_lengths,
+            self.start.expand(b, 1, -1),
+            torch.ones_like(task),
+            task,
+        )
         s = x.shape[1]
         cache = KVCache(self.n_layers, s + capacity)
         cache.target_start = target_start  # [B] where each item's start token sits
         cache.begin(torch.zeros_like(task), s)
-        rope = (rope_angles(torch.arange(s, device=dev)[None], self.d_model // self.n_heads)
-                if self.pos_emb is None else None)
+        rope = (
+            rope_angles(torch.arange(s, device=dev)[None], self.d_model // self.n_heads)
+            if self.pos_emb is None
+            else None
+        )
         h = self._trunk(0)(x, rope, None, causal=True, cache=cache)  # [B, S, D]
         cache.lengths, cache.longest = lengths, s  # next slot per item; the largest, on host
         return self.ar_head(h[torch.arange(b, device=dev), lengths - 1]), cache
@@ -349,34 +448,56 @@ class VALLE(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)[:, None]
         if self.segment_scale is not None:  # index within the target segment (start = 0)
-            x = x + (self.segment_scale[2] * sinusoids(pos - cache.target_start, self.d_model)
-                     )[:, None].to(x.dtype)
+            x = x + (self.segment_scale[2] * sinusoids(pos - cache.target_start, self.d_model))[
+                :, None
+            ].to(x.dtype)
         cache.begin(pos, cache.longest + 1)
         keys = torch.arange(cache.visible, device=pos.device)[None]
         mask = (keys <= pos[:, None])[:, None, None]  # [B, 1, 1, K]: own tokens only
-        rope = (rope_angles(pos[:, None], self.d_model // self.n_heads)
-                if self.pos_emb is None else None)
+        rope = (
+            rope_angles(pos[:, None], self.d_model // self.n_heads)
+            if self.pos_emb is None
+            else None
+        )
         h = self._trunk(0)(x, rope, mask, causal=False, cache=cache)  # [B, 1, D]
         cache.lengths, cache.longest = pos + 1, cache.longest + 1
         return self.ar_head(h[:, 0])
 
     @torch.no_grad()
-    def generate(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                 prompt: torch.Tensor, prompt_lengths: torch.Tensor, *, max_frames: int = 1000,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, nar_temperature: float = 0.0,
-                 use_cache: bool = True, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        *,
+        max_frames: int = 1000,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        nar_temperature: float = 0.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes [B, n_levels, F] (long, 0 past each item's length) and lengths [B].
 
         The AR samples level 0 until each item's stop token (or ``max_frames``); the NAR then
         fills levels 1.. in one parallel pass each. Runs in eval mode (no dropout).
         """
-        if max_frames < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1 \
-                or repetition_penalty <= 0 or nar_temperature < 0:
-            raise ValueError("valle.generate: need max_frames >= 1, temperature >= 0, "
-                             "top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0, "
-                             "nar_temperature >= 0")
+        if (
+            max_frames < 1
+            or temperature < 0
+            or top_k < 0
+            or not 0 < top_p <= 1
+            or repetition_penalty <= 0
+            or nar_temperature < 0
+        ):
+            raise ValueError(
+                "valle.generate: need max_frames >= 1, temperature >= 0, "
+                "top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0, "
+                "nar_temperature >= 0"
+            )
         self._check_ids(phonemes, prompt)
         if self.pos_emb is not None:  # the last frame is sampled, never fed back: p + q + 1 +
             # (max_frames - 1) positions at most
@@ -385,10 +506,23 @@ class VALLE(nn.Module):
         self.eval()
         try:
             args = (phonemes, phoneme_lengths, prompt, prompt_lengths)
-            codes0, lengths = self._generate_ar(*args, max_frames, temperature, top_k, top_p,
-                                                repetition_penalty, use_cache, generator)
-            codes = torch.zeros(codes0.shape[0], self.n_levels, codes0.shape[1],
-                                dtype=torch.long, device=codes0.device)
+            codes0, lengths = self._generate_ar(
+                *args,
+                max_frames,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                use_cache,
+                generator,
+            )
+            codes = torch.zeros(
+                codes0.shape[0],
+                self.n_levels,
+                codes0.shape[1],
+                dtype=torch.long,
+                device=codes0.device,
+            )
             codes[:, 0] = codes0
             real = torch.arange(codes.shape[2], device=codes.device)[None] < lengths[:, None]
             for level in range(1, self.n_levels if codes.shape[2] else 1):  # none if empty
@@ -400,11 +534,20 @@ class VALLE(nn.Module):
             self.train(was_training)
         return codes, lengths
 
-    def _generate_ar(self, phonemes: torch.Tensor, phoneme_lengths: torch.Tensor,
-                     prompt: torch.Tensor, prompt_lengths: torch.Tensor, max_frames: int,
-                     temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-                     use_cache: bool, generator: torch.Generator | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _generate_ar(
+        self,
+        phonemes: torch.Tensor,
+        phoneme_lengths: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        max_frames: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        repetition_penalty: float,
+        use_cache: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Level-0 codes [B, F] (0 after each item's stop) and lengths [B]."""
         args = (phonemes, phoneme_lengths, prompt, prompt_lengths)
         b, dev, stop = phonemes.shape[0], phonemes.device, self.codebook_size

@@ -1,5 +1,6 @@
 """Building blocks of :mod:`models.audio.tts.valle`: rotary positions, a pre-norm transformer
 trunk with an incremental key/value cache, and token sampling."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B or 1, 1, S, head
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> Rope:
     """cos/sin of the rotary angles for integer ``positions`` [B, S] (or [1, S])."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device,
-                                      dtype=torch.float32) / head_dim)  # [hd / 2]
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )  # [hd / 2]
     angles = positions.float()[..., None] * inv_freq  # [B, S, hd / 2]
     return angles.cos()[:, None], angles.sin()[:, None]
 
@@ -49,8 +51,9 @@ class KVCache:
             raise ValueError(f"KV cache full: {visible} slots needed, capacity {self.capacity}")
         self.start, self.visible = start, visible
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``, ``v`` [B, H, n, hd]; return the visible keys and values [B, H, K, hd]."""
         b, h, n, hd = k.shape
         if self.k[layer] is None:
@@ -73,8 +76,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if rope is not None:  # q, k, v: [B, H, S, hd]
@@ -82,26 +91,41 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.index, k, v)  # [B, H, K, hd]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal and mask is None)  # [B, H, S, hd]
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )  # [B, H, S, hd]
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) (GELU)."""
 
-    def __init__(self, d_model: int, n_heads: int, ff_mult: int, dropout: float,
-                 index: int) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, ff_mult: int, dropout: float, index: int
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads, dropout, index)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, ff_mult * d_model, bias=False), nn.GELU(),
-                                 nn.Linear(ff_mult * d_model, d_model, bias=False))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, ff_mult * d_model, bias=False),
+            nn.GELU(),
+            nn.Linear(ff_mult * d_model, d_model, bias=False),
+        )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), rope, mask, causal, cache))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -110,16 +134,30 @@ class Trunk(nn.Module):
     """A stack of blocks and a final LayerNorm. With ``checkpointing`` (training only), each
     block's activations are recomputed in the backward pass instead of stored."""
 
-    def __init__(self, d_model: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float,
-                 checkpointing: bool) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        ff_mult: int,
+        dropout: float,
+        checkpointing: bool,
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, ff_mult, dropout, i)
-                                    for i in range(n_layers))
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, ff_mult, dropout, i) for i in range(n_layers)
+        )
         self.ln_f = nn.LayerNorm(d_model)
         self.checkpointing = checkpointing
 
-    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
@@ -154,8 +192,13 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, scaled, logits)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token per row of ``logits`` [B, V] -> [B] long; temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -163,5 +206,6 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: floa
     if generator is not None and generator.device.type != probs.device.type:
         # a CPU generator driving a GPU model: draw on the generator's device, still seeded
         return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(
-            probs.device)
+            probs.device
+        )
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
