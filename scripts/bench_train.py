@@ -3,16 +3,21 @@
 
     python scripts/bench_train.py [--size small|reference] [--device auto] [--precision bf16]
                                   [--batch 8] [--target-frames 300] [--steps 10]
+                                  [--peak-tflops 989]
 
 Trains the registered ``valle`` network on random batches of realistic shape (phonemes,
 a 3 s prompt, the target) with AdamW, the way a training step does (AR + NAR losses, backward,
 clip, step). Tokens are the positions the transformer processes per item: phonemes + prompt +
 target, for the AR and the NAR pass each. MFU = achieved FLOPs / the device's peak, with
 FLOPs ~ 6 x parameters x tokens + attention (12 x layers x d_model x seq^2 per sequence).
+The peak is the dense bf16 figure of the GPU's datasheet, looked up by the name
+``torch.cuda.get_device_name()`` reports (``PEAK_TFLOPS`` below); ``--peak-tflops`` or the
+environment variable ``PEAK_TFLOPS`` set it for a GPU the table lacks (or another precision).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,16 +39,25 @@ SIZES = {
                   n_phonemes=128),
     "reference": REFERENCE_CONFIG,
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+# Dense bf16 TFLOP/s (datasheets, without sparsity), matched as a substring of the device
+# name, first match wins: the PCIe H100 has fewer SMs and a lower clock than the SXM one.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0,
+               "L4": 121.0}
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device,
+               override_tflops: float | None = None) -> tuple[float, str] | None:
+    """(peak FLOP/s, where the figure comes from), or None when unknown (no MFU printed)."""
+    if override_tflops is None and os.environ.get("PEAK_TFLOPS"):
+        override_tflops = float(os.environ["PEAK_TFLOPS"])
+    if override_tflops is not None:
+        return override_tflops * 1e12, "given"
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     for key, tflops in PEAK_TFLOPS.items():
         if key in name:
-            return tflops * 1e12
+            return tflops * 1e12, f"dense bf16 peak of {key}"
     return None
 
 
@@ -94,6 +108,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", choices=SIZES, default="small")
     add_workload_args(p)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS env, then the "
+                        "table of known GPUs)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device, DistInfo(0, 0, 1))
@@ -125,10 +142,11 @@ def main() -> None:
           f"{args.checkpointing}")
     print(f"  {args.steps / elapsed:.2f} steps/s | {tokens / elapsed:,.0f} tokens/s | "
           f"{args.batch * args.target_frames * args.steps / elapsed:,.0f} target frames/s")
-    peak = peak_flops(device)
+    peak = peak_flops(device, args.peak_tflops)
     if peak:
-        print(f"  model FLOPs utilisation: {flops / elapsed / peak * 100:.1f}% of "
-              f"{peak / 1e12:.0f} TFLOP/s")
+        print(f"  model FLOPs utilisation: {flops / elapsed / peak[0] * 100:.1f}% of "
+              f"{peak[0] / 1e12:.0f} TFLOP/s ({peak[1]}); achieved {flops / elapsed / 1e12:.1f} "
+              "TFLOP/s")
     if device.type == "cuda":
         print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
