@@ -11,7 +11,7 @@
 #   train      bench_train.py --size reference, bf16: tokens/s, MFU against the GPU's bf16
 #              peak (a table keyed by the device name; PEAK_TFLOPS=... overrides), memory
 #   train_b32  the same at batch 32 (batch 8 leaves a big GPU partly idle)
-#   inference  bench_inference.py --size reference: AR with KV cache vs recompute, RTF
+#   inference  bench_inference.py --size reference, 5 s of audio: AR with KV cache vs recompute, RTF
 #   engines    bench_engines.py --size reference: local vs DeepSpeed ZeRO-1 and ZeRO-2
 #   demo_data  only when the demo's data files were not carried: corpus + data.h5 (~2 min)
 #   demo       experiments/valle_demo.yml on the GPU for GPU_SUITE_DEMO_STEPS (400) steps:
@@ -142,7 +142,7 @@ else
   run_part train 120 "$PY" scripts/bench_train.py --size reference --precision bf16 --steps 30
   run_part train_b32 90 "$PY" scripts/bench_train.py --size reference --precision bf16 \
     --batch 32 --steps 10
-  run_part inference 150 "$PY" scripts/bench_inference.py --size reference
+  run_part inference 150 "$PY" scripts/bench_inference.py --size reference --seconds 5
   run_part engines 210 "$PY" scripts/bench_engines.py --size reference --precision bf16 \
     --engines local,deepspeed --zero-stages 1,2
 fi
@@ -177,6 +177,8 @@ have_data=$((!SMOKE))
 for f in "${DATA_FILES[@]}"; do [[ -f experiments/demo_data/$f ]] || have_data=0; done
 if ((have_data)); then
   for f in "${DATA_FILES[@]}"; do cp "experiments/demo_data/$f" "$DEMO/demo_data/"; done
+  # data.h5 records the codec file by the absolute path it was prepared at (another machine)
+  DEMO_OPTS+=("eval.evaluators.samples.codec_options={checkpoint: $DEMO/demo_data/mel_rvq.safetensors}")
 else
   # from codebase/, where `python -m data.audio...` resolves
   run_part demo_data 240 bash -c 'cd codebase && "$0" -m data.audio.demo_corpus --out "$1" '"${CORPUS[*]}"' &&
