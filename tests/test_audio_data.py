@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from data.audio.fetchers import FETCHERS, Utterance, fetch
 from data.audio.paired_dataset import PairedVoiceAudioDataset, split_fraction
 from data.loader import eval_loader

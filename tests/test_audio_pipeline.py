@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
-from test_prepare import make_corpus
+from helpers import REPO, TEXTS, make_corpus
 from trainer.config import validate_experiment
 from trainer.extensible_trainer import ExtensibleTrainer
 from utils.options import load_options
@@ -84,7 +83,6 @@ def test_on_the_fly_codes_and_phonemes(tmp_path):
     tsv = make_corpus(tmp_path / "corpus", n=6)
     wavs = [load_audio(p, 16000)[0] for p in sorted((tmp_path / "corpus").glob("u*.wav"))]
     MelRVQCodec.fit(wavs, tmp_path / "codec.safetensors", iters=3, **CODEC)
-    from test_prepare import TEXTS
     PhonemeVocab.build(Phonemizer().phonemize_symbols(TEXTS)).save(tmp_path / "vocab.json")
     opt = {
         "name": "fly", "seed": 1, "device": "cpu", "plugins": [PLUGIN],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, toy_options
+from helpers import REPO, toy_options
 
 
 def write_yaml(tmp_path, **sections) -> Path:

@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_experiment, make_trainer, merge
-import dist_worker
-import toy_runs
-from toy_runs import NITER, logged, weights
-from toy_runs import SECTIONS as TOY_SECTIONS
+import helpers
+from helpers import NITER, launch, logged, make_experiment, make_trainer, merge, weights
+from helpers import SECTIONS as TOY_SECTIONS
 from utils.schema import ConfigError
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -22,7 +20,7 @@ DS = dict(engine="deepspeed", deepspeed={"zero_stage": 2})
 
 
 def write_yaml(folder: Path, **sections) -> str:
-    return toy_runs.write_yaml(folder, SECTIONS, **sections)
+    return helpers.write_yaml(folder, SECTIONS, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +36,11 @@ def runs(tmp_path_factory):
                       logger={"keep_last": None})
     fp16 = write_yaml(root / "fp16", precision="fp16", engine="deepspeed",
                       deepspeed={"zero_stage": 0}, logger={"keep_last": None})
-    dist_worker.launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
-                        ["-opt", killed, "-o", "path.resume_state=auto"],
-                        ["-opt", bf16], ["-opt", fp16]], root, nproc=None, timeout=240)
+    launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
+            ["-opt", killed, "-o", "path.resume_state=auto"],
+            ["-opt", bf16], ["-opt", fp16]], root, nproc=None, timeout=240)
     two_ranks = write_yaml(root / "two_ranks", **DS)
-    dist_worker.launch([["-opt", two_ranks]], root, nproc=2, timeout=240)
+    launch([["-opt", two_ranks]], root, nproc=2, timeout=240)
     make_trainer(root / "local", **SECTIONS).train()
     make_trainer(root / "local_fp16", **merge(SECTIONS, {"precision": "fp16"})).train()
     return root

@@ -13,7 +13,7 @@ import sys
 import soundfile as sf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
+from helpers import REPO
 
 from data.audio.demo_corpus import build_demo_corpus
 

@@ -11,9 +11,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
-from test_prepare import TEXTS, make_corpus
-from test_trainer import tb_scalars
+from helpers import REPO, TEXTS, make_corpus, tb_scalars
 
 from data.audio.phonemes import Phonemizer, PhonemeVocab
 from models.audio.codecs import CodecUnavailable
