@@ -304,6 +304,7 @@ def run_cli(*args):
                           cwd=REPO / "codebase", capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_reports_and_writes_samples(tmp_path):
     skip_corpus(tmp_path / "corpus")
     opt = {"name": "exp", "datasets": {"train": {

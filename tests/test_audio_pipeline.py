@@ -51,6 +51,7 @@ def test_prepare_section_is_validated(tmp_path):
     assert exp.dataset_specs["train"].kwargs["path"] == tmp_path.resolve() / "data" / "data.h5"
 
 
+@pytest.mark.slow
 def test_prepare_cli_then_training_resumes_sampler_position(tmp_path):
     path = h5_experiment(tmp_path)
     r = subprocess.run([sys.executable, "-m", "data.audio.prepare", "-opt", str(path)],

@@ -5,9 +5,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import REPO, toy_options
+
+pytestmark = pytest.mark.slow  # every test runs train.py in a subprocess
 
 
 def write_yaml(tmp_path, **sections) -> Path:

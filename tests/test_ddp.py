@@ -6,6 +6,8 @@ import torch
 
 from helpers import NITER, SECTIONS, launch, logged, make_trainer, weights, write_yaml
 
+pytestmark = pytest.mark.slow  # torchrun launches
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

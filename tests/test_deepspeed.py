@@ -46,6 +46,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_trains_the_same_steps_as_the_local_engine(runs):
     ds, local = weights(runs / "straight", NITER), weights(runs / "local", NITER)
@@ -58,6 +59,7 @@ def test_deepspeed_trains_the_same_steps_as_the_local_engine(runs):
     torch.testing.assert_close(torch.tensor(val[0]), torch.tensor(val[1]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_checkpoint_layout_and_pruning(runs):
     state_dir = runs / "straight" / "toy" / "training_state"
@@ -67,6 +69,7 @@ def test_deepspeed_checkpoint_layout_and_pruning(runs):
     assert state["engine_name"] == "deepspeed" and state["optimizers"] == {}
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_resume_matches_uninterrupted_run(runs):
     resumed, straight = weights(runs / "resumed", NITER), weights(runs / "straight", NITER)
@@ -74,6 +77,7 @@ def test_deepspeed_resume_matches_uninterrupted_run(runs):
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_bf16_with_ema(runs):
     first, last = weights(runs / "bf16", 4), weights(runs / "bf16", NITER)
@@ -88,6 +92,7 @@ def test_deepspeed_bf16_with_ema(runs):
         torch.testing.assert_close(last[k], local[k], rtol=0.05, atol=0.02, msg=k)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_fp16_zero_stage_0_matches_the_local_engine(runs):
     """fp16 autocast with a dynamic loss scale. The engines unscale in a different order, so
@@ -97,6 +102,7 @@ def test_deepspeed_fp16_zero_stage_0_matches_the_local_engine(runs):
         torch.testing.assert_close(ds[k], local[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_two_ranks_match_one_process(runs):
     two, local = weights(runs / "two_ranks", NITER), weights(runs / "local", NITER)

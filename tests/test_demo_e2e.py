@@ -10,12 +10,15 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import REPO
 
 from data.audio.demo_corpus import build_demo_corpus
+
+pytestmark = pytest.mark.slow
 
 STEPS = 12
 SHORT = [f"train.niter={STEPS}", "train.warmup_iter=2", f"train.val_freq={STEPS}",

@@ -109,6 +109,7 @@ def test_checkpoint_without_synthesis_metadata(tmp_path):
     assert str(path) in msg
 
 
+@pytest.mark.slow
 def test_cli_writes_wavs(checkpoint, tmp_path):
     path, _, ref = checkpoint
     out = tmp_path / "out.wav"
@@ -180,6 +181,7 @@ def test_evaluator_checks_its_runtime_arguments(tmp_path):
                             logger=None)
 
 
+@pytest.mark.slow
 def test_tts_samples_evaluator_during_training(tmp_path):
     make_corpus(tmp_path / "corpus", n=8)
     data = {"mode": "hdf5_codes", "path": "data/data.h5", "batch_size": 4, "prompt_frames": 8}
