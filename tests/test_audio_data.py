@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from data.audio.fetchers import FETCHERS, Utterance, fetch
 from data.audio.corpus import split_fraction
 from data.audio.paired_dataset import PairedVoiceAudioDataset
@@ -305,6 +305,7 @@ def run_cli(*args):
                           cwd=REPO / "codebase", capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_reports_and_writes_samples(tmp_path):
     skip_corpus(tmp_path / "corpus")
     opt = {"name": "exp", "datasets": {"train": {

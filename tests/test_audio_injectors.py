@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchaudio
 import trainer.injectors.audio  # noqa: F401 - registers the audio injectors
-from conftest import build_from_yaml
+from helpers import build_from_yaml
 from safetensors.torch import save_file
 from trainer.injectors import INJECTORS
 from utils.schema import Problems

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
-from test_prepare import make_corpus
+from helpers import REPO, TEXTS, make_corpus
 from trainer.config import validate_experiment
 from trainer.extensible_trainer import ExtensibleTrainer
 from utils.options import load_options
@@ -52,6 +51,7 @@ def test_prepare_section_is_validated(tmp_path):
     assert exp.datasets["train"].kwargs["path"] == tmp_path.resolve() / "data" / "data.h5"
 
 
+@pytest.mark.slow
 def test_prepare_cli_then_training_resumes_sampler_position(tmp_path):
     path = h5_experiment(tmp_path)
     r = subprocess.run([sys.executable, "-m", "data.audio.prepare", "-opt", str(path)],
@@ -84,7 +84,6 @@ def test_on_the_fly_codes_and_phonemes(tmp_path):
     tsv = make_corpus(tmp_path / "corpus", n=6)
     wavs = [load_audio(p, 16000)[0] for p in sorted((tmp_path / "corpus").glob("u*.wav"))]
     MelRVQCodec.fit(wavs, tmp_path / "codec.safetensors", iters=3, **CODEC)
-    from test_prepare import TEXTS
     PhonemeVocab.build(Phonemizer().phonemize_symbols(TEXTS)).save(tmp_path / "vocab.json")
     opt = {
         "name": "fly", "seed": 1, "device": "cpu", "plugins": [PLUGIN],

@@ -5,9 +5,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import REPO, toy_options
+from helpers import REPO, toy_options
+
+pytestmark = pytest.mark.slow  # every test runs train.py in a subprocess
 
 
 def write_yaml(tmp_path, **sections) -> Path:

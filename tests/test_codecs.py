@@ -10,7 +10,7 @@ import models.audio.codecs.dac  # noqa: F401  (registers "dac"; importable witho
 import pytest
 import torch
 import torchaudio.functional as AF
-from conftest import build_from_yaml
+from helpers import build_from_yaml
 from models.audio.codecs.base import CodecUnavailable, build_codec
 from models.audio.codecs.encodec import (
     ENCODEC_24KHZ_FILE,

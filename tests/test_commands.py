@@ -138,6 +138,7 @@ def _run_listener_child(stdin_setup: str, stdin: int | None, data: bytes | None 
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a child Python process
 def test_listener_uses_fd0_by_default_with_piped_stdin() -> None:
     result = _run_listener_child("", None, data=b"eval\nhelp\nsave\n")
     assert result == {
@@ -147,6 +148,7 @@ def test_listener_uses_fd0_by_default_with_piped_stdin() -> None:
     }
 
 
+@pytest.mark.slow  # two child Python processes
 def test_listener_does_not_start_without_usable_stdin() -> None:
     assert _run_listener_child("", subprocess.DEVNULL)["started"] is False
     assert _run_listener_child("os.close(0)", subprocess.DEVNULL)["started"] is False
@@ -236,6 +238,7 @@ def _gloo_worker(local_rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_mean_with_two_gloo_processes(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 

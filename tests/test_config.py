@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import REPO, make_experiment, make_trainer
+from helpers import REPO, make_experiment, make_trainer
 from trainer.config import validate_experiment
 from utils.options import load_options
 from utils.schema import ConfigError

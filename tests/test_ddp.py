@@ -4,9 +4,10 @@ global batch, exact resume, gradient accumulation, rank-averaged logs, rank-0-on
 import pytest
 import torch
 
-from conftest import make_trainer
-import dist_worker
-from toy_runs import NITER, SECTIONS, logged, weights, write_yaml
+from helpers import NITER, SECTIONS, launch, logged, make_trainer, weights, write_yaml
+
+pytestmark = pytest.mark.slow  # torchrun launches
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -16,9 +17,9 @@ def runs(tmp_path_factory):
     straight = write_yaml(root / "straight")
     killed = write_yaml(root / "resumed")
     accum = write_yaml(root / "accum", train={"mega_batch_factor": 2})
-    dist_worker.launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
-                        ["-opt", killed, "-o", "path.resume_state=auto"], ["-opt", accum]],
-                       root, nproc=2)
+    launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
+            ["-opt", killed, "-o", "path.resume_state=auto"], ["-opt", accum]],
+           root, nproc=2)
     make_trainer(root / "single", **SECTIONS).train()
     return root
 
@@ -65,4 +66,4 @@ def test_global_batch_must_divide_by_world_size(tmp_path):
     bad = write_yaml(tmp_path, datasets={"train": {"batch_size": 7}})
     with pytest.raises(AssertionError, match="batch_size: 7 is the global batch and must be "
                                              "divisible by the 2 ranks"):
-        dist_worker.launch([["-opt", bad]], tmp_path, nproc=2)
+        launch([["-opt", bad]], tmp_path, nproc=2)

@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_experiment, make_trainer, merge
-import dist_worker
-import toy_runs
-from toy_runs import NITER, logged, weights
-from toy_runs import SECTIONS as TOY_SECTIONS
+import helpers
+from helpers import NITER, launch, logged, make_experiment, make_trainer, merge, weights
+from helpers import SECTIONS as TOY_SECTIONS
 from utils.schema import ConfigError
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -22,7 +20,7 @@ DS = dict(engine="deepspeed", deepspeed={"zero_stage": 2})
 
 
 def write_yaml(folder: Path, **sections) -> str:
-    return toy_runs.write_yaml(folder, SECTIONS, **sections)
+    return helpers.write_yaml(folder, SECTIONS, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +36,17 @@ def runs(tmp_path_factory):
                       logger={"keep_last": None})
     fp16 = write_yaml(root / "fp16", precision="fp16", engine="deepspeed",
                       deepspeed={"zero_stage": 0}, logger={"keep_last": None})
-    dist_worker.launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
-                        ["-opt", killed, "-o", "path.resume_state=auto"],
-                        ["-opt", bf16], ["-opt", fp16]], root, nproc=None, timeout=240)
+    launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
+            ["-opt", killed, "-o", "path.resume_state=auto"],
+            ["-opt", bf16], ["-opt", fp16]], root, nproc=None, timeout=240)
     two_ranks = write_yaml(root / "two_ranks", **DS)
-    dist_worker.launch([["-opt", two_ranks]], root, nproc=2, timeout=240)
+    launch([["-opt", two_ranks]], root, nproc=2, timeout=240)
     make_trainer(root / "local", **SECTIONS).train()
     make_trainer(root / "local_fp16", **merge(SECTIONS, {"precision": "fp16"})).train()
     return root
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_trains_the_same_steps_as_the_local_engine(runs):
     ds, local = weights(runs / "straight", NITER), weights(runs / "local", NITER)
@@ -60,6 +59,7 @@ def test_deepspeed_trains_the_same_steps_as_the_local_engine(runs):
     torch.testing.assert_close(torch.tensor(val[0]), torch.tensor(val[1]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_checkpoint_layout_and_pruning(runs):
     state_dir = runs / "straight" / "toy" / "training_state"
@@ -69,6 +69,7 @@ def test_deepspeed_checkpoint_layout_and_pruning(runs):
     assert state["engine_name"] == "deepspeed" and "optimizers" not in state
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_resume_matches_uninterrupted_run(runs):
     resumed, straight = weights(runs / "resumed", NITER), weights(runs / "straight", NITER)
@@ -76,6 +77,7 @@ def test_deepspeed_resume_matches_uninterrupted_run(runs):
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_bf16_with_ema(runs):
     first, last = weights(runs / "bf16", 4), weights(runs / "bf16", NITER)
@@ -90,6 +92,7 @@ def test_deepspeed_bf16_with_ema(runs):
         torch.testing.assert_close(last[k], local[k], rtol=0.05, atol=0.02, msg=k)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_fp16_zero_stage_0_matches_the_local_engine(runs):
     """fp16 autocast with a dynamic loss scale. The engines unscale in a different order, so
@@ -99,6 +102,7 @@ def test_deepspeed_fp16_zero_stage_0_matches_the_local_engine(runs):
         torch.testing.assert_close(ds[k], local[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_two_ranks_match_one_process(runs):
     two, local = weights(runs / "two_ranks", NITER), weights(runs / "local", NITER)

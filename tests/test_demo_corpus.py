@@ -115,6 +115,7 @@ def test_plan_rejects_too_few_utterances():
         plan(16, 3, 0)
 
 
+# Building a corpus takes seconds of espeak synthesis: the tests that build one are marked slow.
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return build_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus", utterances=30,
@@ -125,6 +126,7 @@ def _rows(tsv: Path) -> list[list[str]]:
     return [line.split("\t") for line in tsv.read_text(encoding="utf-8").splitlines()[1:]]
 
 
+@pytest.mark.slow
 def test_corpus_layout_and_fetch(corpus):
     train, skipped = fetch("tsv", corpus.train_tsv)
     held, skipped_held = fetch("tsv", corpus.heldout_tsv)
@@ -146,6 +148,7 @@ def test_corpus_layout_and_fetch(corpus):
     assert len({(s["variant"], s["pitch"]) for s in speakers.values()}) == 3
 
 
+@pytest.mark.slow
 def test_corpus_deterministic(corpus, tmp_path):
     other = build_demo_corpus(tmp_path / "again", utterances=30, speakers=3, seed=0, workers=1,
                               progress=False)
@@ -159,6 +162,7 @@ def test_corpus_deterministic(corpus, tmp_path):
     assert different.train_tsv.read_bytes() != corpus.train_tsv.read_bytes()
 
 
+@pytest.mark.slow
 def test_existing_corpus_not_rebuilt(corpus, monkeypatch):
     tsv = corpus.train_tsv
     wav = corpus.root / _rows(tsv)[0][0]
@@ -174,6 +178,7 @@ def test_existing_corpus_not_rebuilt(corpus, monkeypatch):
     assert (tsv.stat().st_mtime_ns, wav.stat().st_mtime_ns) == before
 
 
+@pytest.mark.slow
 def test_changed_arguments_rebuild(tmp_path):
     first = build_demo_corpus(tmp_path, utterances=24, speakers=2, seed=0, workers=1,
                               progress=False)
@@ -183,6 +188,7 @@ def test_changed_arguments_rebuild(tmp_path):
     assert json.loads((tmp_path / "corpus.json").read_text())["utterances"] == 26
 
 
+@pytest.mark.slow
 def test_demo_fetcher_builds_missing_corpus(tmp_path, monkeypatch):
     from data.audio import demo_corpus, fetchers
     from data.audio.fetchers import fetch

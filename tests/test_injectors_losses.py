@@ -1,17 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_from_yaml
+from helpers import build
 from torch import nn
 from trainer.component import Gate
 from trainer.config import ComponentSpec
 from trainer.injectors import INJECTORS, ForEachInjector
 from trainer.losses import LOSSES, loss_input_keys
 from utils.schema import Problems
-
-
-def build(registry, options, runtime=None, path="steps.s.x"):
-    return build_from_yaml(registry, options, runtime, path=path)
 
 
 class TwoHeads(nn.Module):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -126,15 +125,17 @@ def test_progress_bar_counts_from_start_step(tmp_path: Path) -> None:
     assert logger._bar is None
 
 
-def test_progress_is_cheap(tmp_path: Path) -> None:
+def test_progress_counts_every_step_but_redraws_rarely(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Called every training step: a counter update, not a redraw per step (its cost per call
+    # is measured by benchmarks, not asserted here).
     logger = TrainingLogger(tmp_path, name="run", total_steps=200_000, use_tb=False)
-    start = time.perf_counter()
-    for step in range(1, 100_001):
+    for step in range(1, 20_001):
         logger.progress(step)
-    per_call = (time.perf_counter() - start) / 100_000
+    assert logger._bar is not None and logger._bar.n == 20_000
     logger.close()
-    # Called every training step: must stay far below a step's cost even on a slow CI machine.
-    assert per_call < 20e-6, f"progress() took {per_call * 1e6:.1f} us per call"
+    redraws = capsys.readouterr().err.count("\r")
+    assert 1 <= redraws <= 5, f"{redraws} redraws for 20000 steps"
 
 
 def test_progress_disabled_creates_no_bar(tmp_path: Path) -> None:

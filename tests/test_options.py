@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TOY_PLUGIN
+from helpers import REPO, TOY_PLUGIN
 from utils.options import apply_override, find_options_file, import_plugins, load_options, parse_yaml
 from utils.schema import ConfigError
 

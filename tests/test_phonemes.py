@@ -6,7 +6,7 @@ import torch
 
 from data.audio.phonemes import (PhonemeVocab, Phonemizer, espeak_library, main,
                                  split_symbols)
-from test_injectors_losses import build
+from helpers import build
 from trainer.component import TrainerEnv
 from trainer.injectors import INJECTORS
 from trainer.injectors.text import PhonemizeInjector

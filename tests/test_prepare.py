@@ -1,6 +1,5 @@
 """data.h5 preparation (resumable, atomic) and the hdf5_codes dataset, on a tiny made-up corpus."""
 import json
-import math
 
 import h5py
 import numpy as np
@@ -11,27 +10,7 @@ import torch
 from data.audio import corpus_to_h5 as prep
 from data.audio.hdf5_dataset import Hdf5CodesDataset
 from data.audio.corpus_to_h5 import PrepareOptions, prepare, read_ids
-
-TEXTS = ["the cat sat down", "a dog ran home", "she sells sea shells", "we went out again",
-         "it is very cold today", "bring me the red book", "open the door slowly",
-         "time flies like an arrow"]
-
-
-def make_corpus(root, n=8, extra=()):
-    """Harmonic tones (different pitch per speaker) with a TSV index."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        speaker = f"spk{i % 2}"
-        sr = 16000
-        t = np.arange(int(sr * (0.6 + 0.1 * i))) / sr
-        f0 = 120 if speaker == "spk0" else 210
-        wav = sum(np.sin(2 * math.pi * f0 * k * t * (1 + 0.2 * t)) / k for k in range(1, 6))
-        sf.write(root / f"u{i}.wav", (0.2 * wav).astype(np.float32), sr)
-        lines.append(f"u{i}.wav\t{TEXTS[i % len(TEXTS)]}\t{speaker}")
-    lines += list(extra)
-    (root / "index.tsv").write_text("\n".join(lines) + "\n")
-    return root / "index.tsv"
+from helpers import make_corpus
 
 
 def options(tsv, **kw):

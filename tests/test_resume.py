@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import make_trainer
+from helpers import make_trainer
 
 SECTIONS = dict(
     datasets={"train": {"batch_size": 6, "num_items": 50}},  # shuffled, 8 batches per epoch

@@ -11,9 +11,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
-from test_prepare import TEXTS, make_corpus
-from test_trainer import tb_scalars
+from helpers import REPO, TEXTS, make_corpus, tb_scalars
 
 from data.audio.phonemes import Phonemizer, PhonemeVocab
 from models.audio.codecs import CodecUnavailable
@@ -111,6 +109,7 @@ def test_checkpoint_without_synthesis_metadata(tmp_path):
     assert str(path) in msg
 
 
+@pytest.mark.slow
 def test_cli_writes_wavs(checkpoint, tmp_path):
     path, _, ref = checkpoint
     out = tmp_path / "out.wav"
@@ -182,6 +181,7 @@ def test_evaluator_checks_its_runtime_arguments(tmp_path):
                             logger=None)
 
 
+@pytest.mark.slow
 def test_tts_samples_evaluator_during_training(tmp_path):
     make_corpus(tmp_path / "corpus", n=8)
     data = {"mode": "hdf5_codes", "path": "data/data.h5", "batch_size": 4, "prompt_frames": 8}

@@ -4,19 +4,12 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import make_trainer
+from helpers import make_trainer, tb_scalars
 from models import load_network
 from trainer.component import TrainerEnv
 from trainer.injectors import Injector
 from utils.schema import Runtime
-
-
-def tb_scalars(run_dir):
-    acc = EventAccumulator(str(run_dir / "tb_logger"))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_trains_and_writes_run_folder(tmp_path):

@@ -70,6 +70,7 @@ def test_reference_size_parameter_count():
     assert 150e6 < n < 200e6, n
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     model = tiny().train()
     batch = make_batch()
