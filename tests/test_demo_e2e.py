@@ -30,6 +30,8 @@ SHORT = [f"train.niter={STEPS}", "train.warmup_iter=2", f"train.val_freq={STEPS}
 
 
 # The figures of this seeded run (seed 0, the default) in TensorBoard: {tag: {step: value}}.
+# (Re-pinned once, deliberately, when every derived seed moved to utils.seed.derive_seed: the
+# prompts each item gets changed, the same run otherwise reproduced the old pins bit for bit.)
 # How the tolerances were chosen (2-core AMD EPYC, AVX2, torch 2.11, MKL): the run was repeated
 # with OMP_NUM_THREADS 1, 2, 3 and 4, with ATEN_CPU_CAPABILITY=default (no SIMD kernels),
 # MKL_ENABLE_INSTRUCTIONS=SSE4_2, MKL_CBWR=COMPATIBLE, and with every linear layer computed in
@@ -52,16 +54,16 @@ SHORT = [f"train.niter={STEPS}", "train.warmup_iter=2", f"train.val_freq={STEPS}
 # duration ratio 0.13, mel STFT 1.4), so no tolerance separates another machine from a bug.
 LOSS_TOL, ACC_TOL = 2e-4, 3e-3
 PINNED_LOSSES = {
-    "loss/ar": {4: 5.537219, 8: 5.490814, 12: 5.437159},
-    "loss/nar": {4: 5.502453, 8: 5.394703, 12: 5.318976},
-    "grad_norm/fit": {4: 0.7836993, 8: 0.9153181, 12: 0.7113286},
-    "val/ar": {0: 5.551321, 12: 5.428226},
-    "val/nar": {0: 5.548800, 12: 5.343438},
-    "eval/tf_loss_ar": {0: 5.551320, 12: 5.528702},
-    "eval/tf_loss_nar": {0: 5.550350, 12: 5.518082},
+    "loss/ar": {4: 5.537328, 8: 5.490482, 12: 5.437204},
+    "loss/nar": {4: 5.502447, 8: 5.394540, 12: 5.319116},
+    "grad_norm/fit": {4: 0.7845402, 8: 0.9146237, 12: 0.7097424},
+    "val/ar": {0: 5.551101, 12: 5.427980},
+    "val/nar": {0: 5.548786, 12: 5.343436},
+    "eval/tf_loss_ar": {0: 5.551101, 12: 5.528487},
+    "eval/tf_loss_nar": {0: 5.550372, 12: 5.518122},
 }
 PINNED_ACCURACIES = {
-    "loss/acc_ar": {4: 0.006529531, 8: 0.02160741, 12: 0.02551064},
+    "loss/acc_ar": {4: 0.006066567, 8: 0.02207123, 12: 0.02639244},
     "val/acc_ar": {0: 0.00536193, 12: 0.02412869},
     "eval/tf_acc_ar": {0: 0.005586592, 12: 0.009776536},
     "eval/tf_acc_ar_changes": {0: 0.006514658, 12: 0.009771987},

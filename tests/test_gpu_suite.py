@@ -7,7 +7,7 @@ import argparse
 import importlib.util
 import zipfile
 
-from conftest import REPO
+from helpers import REPO
 
 spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "scripts" / "gpu_suite.py")
 gpu_suite = importlib.util.module_from_spec(spec)
