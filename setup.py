@@ -4,6 +4,7 @@ The source lives in ``codebase/`` and is deliberately *not* installed into site-
 (its packages are called ``data``, ``models``, ``utils`` ...). Run it from ``codebase/`` or as
 ``python codebase/train.py`` from the repository root; pytest finds it via ``pythonpath``.
 """
+
 from setuptools import setup
 
 setup(

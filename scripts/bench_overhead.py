@@ -27,6 +27,7 @@ then also prints the median of paired (adjacent-run) ratios, the ratio of the fa
 the ratio of median per-step times, which resist other processes' bursts better. ``--profile``
 adds a cProfile of one more run of each side (top functions, and the framework's own code).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "codebase"))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from data import register_dataset  # noqa: E402
-from models import MODELS  # noqa: E402
-from trainer.config import validate_experiment  # noqa: E402
-from trainer.extensible_trainer import ExtensibleTrainer  # noqa: E402
-from utils.options import options_from_dict  # noqa: E402
+from data import register_dataset
+from models import MODELS
+from trainer.config import validate_experiment
+from trainer.extensible_trainer import ExtensibleTrainer
+from utils.options import options_from_dict
 
 TOY_PLUGIN = REPO / "experiments" / "plugins" / "toy.py"
 NET = "mlp"
@@ -68,11 +69,12 @@ class BenchTensors(Dataset):
 
     batch_keys = ("x", "y")
 
-    def __init__(self, num_items: int = 4096, in_dim: int = 256, out_dim: int = 64,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, num_items: int = 4096, in_dim: int = 256, out_dim: int = 64, seed: int = 0
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(num_items, in_dim, generator=g)
-        w = torch.randn(in_dim, out_dim, generator=g) / in_dim ** 0.5
+        w = torch.randn(in_dim, out_dim, generator=g) / in_dim**0.5
         self.y = torch.tanh(self.x @ w) + 0.05 * torch.randn(num_items, out_dim, generator=g)
 
     def __len__(self) -> int:
@@ -84,13 +86,22 @@ class BenchTensors(Dataset):
 
 # ----------------------------------------------------------------------------- configuration
 def dataset_kwargs(args: argparse.Namespace) -> dict:
-    return {"num_items": args.batch_size * args.batches_per_epoch, "in_dim": args.in_dim,
-            "out_dim": args.out_dim, "seed": args.seed + 1}
+    return {
+        "num_items": args.batch_size * args.batches_per_epoch,
+        "in_dim": args.in_dim,
+        "out_dim": args.out_dim,
+        "seed": args.seed + 1,
+    }
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
-    return {"in_dim": args.in_dim, "hidden": args.hidden, "out_dim": args.out_dim,
-            "depth": args.depth, "dropout": 0.0}
+    return {
+        "in_dim": args.in_dim,
+        "hidden": args.hidden,
+        "out_dim": args.out_dim,
+        "depth": args.depth,
+        "dropout": 0.0,
+    }
 
 
 def experiment_dict(args: argparse.Namespace, run_dir: Path) -> dict:
@@ -102,25 +113,45 @@ def experiment_dict(args: argparse.Namespace, run_dir: Path) -> dict:
         "use_tb_logger": True,  # what users get by default
         "wandb": False,
         "plugins": [str(TOY_PLUGIN)],
-        "datasets": {"train": {"mode": "bench_tensors", "batch_size": args.batch_size,
-                               "n_workers": 0, "shuffle": False, "drop_last": True,
-                               **dataset_kwargs(args)}},
-        "networks": {NET: {"type": "generator", "which_model_G": "toy_mlp",
-                           "kwargs": model_kwargs(args)}},
-        "steps": {"fit": {
-            "training": NET,
-            "optimizer": "adamw",
-            "optimizer_params": {"lr": args.lr, "weight_decay": args.weight_decay,
-                                 "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-            "clip_grad_eps": args.clip or None,
-            "injectors": {"pred": {"type": "generator", "generator": NET, "in": "x",
-                                   "out": "pred"}},
-            "losses": {"mse": {"type": "mse", "weight": 1.0, "fake": "pred", "real": "y"}},
-        }},
+        "datasets": {
+            "train": {
+                "mode": "bench_tensors",
+                "batch_size": args.batch_size,
+                "n_workers": 0,
+                "shuffle": False,
+                "drop_last": True,
+                **dataset_kwargs(args),
+            }
+        },
+        "networks": {
+            NET: {"type": "generator", "which_model_G": "toy_mlp", "kwargs": model_kwargs(args)}
+        },
+        "steps": {
+            "fit": {
+                "training": NET,
+                "optimizer": "adamw",
+                "optimizer_params": {
+                    "lr": args.lr,
+                    "weight_decay": args.weight_decay,
+                    "beta1": 0.9,
+                    "beta2": 0.999,
+                    "eps": 1e-8,
+                },
+                "clip_grad_eps": args.clip or None,
+                "injectors": {
+                    "pred": {"type": "generator", "generator": NET, "in": "x", "out": "pred"}
+                },
+                "losses": {"mse": {"type": "mse", "weight": 1.0, "fake": "pred", "real": "y"}},
+            }
+        },
         "path": {"root": str(run_dir)},
         "train": {"niter": args.warmup + args.steps, "default_lr_scheme": "Constant"},
-        "logger": {"print_freq": args.print_freq, "save_checkpoint_freq": None,
-                   "progress_bar": False, "stdin_commands": False},
+        "logger": {
+            "print_freq": args.print_freq,
+            "save_checkpoint_freq": None,
+            "progress_bar": False,
+            "stdin_commands": False,
+        },
     }
 
 
@@ -139,8 +170,9 @@ def build_trainer(args: argparse.Namespace, run_dir: Path) -> ExtensibleTrainer:
     return ExtensibleTrainer(exp)
 
 
-def run_trainer(args: argparse.Namespace, profile: cProfile.Profile | None = None
-                ) -> dict[str, Any]:
+def run_trainer(
+    args: argparse.Namespace, profile: cProfile.Profile | None = None
+) -> dict[str, Any]:
     """Build (untimed), warm up (untimed), then time ``trainer.train()``."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
     try:
@@ -157,6 +189,7 @@ def run_trainer(args: argparse.Namespace, profile: cProfile.Profile | None = Non
                     finally:
                         oneoff[key] += time.perf_counter() - t
                         oneoff["cpu"] += time.process_time() - c
+
                 return wrapper
 
             stamps: list[float] = []  # end of each step's train_step (a step callback)
@@ -177,17 +210,23 @@ def run_trainer(args: argparse.Namespace, profile: cProfile.Profile | None = Non
             if profile is not None:
                 profile.disable()
         assert trainer.step == args.warmup + args.steps, trainer.step
-        return {"total": total, "save": oneoff["save"], "close": oneoff["close"],
-                "loop": total - oneoff["save"] - oneoff["close"], "init": init,
-                "cpu": cpu - oneoff["cpu"],
-                "step_times": step_times(t0, stamps),
-                "final": clone_state(trainer.raw_networks[NET])}
+        return {
+            "total": total,
+            "save": oneoff["save"],
+            "close": oneoff["close"],
+            "loop": total - oneoff["save"] - oneoff["close"],
+            "init": init,
+            "cpu": cpu - oneoff["cpu"],
+            "step_times": step_times(t0, stamps),
+            "final": clone_state(trainer.raw_networks[NET]),
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_plain(args: argparse.Namespace, init: dict[str, torch.Tensor],
-              profile: cProfile.Profile | None = None) -> dict[str, Any]:
+def run_plain(
+    args: argparse.Namespace, init: dict[str, torch.Tensor], profile: cProfile.Profile | None = None
+) -> dict[str, Any]:
     """A hand-written loop over the same data with the same model, optimizer and clipping."""
     dataset = BenchTensors(**dataset_kwargs(args))
     model = MODELS.get("toy_mlp")(**model_kwargs(args))
@@ -197,12 +236,19 @@ def run_plain(args: argparse.Namespace, init: dict[str, torch.Tensor],
     decayed = {n for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith("bias")}
     decay = [p for n, p in model.named_parameters() if n in decayed]
     no_decay = [p for n, p in model.named_parameters() if n not in decayed]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     params = decay + no_decay
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
-                        num_workers=0)
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=0
+    )
 
     def batches():
         while True:
@@ -233,8 +279,12 @@ def run_plain(args: argparse.Namespace, init: dict[str, torch.Tensor],
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     if profile is not None:
         profile.disable()
-    return {"total": total, "cpu": cpu, "final": clone_state(model),
-            "step_times": step_times(t0, stamps)}
+    return {
+        "total": total,
+        "cpu": cpu,
+        "final": clone_state(model),
+        "step_times": step_times(t0, stamps),
+    }
 
 
 def step_times(t0: float, stamps: list[float]) -> list[float]:
@@ -272,8 +322,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=3, help="toy_mlp hidden layers")
     p.add_argument("--in-dim", type=int, default=256)
     p.add_argument("--out-dim", type=int, default=64)
-    p.add_argument("--batches-per-epoch", type=int, default=250,
-                   help="dataset size in batches (the loaders wrap around epochs)")
+    p.add_argument(
+        "--batches-per-epoch",
+        type=int,
+        default=250,
+        help="dataset size in batches (the loaders wrap around epochs)",
+    )
     p.add_argument("--repeats", type=int, default=10, help="interleaved runs of each side")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -281,8 +335,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="clip_grad_eps (0: no clipping)")
     p.add_argument("--print-freq", type=int, default=100, help="trainer logger.print_freq")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--profile", action="store_true",
-                   help="afterwards, cProfile one more run of each side and print the top items")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="afterwards, cProfile one more run of each side and print the top items",
+    )
     p.add_argument("--verbose", action="store_true", help="show the trainer's own console output")
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
@@ -298,17 +355,21 @@ def print_profile(title: str, prof: cProfile.Profile, steps: int, n: int = 20) -
     ours = [kv for kv in rows if kv[0][0].startswith(codebase)]
     total = sum(v[2] for v in stats.values())
     ours_us = sum(v[2] for _, v in ours) / steps * 1e6
-    print(f"\n--- cProfile: {title}: {total:.3f} s profiled, {total / steps * 1e3:.3f} ms/step "
-          f"(cProfile inflates Python-heavy code) ---")
-    for heading, items in ((f"top {n} by own time", rows[:n]),
-                           (f"framework code (codebase/): {ours_us:.0f} us/step own time in all",
-                            ours[:n])):
+    print(
+        f"\n--- cProfile: {title}: {total:.3f} s profiled, {total / steps * 1e3:.3f} ms/step "
+        f"(cProfile inflates Python-heavy code) ---"
+    )
+    for heading, items in (
+        (f"top {n} by own time", rows[:n]),
+        (f"framework code (codebase/): {ours_us:.0f} us/step own time in all", ours[:n]),
+    ):
         print(f"  {heading}:")
         print(f"  {'own us/step':>11} {'cum us/step':>11} {'calls':>7}  function")
         for (file, line, name), (_cc, calls, tt, ct, _callers) in items:
             where = f"{Path(file).name}:{line}" if line else file
-            print(f"  {tt / steps * 1e6:11.1f} {ct / steps * 1e6:11.1f} {calls:7d}  "
-                  f"{name} ({where})")
+            print(
+                f"  {tt / steps * 1e6:11.1f} {ct / steps * 1e6:11.1f} {calls:7d}  {name} ({where})"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,9 +410,12 @@ def main(argv: list[str] | None = None) -> int:
             ref_plain = plain
         else:
             plain_diffs.append(max_abs_diff(plain["final"], ref_plain["final"]))
-        print(f"repeat {r + 1}/{args.repeats}: plain {plain['total']:.3f} s | trainer loop "
-              f"{tr['loop']:.3f} s, train() {tr['total']:.3f} s (final save {tr['save']:.3f} s, "
-              f"logger close {tr['close']:.3f} s) | max|dw| {diffs[-1]:.2e}", flush=True)
+        print(
+            f"repeat {r + 1}/{args.repeats}: plain {plain['total']:.3f} s | trainer loop "
+            f"{tr['loop']:.3f} s, train() {tr['total']:.3f} s (final save {tr['save']:.3f} s, "
+            f"logger close {tr['close']:.3f} s) | max|dw| {diffs[-1]:.2e}",
+            flush=True,
+        )
     wall = time.perf_counter() - t_start
     load_after = os.getloadavg()[0]
 
@@ -368,45 +432,69 @@ def main(argv: list[str] | None = None) -> int:
     ms = 1e3 / args.steps
 
     print()
-    print(f"overhead benchmark: ExtensibleTrainer.train() vs a plain PyTorch loop "
-          f"(torch {torch.__version__}, cpu, {args.threads} threads)")
-    print(f"  steps {args.steps} (+{args.warmup} untimed warm-up) | batch {args.batch_size} | "
-          f"params {n_params:,} (toy_mlp in {args.in_dim}, hidden {args.hidden} x{args.depth}, "
-          f"out {args.out_dim}) | adamw, clip {args.clip or 'off'}, fp32 | print_freq "
-          f"{args.print_freq}, tensorboard on | repeats {args.repeats}")
-    print(f"  {'':34} {'median s':>9} {'ms/step':>8} {'min s':>8} {'max s':>8} "
-          f"{'median step ms':>15}")
-    rows = [("plain loop", plain_t, plain_steps),
-            ("trainer loop (train() - one-offs)", loop_t, trainer_steps),
-            ("trainer train() end to end", e2e_t, None), ("  one-off: final save", save_t, None),
-            ("  one-off: logger close", close_t, None)]
+    print(
+        f"overhead benchmark: ExtensibleTrainer.train() vs a plain PyTorch loop "
+        f"(torch {torch.__version__}, cpu, {args.threads} threads)"
+    )
+    print(
+        f"  steps {args.steps} (+{args.warmup} untimed warm-up) | batch {args.batch_size} | "
+        f"params {n_params:,} (toy_mlp in {args.in_dim}, hidden {args.hidden} x{args.depth}, "
+        f"out {args.out_dim}) | adamw, clip {args.clip or 'off'}, fp32 | print_freq "
+        f"{args.print_freq}, tensorboard on | repeats {args.repeats}"
+    )
+    print(
+        f"  {'':34} {'median s':>9} {'ms/step':>8} {'min s':>8} {'max s':>8} {'median step ms':>15}"
+    )
+    rows = [
+        ("plain loop", plain_t, plain_steps),
+        ("trainer loop (train() - one-offs)", loop_t, trainer_steps),
+        ("trainer train() end to end", e2e_t, None),
+        ("  one-off: final save", save_t, None),
+        ("  one-off: logger close", close_t, None),
+    ]
     for name, ts, steps in rows:
         per_step = f"{med(steps) * 1e3:15.3f}" if steps else ""
-        print(f"  {name:34} {med(ts):9.3f} {med(ts) * ms:8.3f} {min(ts):8.3f} {max(ts):8.3f} "
-              f"{per_step}")
-    print(f"  ratio_loop (trainer loop / plain, medians)   {ratio_loop:.4f}   "
-          f"({(l_med - p_med) / args.steps * 1e6:+.0f} us/step)")
+        print(
+            f"  {name:34} {med(ts):9.3f} {med(ts) * ms:8.3f} {min(ts):8.3f} {max(ts):8.3f} "
+            f"{per_step}"
+        )
+    print(
+        f"  ratio_loop (trainer loop / plain, medians)   {ratio_loop:.4f}   "
+        f"({(l_med - p_med) / args.steps * 1e6:+.0f} us/step)"
+    )
     print(f"  ratio_e2e  (train() / plain, medians)        {ratio_e2e:.4f}")
     print(f"  median of paired ratios (adjacent runs)      {ratio_paired:.4f}")
     print(f"  ratio of fastest runs (loop)                 {ratio_min:.4f}")
-    print(f"  ratio of median step times                   {ratio_step:.4f}   "
-          f"({(med(trainer_steps) - med(plain_steps)) * 1e6:+.0f} us/step)")
-    print(f"  ratio of 10th-percentile step times          {p10_trainer / p10_plain:.4f}   "
-          f"({(p10_trainer - p10_plain) * 1e6:+.0f} us/step)")
+    print(
+        f"  ratio of median step times                   {ratio_step:.4f}   "
+        f"({(med(trainer_steps) - med(plain_steps)) * 1e6:+.0f} us/step)"
+    )
+    print(
+        f"  ratio of 10th-percentile step times          {p10_trainer / p10_plain:.4f}   "
+        f"({(p10_trainer - p10_plain) * 1e6:+.0f} us/step)"
+    )
     ratio_cpu = med(trainer_cpu) / med(plain_cpu)
-    print(f"  ratio of CPU time (process_time, medians)    {ratio_cpu:.4f}   "
-          f"(plain {med(plain_cpu):.3f} s, trainer loop {med(trainer_cpu):.3f} s)")
-    print(f"  target ratio_loop <= 1.05: {'PASS' if ratio_loop <= 1.05 else 'FAIL'} "
-          f"(end to end: {'PASS' if ratio_e2e <= 1.05 else 'FAIL'})")
-    print(f"  same computation: max |w_trainer - w_plain| = {max(diffs):.3e}; "
-          f"plain runs among themselves {max(plain_diffs, default=0.0):.3e}; "
-          f"final mse (first 1024 items) plain {loss_plain:.6f}, trainer {loss_trainer:.6f}")
+    print(
+        f"  ratio of CPU time (process_time, medians)    {ratio_cpu:.4f}   "
+        f"(plain {med(plain_cpu):.3f} s, trainer loop {med(trainer_cpu):.3f} s)"
+    )
+    print(
+        f"  target ratio_loop <= 1.05: {'PASS' if ratio_loop <= 1.05 else 'FAIL'} "
+        f"(end to end: {'PASS' if ratio_e2e <= 1.05 else 'FAIL'})"
+    )
+    print(
+        f"  same computation: max |w_trainer - w_plain| = {max(diffs):.3e}; "
+        f"plain runs among themselves {max(plain_diffs, default=0.0):.3e}; "
+        f"final mse (first 1024 items) plain {loss_plain:.6f}, trainer {loss_trainer:.6f}"
+    )
     spread = max(max(plain_t) / min(plain_t), max(loop_t) / min(loop_t))
     print(f"  total wall time {wall:.1f} s; load average {load_before:.2f} -> {load_after:.2f}")
     if spread > 1.15:
-        print(f"  WARNING: noisy machine (slowest/fastest run of a side = {spread:.2f}, other "
-              "processes compete for the cores); the paired, fastest-run and per-step "
-              "ratios are the more trustworthy figures; rerun on an idle machine for the medians")
+        print(
+            f"  WARNING: noisy machine (slowest/fastest run of a side = {spread:.2f}, other "
+            "processes compete for the cores); the paired, fastest-run and per-step "
+            "ratios are the more trustworthy figures; rerun on an idle machine for the medians"
+        )
 
     if args.profile:
         prof_p, prof_t = cProfile.Profile(), cProfile.Profile()

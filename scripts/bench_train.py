@@ -14,6 +14,7 @@ The peak is the dense bf16 figure of the GPU's datasheet, looked up by the name
 ``torch.cuda.get_device_name()`` reports (``PEAK_TFLOPS`` below); ``--peak-tflops`` or the
 environment variable ``PEAK_TFLOPS`` set it for a GPU the table lacks (or another precision).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,27 +27,34 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "codebase"))
 
-import torch  # noqa: E402
+import torch
 
 import trainer.components  # noqa: E402,F401 - registers the models
-from models import build_network  # noqa: E402
-from models.audio.tts.valle import REFERENCE_CONFIG  # noqa: E402
-from utils.distributed import resolve_device  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
+from models import build_network
+from models.audio.tts.valle import REFERENCE_CONFIG
+from utils.distributed import DistInfo, resolve_device
 
 SIZES = {
-    "small": dict(d_model=256, n_layers=4, n_heads=4, n_levels=4, codebook_size=256,
-                  n_phonemes=128),
+    "small": dict(
+        d_model=256, n_layers=4, n_heads=4, n_levels=4, codebook_size=256, n_phonemes=128
+    ),
     "reference": REFERENCE_CONFIG,
 }
 # Dense bf16 TFLOP/s (datasheets, without sparsity), matched as a substring of the device
 # name, first match wins: the PCIe H100 has fewer SMs and a lower clock than the SXM one.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0,
-               "L4": 121.0}
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
 
 
-def peak_flops(device: torch.device,
-               override_tflops: float | None = None) -> tuple[float, str] | None:
+def peak_flops(
+    device: torch.device, override_tflops: float | None = None
+) -> tuple[float, str] | None:
     """(peak FLOP/s, where the figure comes from), or None when unknown (no MFU printed)."""
     if override_tflops is None and os.environ.get("PEAK_TFLOPS"):
         override_tflops = float(os.environ["PEAK_TFLOPS"])
@@ -93,8 +101,12 @@ def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """The synthetic VALL-E workload's options, shared with bench_engines.py."""
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="default: bf16 on cuda, fp32 on cpu",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--target-frames", type=int, default=300)
     p.add_argument("--prompt-frames", type=int, default=120)
@@ -108,9 +120,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", choices=SIZES, default="small")
     add_workload_args(p)
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS env, then the "
-                        "table of known GPUs)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS env, then the "
+        "table of known GPUs)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device, DistInfo(0, 0, 1))
@@ -134,19 +150,27 @@ def main() -> None:
     elapsed = timed(step, args.steps, device)
     seq = args.phonemes + args.prompt_frames + args.target_frames
     tokens = 2 * seq * args.batch * args.steps  # AR pass + NAR pass
-    flops = (6 * n_params * tokens
-             + 12 * cfg["n_layers"] * cfg["d_model"] * seq ** 2 * 2 * args.batch * args.steps)
-    print(f"valle {args.size}: {n_params / 1e6:.1f}M parameters, {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"{precision}, batch {args.batch} x {seq} positions, checkpointing "
-          f"{args.checkpointing}")
-    print(f"  {args.steps / elapsed:.2f} steps/s | {tokens / elapsed:,.0f} tokens/s | "
-          f"{args.batch * args.target_frames * args.steps / elapsed:,.0f} target frames/s")
+    flops = (
+        6 * n_params * tokens
+        + 12 * cfg["n_layers"] * cfg["d_model"] * seq**2 * 2 * args.batch * args.steps
+    )
+    print(
+        f"valle {args.size}: {n_params / 1e6:.1f}M parameters, {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"{precision}, batch {args.batch} x {seq} positions, checkpointing "
+        f"{args.checkpointing}"
+    )
+    print(
+        f"  {args.steps / elapsed:.2f} steps/s | {tokens / elapsed:,.0f} tokens/s | "
+        f"{args.batch * args.target_frames * args.steps / elapsed:,.0f} target frames/s"
+    )
     peak = peak_flops(device, args.peak_tflops)
     if peak:
-        print(f"  model FLOPs utilisation: {flops / elapsed / peak[0] * 100:.1f}% of "
-              f"{peak[0] / 1e12:.0f} TFLOP/s ({peak[1]}); achieved {flops / elapsed / 1e12:.1f} "
-              "TFLOP/s")
+        print(
+            f"  model FLOPs utilisation: {flops / elapsed / peak[0] * 100:.1f}% of "
+            f"{peak[0] / 1e12:.0f} TFLOP/s ({peak[1]}); achieved {flops / elapsed / 1e12:.1f} "
+            "TFLOP/s"
+        )
     if device.type == "cuda":
         print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 

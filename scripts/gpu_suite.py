@@ -10,6 +10,7 @@ version, and never installs torch, numpy and their kin over the machine's own bu
 ``wall=12``, ``limit=90``) and turns the figures the bench scripts print into rows; a part
 that failed, timed out or was skipped gets a row saying so, with its last error line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,11 @@ PROGRESS = re.compile(r"\d+%\|")  # tqdm bars
 
 def last_error_line(log: str) -> str:
     """The line that says what went wrong: the last that looks like an error, else the last."""
-    lines = [ln.strip() for ln in log.replace("\r", "\n").splitlines()
-             if ln.strip() and not PROGRESS.search(ln) and not ln.startswith("$ ")]
+    lines = [
+        ln.strip()
+        for ln in log.replace("\r", "\n").splitlines()
+        if ln.strip() and not PROGRESS.search(ln) and not ln.startswith("$ ")
+    ]
     for ln in reversed(lines):
         if re.search(r"Error|Exception|error:|Killed|FAILED|No such file", ln):
             return ln
@@ -74,21 +78,30 @@ def _search(pattern: str, log: str) -> re.Match | None:
 
 def train_rows(log: str, label: str) -> list[Row]:
     """``label`` may hold ``{batch}``, filled from the run's own header line."""
-    head = _search(r"^valle (\S+): ([\d.]+)M parameters, \S+ \((.*?)\), (\w+), batch (\d+) x (\d+)",
-                   log)
+    head = _search(
+        r"^valle (\S+): ([\d.]+)M parameters, \S+ \((.*?)\), (\w+), batch (\d+) x (\d+)", log
+    )
     speed = _search(r"([\d.]+) steps/s \| ([\d,]+) tokens/s", log)
     if not (head and speed):
         return []
     size, params, where, precision, b, seq = head.groups()
     label = label.format(batch=b)
     notes = f"{size} ({params}M), batch {b} x {seq} positions, {precision}, {where}"
-    rows = [(f"{label} tokens/s", f"{_num(speed[2]):,.0f}", "tokens/s",
-             f"{notes}; AR + NAR positions"),
-            (f"{label} steps/s", speed[1], "steps/s", notes)]
+    rows = [
+        (f"{label} tokens/s", f"{_num(speed[2]):,.0f}", "tokens/s", f"{notes}; AR + NAR positions"),
+        (f"{label} steps/s", speed[1], "steps/s", notes),
+    ]
     mfu = _search(r"utilisation: ([\d.]+)% of (\d+) TFLOP/s \((.*?)\); achieved ([\d.]+)", log)
-    rows.append((f"{label} MFU", mfu[1] if mfu else "n/a", "%",
-                 f"{mfu[4]} TFLOP/s achieved, of {mfu[2]} TFLOP/s ({mfu[3]})" if mfu
-                 else f"no peak known for {where}"))
+    rows.append(
+        (
+            f"{label} MFU",
+            mfu[1] if mfu else "n/a",
+            "%",
+            f"{mfu[4]} TFLOP/s achieved, of {mfu[2]} TFLOP/s ({mfu[3]})"
+            if mfu
+            else f"no peak known for {where}",
+        )
+    )
     mem = _search(r"peak memory ([\d.]+) GiB", log)
     if mem:
         rows.append((f"{label} peak memory", mem[1], "GiB", "torch max_memory_allocated"))
@@ -104,34 +117,53 @@ def inference_rows(log: str) -> list[Row]:
     cached = _search(r"AR with KV cache\s+([\d.]+) s\s+([\d.]+) tokens/s", log)
     if cached:
         rows.append(("AR decode, KV cache", cached[2], "tokens/s", notes))
-    full = _search(r"AR without cache\s+([\d.]+) s\s+([\d.]+) tokens/s\s+"
-                   r"\(speed-up ([\d.]+)x; same greedy tokens: (\w+)\)", log)
+    full = _search(
+        r"AR without cache\s+([\d.]+) s\s+([\d.]+) tokens/s\s+"
+        r"\(speed-up ([\d.]+)x; same greedy tokens: (\w+)\)",
+        log,
+    )
     if full:
-        rows += [("AR decode, recompute", full[2], "tokens/s", notes),
-                 ("KV cache speed-up", full[3], "x", f"same greedy tokens: {full[4]}")]
+        rows += [
+            ("AR decode, recompute", full[2], "tokens/s", notes),
+            ("KV cache speed-up", full[3], "x", f"same greedy tokens: {full[4]}"),
+        ]
     rtf = _search(r"real-time factor ([\d.]+) \(([\d.]+)x faster", log)
     if rtf:
-        rows.append(("synthesis real-time factor", rtf[1], "s per s of audio",
-                     f"AR + NAR + EnCodec decode; {rtf[2]}x faster than real time; {notes}"))
+        rows.append(
+            (
+                "synthesis real-time factor",
+                rtf[1],
+                "s per s of audio",
+                f"AR + NAR + EnCodec decode; {rtf[2]}x faster than real time; {notes}",
+            )
+        )
     return rows
 
 
 def engines_rows(log: str) -> list[Row]:
-    head = _search(r"^valle (\S+): ([\d.]+)M parameters, \S+ \((.*?)\), (\w+), batch (\d+) x (\d+)",
-                   log)
+    head = _search(
+        r"^valle (\S+): ([\d.]+)M parameters, \S+ \((.*?)\), (\w+), batch (\d+) x (\d+)", log
+    )
     if not head:
         return []
     where = f"{head[1]} ({head[2]}M), batch {head[5]} x {head[6]}, {head[4]}, {head[3]}"
     ratios = {m[1]: m[2] for m in re.finditer(r"^\s+(\S+) / local: (.*)$", log, re.M)}
     rows = []
-    for m in re.finditer(r"^\s+(local|deepspeed|zero-\d)\s+([\d.]+)\s+([\d,]+)\s+(\S+)$", log,
-                         re.M):
+    for m in re.finditer(
+        r"^\s+(local|deepspeed|zero-\d)\s+([\d.]+)\s+([\d,]+)\s+(\S+)$", log, re.M
+    ):
         label, steps, _, peak = m.groups()
         notes = f"vs local: {ratios[label]}; {where}" if label in ratios else where
         rows.append((f"engine {label} steps/s", steps, "steps/s", notes))
         if peak != "nan":
-            rows.append((f"engine {label} peak memory", peak, "GiB",
-                         "max_memory_allocated during the timed steps"))
+            rows.append(
+                (
+                    f"engine {label} peak memory",
+                    peak,
+                    "GiB",
+                    "max_memory_allocated during the timed steps",
+                )
+            )
     return rows
 
 
@@ -152,18 +184,29 @@ def demo_rows(log: str, run_dir: Path | None) -> list[Row]:
     where = f"; {setup[1]}, {setup[2]}" if setup else ""
     rate = demo_step_rate(run_dir) if run_dir else None
     if rate:
-        rows.append(("demo training steps/s", f"{rate[0]:.2f}", "steps/s",
-                     f"median over {rate[1]} logging windows (evaluations excluded){where}"))
+        rows.append(
+            (
+                "demo training steps/s",
+                f"{rate[0]:.2f}",
+                "steps/s",
+                f"median over {rate[1]} logging windows (evaluations excluded){where}",
+            )
+        )
     headers = re.findall(r"^[ \t]+((?:step \d+[ \t]*)+)$", log, re.M)  # "   step 0   step 400"
     if headers:
         steps = re.findall(r"step (\d+)", headers[-1])
         for label, figure in REPORT_ROWS.items():
-            found = re.findall(rf"^[ \t]*{re.escape(label)}((?:[ \t]+-?[\d.]+)+)[ \t]*$", log,
-                               re.M)
+            found = re.findall(rf"^[ \t]*{re.escape(label)}((?:[ \t]+-?[\d.]+)+)[ \t]*$", log, re.M)
             if found:
                 values = found[-1].split()
-                rows.append((figure, f"{values[0]} -> {values[-1]}", "",
-                             f"step {steps[0]} -> step {steps[-1]}{where}"))
+                rows.append(
+                    (
+                        figure,
+                        f"{values[0]} -> {values[-1]}",
+                        "",
+                        f"step {steps[0]} -> step {steps[-1]}{where}",
+                    )
+                )
     else:  # no report (stopped early): the last validation it printed
         vals = re.findall(r"validation at step (\d+): (.*)$", log, re.M)
         if vals:
@@ -188,14 +231,18 @@ def demo_step_rate(run_dir: Path) -> tuple[float, int] | None:
 
 # --- the table ----------------------------------------------------------------------------------
 
+
 def parse_status(path: Path) -> dict[str, str]:
     """``key=value`` lines: rc (an exit code or ``skipped``), wall, limit, why."""
     return dict(ln.split("=", 1) for ln in path.read_text().splitlines() if "=" in ln)
 
 
 def wheels_rows(log: str) -> list[Row]:
-    names = [Path(ln.strip()).name.split("-")[0] for ln in log.splitlines()
-             if ln.strip().endswith(".whl")]
+    names = [
+        Path(ln.strip()).name.split("-")[0]
+        for ln in log.splitlines()
+        if ln.strip().endswith(".whl")
+    ]
     return [("wheels installed", str(len(names)), "", ", ".join(names) or "none needed")]
 
 
@@ -225,8 +272,9 @@ def table(logdir: Path, args: argparse.Namespace) -> str:
             continue
         found = part_rows(part, log, args)
         if rc != "0":
-            why = (f"timed out after {limit} s" if rc in ("124", "137")
-                   else f"exit {rc}") + f": {last_error_line(log)}"
+            why = (
+                f"timed out after {limit} s" if rc in ("124", "137") else f"exit {rc}"
+            ) + f": {last_error_line(log)}"
             rows.append((part, "FAILED", "", why[:200]))
         elif not found and part in ("train", "train_b32", "inference", "engines", "demo"):
             rows.append((part, "FAILED", "", "ran, but printed none of the expected figures"))

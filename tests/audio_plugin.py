@@ -1,4 +1,5 @@
 """Test plugin: a tiny next-code predictor over codec codes and phonemes."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -9,6 +9,7 @@ the cost of a distributed test. Used by tests/test_ddp.py and tests/test_deepspe
 ``helpers.launch``, which sets PYTHONPATH so that ``codebase/`` is importable; helpers.py also
 has the readers of what the runs wrote.
 """
+
 from __future__ import annotations
 
 import json

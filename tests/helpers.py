@@ -4,6 +4,7 @@ does it, a tiny made-up audio corpus, TensorBoard readers, and the launcher of
 
 Test modules import from here (``from helpers import ...``), never from each other.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,16 +44,20 @@ def toy_options(**sections: Any) -> dict:
         "device": "cpu",
         "plugins": [TOY_PLUGIN],
         "datasets": {"train": {"mode": "toy_regression", "batch_size": 8, "num_items": 64}},
-        "networks": {"mlp": {"type": "generator", "which_model_G": "toy_mlp",
-                             "kwargs": {"hidden": 32}}},
-        "steps": {"fit": {
-            "training": "mlp",
-            "optimizer": "adamw",
-            "optimizer_params": {"lr": 1e-2},
-            "injectors": {"pred": {"type": "generator", "generator": "mlp", "in": "x",
-                                   "out": "pred"}},
-            "losses": {"mse": {"type": "mse", "weight": 1.0, "fake": "pred", "real": "y"}},
-        }},
+        "networks": {
+            "mlp": {"type": "generator", "which_model_G": "toy_mlp", "kwargs": {"hidden": 32}}
+        },
+        "steps": {
+            "fit": {
+                "training": "mlp",
+                "optimizer": "adamw",
+                "optimizer_params": {"lr": 1e-2},
+                "injectors": {
+                    "pred": {"type": "generator", "generator": "mlp", "in": "x", "out": "pred"}
+                },
+                "losses": {"mse": {"type": "mse", "weight": 1.0, "fake": "pred", "real": "y"}},
+            }
+        },
         "train": {"niter": 5},
         "logger": {"print_freq": 1, "progress_bar": False, "stdin_commands": False},
     }
@@ -82,18 +87,23 @@ def make_trainer(tmp_path: Path, **sections: Any):
 
 
 # ----------------------------------------------------------------------------- components
-def build_from_yaml(registry, options: dict, provided: dict | None = None,
-                    base_dir: Path | None = None, path: str = "steps.s.x"):
+def build_from_yaml(
+    registry,
+    options: dict,
+    provided: dict | None = None,
+    base_dir: Path | None = None,
+    path: str = "steps.s.x",
+):
     """Validate YAML-style component options as the trainer does, then build the component
     with the runtime objects in ``provided`` (an ``env`` on the CPU by default)."""
     problems = Problems()
     shared = tuple(dict.fromkeys(INJECTOR_SHARED + LOSS_SHARED))
-    spec = validate_component(registry, options, path, "x", problems, base_dir or Path("."),
-                              shared)
+    spec = validate_component(registry, options, path, "x", problems, base_dir or Path("."), shared)
     assert not problems, problems.items
     provided = dict(provided or {})
-    provided.setdefault("env", TrainerEnv(device=torch.device("cpu"),
-                                          run_dir=base_dir or Path(".")))
+    provided.setdefault(
+        "env", TrainerEnv(device=torch.device("cpu"), run_dir=base_dir or Path("."))
+    )
     return build_component(spec, provided)
 
 
@@ -102,9 +112,16 @@ def build(registry, options, provided=None, path="steps.s.x"):
 
 
 # ----------------------------------------------------------------------------- audio corpus
-TEXTS = ["the cat sat down", "a dog ran home", "she sells sea shells", "we went out again",
-         "it is very cold today", "bring me the red book", "open the door slowly",
-         "time flies like an arrow"]
+TEXTS = [
+    "the cat sat down",
+    "a dog ran home",
+    "she sells sea shells",
+    "we went out again",
+    "it is very cold today",
+    "bring me the red book",
+    "open the door slowly",
+    "time flies like an arrow",
+]
 
 
 def make_corpus(root, n=8, extra=()):
@@ -139,11 +156,12 @@ NITER = 8
 # 40 items, global batch 8: 5 steps per epoch, so the run crosses a reshuffle. No dropout,
 # fp32; clipping and a schedule so that more than the plain gradient has to agree.
 SECTIONS = dict(
-    datasets={"train": {"batch_size": 8, "num_items": 40},
-              "val": {"mode": "toy_regression", "batch_size": 8, "num_items": 16}},
+    datasets={
+        "train": {"batch_size": 8, "num_items": 40},
+        "val": {"mode": "toy_regression", "batch_size": 8, "num_items": 16},
+    },
     steps={"fit": {"clip_grad_eps": 0.5}},
-    train={"niter": NITER, "default_lr_scheme": "CosineAnnealing", "warmup_iter": 2,
-           "val_freq": 4},
+    train={"niter": NITER, "default_lr_scheme": "CosineAnnealing", "warmup_iter": 2, "val_freq": 4},
     logger={"save_checkpoint_freq": 4},
 )
 
@@ -175,25 +193,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(runs: list[list[str] | dict], workdir: Path, nproc: int | None, timeout: float = 120,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(
+    runs: list[list[str] | dict],
+    workdir: Path,
+    nproc: int | None,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run each of ``runs`` (train.py argument lists, or ``{"argv": [...], "kill_at": N}``; see
     dist_worker.py) in ``nproc`` processes under torchrun, or in one plain ``python`` process
     (no launcher) when ``nproc`` is None. Sets PYTHONPATH so that ``codebase/`` is importable."""
     spec = workdir / "runs.json"
     spec.write_text(json.dumps(runs))
-    launcher = [] if nproc is None else [
-        "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}"]
+    launcher = (
+        []
+        if nproc is None
+        else [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
+    )
     cmd = [sys.executable, *launcher, str(DIST_WORKER), str(spec)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join([str(REPO / "codebase"), str(REPO / "tests")]),
-                **(env or {})}
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "codebase"), str(REPO / "tests")]),
+        **(env or {}),
+    }
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)  # a parent job's variables would confuse torchrun
-    out = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n"
-                             f"{out.stdout[-4000:]}\n{out.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({out.returncode}):\n"
+            f"{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
+        )
     return out

@@ -1,4 +1,5 @@
 """Audio I/O, corpus fetchers, the paired_voice_audio dataset and its self-check CLI."""
+
 import subprocess
 import sys
 
@@ -8,14 +9,20 @@ import soundfile as sf
 import torch
 import yaml
 
-from helpers import REPO
-from data.audio.fetchers import FETCHERS, Utterance, fetch
 from data.audio.corpus import split_fraction
+from data.audio.fetchers import FETCHERS, Utterance, fetch
 from data.audio.paired_dataset import PairedVoiceAudioDataset
 from data.loader import eval_loader
+from helpers import REPO
+from utils.audio import (
+    AudioError,
+    audio_info,
+    load_audio,
+    mel_spectrogram,
+    save_audio,
+    save_mel_png,
+)
 from utils.registry import RegistryError
-from utils.audio import (AudioError, audio_info, load_audio, mel_spectrogram, save_audio,
-                         save_mel_png)
 
 
 def sine(path, sr=22050, seconds=0.5, channels=1, freq=440.0, amp=0.5, subtype=None):
@@ -59,8 +66,11 @@ def test_load_audio_mono_resample_and_errors(tmp_path):
     assert rate == 44100 and wav.shape[0] == 22050
     assert audio_info(stereo) == (22050, 44100, 2)
 
-    cases = {"missing file": tmp_path / "nope.wav", "unreadable": garbage(tmp_path / "g.wav"),
-             "non-finite samples": nan_wav(tmp_path / "nan.wav")}
+    cases = {
+        "missing file": tmp_path / "nope.wav",
+        "unreadable": garbage(tmp_path / "g.wav"),
+        "non-finite samples": nan_wav(tmp_path / "nan.wav"),
+    }
     empty = tmp_path / "empty.wav"
     sf.write(str(empty), np.zeros(0, np.float32), 16000)
     cases["empty audio"] = empty
@@ -103,7 +113,9 @@ def make_lj(root):
         "LJ003|Third|Third one\n"
         "LJ004|No audio for this one|No audio for this one\n"
         "LJ005||\n"
-        "a line without separators\n", encoding="utf-8")
+        "a line without separators\n",
+        encoding="utf-8",
+    )
     return root
 
 
@@ -123,9 +135,11 @@ def test_fetch_lj(tmp_path):
 
 def make_libritts(root):
     split = root / "train-clean-100"
-    for spk, chap, utt in [("100", "10", "100_10_000001_000000"),
-                           ("100", "10", "100_10_000002_000000"),
-                           ("200", "20", "200_20_000001_000000")]:
+    for spk, chap, utt in [
+        ("100", "10", "100_10_000001_000000"),
+        ("100", "10", "100_10_000002_000000"),
+        ("200", "20", "200_20_000001_000000"),
+    ]:
         sine(split / spk / chap / f"{utt}.wav", sr=24000, seconds=0.3)
     (split / "100" / "10" / "100_10_000001_000000.normalized.txt").write_text("First, normalized.")
     (split / "100" / "10" / "100_10_000001_000000.original.txt").write_text("First original")
@@ -139,7 +153,10 @@ def test_fetch_libritts(tmp_path):
     split = make_libritts(tmp_path / "LibriTTS")
     items, skipped = fetch("libritts", tmp_path / "LibriTTS")  # the corpus root: rglob
     assert [(u.speaker, u.text) for u in items] == [
-        ("100", "First, normalized."), ("100", "Only original"), ("200", "Other speaker.")]
+        ("100", "First, normalized."),
+        ("100", "Only original"),
+        ("200", "Other speaker."),
+    ]
     assert items[0].id == "100_10_000001_000000"
     assert len(skipped) == 1 and skipped[0][0].endswith("200_20_000009_000000.wav")
     assert skipped[0][1].startswith("missing transcript")
@@ -150,19 +167,29 @@ def test_fetch_libritts(tmp_path):
 def make_tsv(root, lines, header=True):
     root.mkdir(parents=True, exist_ok=True)
     tsv = root / "list.tsv"
-    tsv.write_text(("path\ttext\tspeaker\n" if header else "") + "\n".join(lines) + "\n",
-                   encoding="utf-8")
+    tsv.write_text(
+        ("path\ttext\tspeaker\n" if header else "") + "\n".join(lines) + "\n", encoding="utf-8"
+    )
     return tsv
 
 
 def test_fetch_tsv_and_lists(tmp_path):
     absolute = sine(tmp_path / "elsewhere" / "abs.wav")
-    tsv = make_tsv(tmp_path / "corpus", ["a/one.wav\tHello\tspkA", f"{absolute}\tWorld\tspkB",
-                                         "no tabs here", "two.wav\tonly two columns",
-                                         "three.wav\ttext\t"])
+    tsv = make_tsv(
+        tmp_path / "corpus",
+        [
+            "a/one.wav\tHello\tspkA",
+            f"{absolute}\tWorld\tspkB",
+            "no tabs here",
+            "two.wav\tonly two columns",
+            "three.wav\ttext\t",
+        ],
+    )
     items, skipped = fetch("tsv", tsv)
-    assert items == [Utterance(tmp_path / "corpus" / "a" / "one.wav", "Hello", "spkA", "a/one"),
-                     Utterance(absolute, "World", "spkB", str(absolute.with_suffix("")))]
+    assert items == [
+        Utterance(tmp_path / "corpus" / "a" / "one.wav", "Hello", "spkA", "a/one"),
+        Utterance(absolute, "World", "spkB", str(absolute.with_suffix(""))),
+    ]
     assert [s[0].rsplit(":", 1)[1] for s in skipped] == ["4", "5", "6"]
     assert all(r.startswith("malformed line") for _, r in skipped)
     no_header = make_tsv(tmp_path / "c2", ["x.wav\tHi\ts"], header=False)
@@ -188,20 +215,36 @@ def skip_corpus(root):
     sine(root / "notext.wav")
     sine(root / "longtext.wav")
     garbage(root / "corrupt.wav")
-    return make_tsv(root, ["good1.wav\tFirst one.\tA", "good2.wav\tSecond one.\tA",
-                           "good3.wav\tThird one.\tB", "missing.wav\tNo file.\tB",
-                           "notext.wav\t \tA", "long.wav\tToo long audio.\tA",
-                           f"longtext.wav\t{'word ' * 30}\tB", "corrupt.wav\tGarbage.\tB",
-                           "malformed"])
+    return make_tsv(
+        root,
+        [
+            "good1.wav\tFirst one.\tA",
+            "good2.wav\tSecond one.\tA",
+            "good3.wav\tThird one.\tB",
+            "missing.wav\tNo file.\tB",
+            "notext.wav\t \tA",
+            "long.wav\tToo long audio.\tA",
+            f"longtext.wav\t{'word ' * 30}\tB",
+            "corrupt.wav\tGarbage.\tB",
+            "malformed",
+        ],
+    )
 
 
 def test_dataset_skips_and_counts(tmp_path):
     tsv = skip_corpus(tmp_path / "c")
-    ds = PairedVoiceAudioDataset(tsv, "tsv", sample_rate=22050, max_wav_length=2 * 22050,
-                                 max_text_length=50)
+    ds = PairedVoiceAudioDataset(
+        tsv, "tsv", sample_rate=22050, max_wav_length=2 * 22050, max_text_length=50
+    )
     assert [u.id for u in ds.items] == ["good1", "good2", "good3"]
-    assert ds.skip_counts() == {"malformed line": 1, "missing file": 1, "empty text": 1,
-                                "too long (audio)": 1, "too long (text)": 1, "unreadable": 1}
+    assert ds.skip_counts() == {
+        "malformed line": 1,
+        "missing file": 1,
+        "empty text": 1,
+        "too long (audio)": 1,
+        "too long (text)": 1,
+        "unreadable": 1,
+    }
     reasons = dict(ds.skipped)
     assert "missing.wav" in reasons["missing"] and "66150 > max_wav_length 44100" in reasons["long"]
     assert ds.durations() == pytest.approx([0.5, 0.4, 0.3])
@@ -220,8 +263,9 @@ def test_decode_failure_at_getitem_is_skipped(tmp_path):
     sine(root / "a.wav", sr=8000)
     nan_wav(root / "b.wav")
     sine(root / "c.wav", sr=8000, freq=200)
-    ds = PairedVoiceAudioDataset(make_tsv(root, ["a.wav\tA.\ts", "b.wav\tB.\ts", "c.wav\tC.\ts"]),
-                                 "tsv", sample_rate=8000)
+    ds = PairedVoiceAudioDataset(
+        make_tsv(root, ["a.wav\tA.\ts", "b.wav\tB.\ts", "c.wav\tC.\ts"]), "tsv", sample_rate=8000
+    )
     assert len(ds) == 3 and not ds.skipped  # the header is fine, so screening keeps it
     item = ds[1]
     assert item["text"] == "C."  # the next item, deterministically
@@ -248,8 +292,9 @@ def test_val_split_deterministic_and_disjoint(tmp_path):
     tr, va = {u.id for u in train.items}, {u.id for u in val.items}
     assert tr and va and not tr & va and tr | va == {f"u{k}" for k in range(30)}
     assert va == {f"u{k}" for k in range(30) if split_fraction(f"u{k}") < 0.3}
-    again = PairedVoiceAudioDataset(tsv, "tsv", sample_rate=8000, val_fraction=0.3, phase="val",
-                                    seed=5)
+    again = PairedVoiceAudioDataset(
+        tsv, "tsv", sample_rate=8000, val_fraction=0.3, phase="val", seed=5
+    )
     assert [u.id for u in again.items] == [u.id for u in val.items]  # seed does not move it
     with pytest.raises(ValueError, match="val_fraction"):
         PairedVoiceAudioDataset(tsv, "tsv", val_fraction=1.0)
@@ -265,8 +310,15 @@ def conditioning_corpus(root):
 
 def test_conditioning_from_same_speaker_and_collate(tmp_path):
     tsv = conditioning_corpus(tmp_path / "c")
-    ds = PairedVoiceAudioDataset(tsv, "tsv", sample_rate=8000, load_conditioning=True,
-                                 num_conditioning_candidates=3, conditioning_length=500, seed=1)
+    ds = PairedVoiceAudioDataset(
+        tsv,
+        "tsv",
+        sample_rate=8000,
+        load_conditioning=True,
+        num_conditioning_candidates=3,
+        conditioning_length=500,
+        seed=1,
+    )
     for i in range(4):
         cond = ds[i]["conditioning"]
         assert cond.shape == (3, 500)
@@ -276,17 +328,23 @@ def test_conditioning_from_same_speaker_and_collate(tmp_path):
         else:  # speaker B has one utterance: its own
             assert levels == {0.4}
         assert torch.equal(cond, ds[i]["conditioning"])  # seeded by (seed, index)
-    padded = PairedVoiceAudioDataset(tsv, "tsv", sample_rate=8000, load_conditioning=True,
-                                     conditioning_length=3000)
+    padded = PairedVoiceAudioDataset(
+        tsv, "tsv", sample_rate=8000, load_conditioning=True, conditioning_length=3000
+    )
     cond = padded[3]["conditioning"]
     assert cond.shape == (1, 3000) and torch.all(cond[0, 2000:] == 0)
     assert torch.allclose(cond[0, :2000], torch.full((2000,), 0.4))
 
     short = sine(tmp_path / "c" / "short.wav", sr=8000, seconds=0.1)
     make_tsv(tmp_path / "c", ["c0.wav\tA.\tA", f"{short}\tShort.\tA", "c3.wav\tB.\tB"])
-    ds = PairedVoiceAudioDataset(tmp_path / "c" / "list.tsv", "tsv", sample_rate=8000,
-                                 load_conditioning=True, num_conditioning_candidates=2,
-                                 conditioning_length=700)
+    ds = PairedVoiceAudioDataset(
+        tmp_path / "c" / "list.tsv",
+        "tsv",
+        sample_rate=8000,
+        load_conditioning=True,
+        num_conditioning_candidates=2,
+        conditioning_length=700,
+    )
     batch = ds.collate([ds[0], ds[1], ds[2]])
     assert tuple(batch) == ds.batch_keys
     assert batch["wav"].shape == (3, 2000) and batch["wav_lengths"].tolist() == [2000, 800, 2000]
@@ -301,17 +359,32 @@ def test_conditioning_from_same_speaker_and_collate(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "data.audio.paired_dataset", *map(str, args)],
-                          cwd=REPO / "codebase", capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "data.audio.paired_dataset", *map(str, args)],
+        cwd=REPO / "codebase",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
 def test_cli_reports_and_writes_samples(tmp_path):
     skip_corpus(tmp_path / "corpus")
-    opt = {"name": "exp", "datasets": {"train": {
-        "mode": "paired_voice_audio", "batch_size": 2, "path": "corpus/list.tsv",
-        "fetcher_mode": ["tsv"], "sample_rate": 16000, "max_wav_length": 32000,
-        "max_text_length": 50}}}
+    opt = {
+        "name": "exp",
+        "datasets": {
+            "train": {
+                "mode": "paired_voice_audio",
+                "batch_size": 2,
+                "path": "corpus/list.tsv",
+                "fetcher_mode": ["tsv"],
+                "sample_rate": 16000,
+                "max_wav_length": 32000,
+                "max_text_length": 50,
+            }
+        },
+    }
     yml = tmp_path / "exp.yml"
     yml.write_text(yaml.safe_dump(opt))
     r = run_cli("-opt", yml, "--samples", "2")
@@ -320,9 +393,13 @@ def test_cli_reports_and_writes_samples(tmp_path):
     assert "items: 3 (skipped 6)" in out and "hours" in out
     assert "speakers: 2; top: A (2), B (1)" in out
     assert sum(line.count("#") for line in out.splitlines()) > 0
-    for uid, reason in [("missing", "missing file"), ("notext", "empty text"),
-                        ("long", "too long (audio)"), ("longtext", "too long (text)"),
-                        ("corrupt", "unreadable")]:
+    for uid, reason in [
+        ("missing", "missing file"),
+        ("notext", "empty text"),
+        ("long", "too long (audio)"),
+        ("longtext", "too long (text)"),
+        ("corrupt", "unreadable"),
+    ]:
         assert f"  {uid}: {reason}" in out
     assert "  missing file: 1" in out and "  malformed line: 1" in out
     folder = tmp_path / "exp" / "dataset_check" / "train"

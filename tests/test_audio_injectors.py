@@ -1,10 +1,12 @@
 """torch_mel_spectrogram and random_audio_crop injectors."""
+
 import pytest
 import torch
 import torchaudio
+from safetensors.torch import save_file
+
 import trainer.injectors.audio  # noqa: F401 - registers the audio injectors
 from helpers import build_from_yaml
-from safetensors.torch import save_file
 from trainer.injectors import INJECTORS
 from utils.schema import Problems
 
@@ -18,8 +20,17 @@ def build(options, path="steps.s.injectors.x"):
 
 def reference_mel(wav, **kw):
     mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=kw.get("sample_rate", 22050), n_fft=1024, hop_length=256, win_length=1024,
-        f_min=0.0, f_max=8000.0, n_mels=80, power=2.0, normalized=False, norm="slaney")(wav)
+        sample_rate=kw.get("sample_rate", 22050),
+        n_fft=1024,
+        hop_length=256,
+        win_length=1024,
+        f_min=0.0,
+        f_max=8000.0,
+        n_mels=80,
+        power=2.0,
+        normalized=False,
+        norm="slaney",
+    )(wav)
     return torch.log(torch.clamp(mel, min=1e-5))
 
 
@@ -33,8 +44,17 @@ def test_mel_matches_torchaudio_and_shapes():
     assert torch.allclose(mel, reference_mel(wav), atol=1e-5)
     assert torch.allclose(inj({"wav": wav[:, None]})["mel"], mel)  # [B, 1, T] input
     assert isinstance(inj.mel, torchaudio.transforms.MelSpectrogram)  # moves with .to()
-    power = build({"type": "torch_mel_spectrogram", "in": "wav", "out": "mel", "log": False,
-                   "n_mels": 64, "sample_rate": 16000, "hop_length": 160})({"wav": wav})["mel"]
+    power = build(
+        {
+            "type": "torch_mel_spectrogram",
+            "in": "wav",
+            "out": "mel",
+            "log": False,
+            "n_mels": 64,
+            "sample_rate": 16000,
+            "hop_length": 160,
+        }
+    )({"wav": wav})["mel"]
     assert power.shape == (2, 64, 5000 // 160 + 1) and (power >= 0).all()
     with pytest.raises(ValueError, match="\\[B, T\\] or \\[B, 1, T\\]"):
         inj({"wav": wav[None, :, None]})
@@ -48,28 +68,53 @@ def test_mel_norm_file_pth_and_safetensors(tmp_path):
     save_file({"mel_norms": norms}, str(tmp_path / "norms.safetensors"))
     expected = reference_mel(wav) / norms[None, :, None]
     for name in ("clips_mel_norms.pth", "norms.safetensors"):
-        inj = build({"type": "torch_mel_spectrogram", "in": "w", "out": "m",
-                     "mel_norm_file": str(tmp_path / name)})
+        inj = build(
+            {
+                "type": "torch_mel_spectrogram",
+                "in": "w",
+                "out": "m",
+                "mel_norm_file": str(tmp_path / name),
+            }
+        )
         assert torch.allclose(inj({"w": wav})["m"], expected, atol=1e-5)
         assert "mel_norms" not in inj.state_dict()  # a derived constant, not a weight
 
     torch.save(torch.ones(40), tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="wrong.pth.*80"):
-        build({"type": "torch_mel_spectrogram", "in": "w", "out": "m",
-               "mel_norm_file": str(tmp_path / "wrong.pth")})
+        build(
+            {
+                "type": "torch_mel_spectrogram",
+                "in": "w",
+                "out": "m",
+                "mel_norm_file": str(tmp_path / "wrong.pth"),
+            }
+        )
     save_file({"other": norms}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="no tensor 'mel_norms'"):
-        build({"type": "torch_mel_spectrogram", "in": "w", "out": "m",
-               "mel_norm_file": str(tmp_path / "other.safetensors")})
+        build(
+            {
+                "type": "torch_mel_spectrogram",
+                "in": "w",
+                "out": "m",
+                "mel_norm_file": str(tmp_path / "other.safetensors"),
+            }
+        )
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build({"type": "torch_mel_spectrogram", "in": "w", "out": "m",
-               "mel_norm_file": str(tmp_path / "missing.pth")})
+        build(
+            {
+                "type": "torch_mel_spectrogram",
+                "in": "w",
+                "out": "m",
+                "mel_norm_file": str(tmp_path / "missing.pth"),
+            }
+        )
 
 
 def test_mel_options_are_checked():
     problems = Problems()
-    INJECTORS.get("torch_mel_spectrogram").check_options({"n_mel": 80, "hop_length": "x"},
-                                                         "steps.s.injectors.mel", problems, None)
+    INJECTORS.get("torch_mel_spectrogram").check_options(
+        {"n_mel": 80, "hop_length": "x"}, "steps.s.injectors.mel", problems, None
+    )
     found = dict(problems.items)
     assert "did you mean 'n_mels'" in found["steps.s.injectors.mel.n_mel"]
     assert "expected int" in found["steps.s.injectors.mel.hop_length"]
@@ -77,8 +122,9 @@ def test_mel_options_are_checked():
 
 def test_mel_for_each_conditioning():
     cond = torch.randn(2, 3, 2048) * 0.1  # [B, N, L]
-    inj = build({"type": "for_each", "subtype": "torch_mel_spectrogram", "in": "cond",
-                 "out": "cond_mel"})
+    inj = build(
+        {"type": "for_each", "subtype": "torch_mel_spectrogram", "in": "cond", "out": "cond_mel"}
+    )
     out = inj({"cond": cond})["cond_mel"]
     assert out.shape == (2, 3, 80, 2048 // 256 + 1)
     assert torch.allclose(out[:, 1], reference_mel(cond[:, 1]), atol=1e-5)
@@ -92,17 +138,23 @@ def ramp(batch, length):
 def test_random_crop_lengths_and_content():
     wav = ramp(4, 100)
     lengths = torch.tensor([100, 50, 10, 30])
-    inj = build({"type": "random_audio_crop", "crop_size": 20, "in": ["wav", "len"],
-                 "out": ["crop", "crop_len"]})
+    inj = build(
+        {
+            "type": "random_audio_crop",
+            "crop_size": 20,
+            "in": ["wav", "len"],
+            "out": ["crop", "crop_len"],
+        }
+    )
     torch.manual_seed(0)
     out = inj({"wav": wav, "len": lengths})
     crop, crop_len = out["crop"], out["crop_len"]
     assert crop.shape == (4, 20) and crop_len.tolist() == [20, 20, 10, 20]
     for b in range(4):
-        valid = crop[b, :crop_len[b]]
+        valid = crop[b, : crop_len[b]]
         start = int(valid[0]) - 1000 * b - 1
         assert 0 <= start <= max(int(lengths[b]) - 20, 0)
-        assert torch.equal(valid, wav[b, start:start + len(valid)])  # a contiguous slice
+        assert torch.equal(valid, wav[b, start : start + len(valid)])  # a contiguous slice
         assert valid.max() <= 1000 * b + lengths[b]  # never past the true length
     assert torch.all(crop[2, 10:] == 0)  # shorter than crop_size: zero-padded
 
@@ -125,8 +177,7 @@ def test_random_crop_bad_options():
     with pytest.raises(ValueError, match="crop_size must be >= 1"):
         build({"type": "random_audio_crop", "crop_size": 0, "in": "wav", "out": "crop"})
     with pytest.raises(ValueError, match="as many keys"):
-        build({"type": "random_audio_crop", "crop_size": 10, "in": ["wav", "len"],
-               "out": "crop"})
+        build({"type": "random_audio_crop", "crop_size": 10, "in": ["wav", "len"], "out": "crop"})
     problems = Problems()
     INJECTORS.get("random_audio_crop").check_options({}, "p", problems, None)
     assert "p.crop_size" in dict(problems.items)

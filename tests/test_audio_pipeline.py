@@ -1,4 +1,5 @@
 """The audio pipeline inside experiments: prepare CLI, hdf5_codes training, on-the-fly codes."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +20,41 @@ CODEC = {"n_levels": 2, "codebook_size": 16, "n_mels": 40, "hop_length": 320}
 def h5_experiment(tmp_path, **train):
     make_corpus(tmp_path / "corpus", n=8)
     opt = {
-        "name": "codes", "seed": 3, "device": "cpu", "plugins": [PLUGIN],
-        "datasets": {"train": {
-            "mode": "hdf5_codes", "path": "data/data.h5", "max_tokens": 400, "prompt_frames": 8,
-            "prepare": {"fetcher_mode": "tsv", "path": "corpus/index.tsv", "codec": "mel_rvq",
-                        "codec_options": CODEC, "fit_iters": 3}}},
+        "name": "codes",
+        "seed": 3,
+        "device": "cpu",
+        "plugins": [PLUGIN],
+        "datasets": {
+            "train": {
+                "mode": "hdf5_codes",
+                "path": "data/data.h5",
+                "max_tokens": 400,
+                "prompt_frames": 8,
+                "prepare": {
+                    "fetcher_mode": "tsv",
+                    "path": "corpus/index.tsv",
+                    "codec": "mel_rvq",
+                    "codec_options": CODEC,
+                    "fit_iters": 3,
+                },
+            }
+        },
         "networks": {"lm": {"which_model_G": "toy_code_lm", "kwargs": {"codebook_size": 16}}},
-        "steps": {"fit": {
-            "training": "lm", "optimizer_params": {"lr": 1e-2},
-            "injectors": {"fwd": {"type": "generator", "generator": "lm",
-                                  "in": ["codes", "code_lengths", "phonemes"], "out": "loss"}},
-            "losses": {"ce": {"type": "direct", "key": "loss"}}}},
+        "steps": {
+            "fit": {
+                "training": "lm",
+                "optimizer_params": {"lr": 1e-2},
+                "injectors": {
+                    "fwd": {
+                        "type": "generator",
+                        "generator": "lm",
+                        "in": ["codes", "code_lengths", "phonemes"],
+                        "out": "loss",
+                    }
+                },
+                "losses": {"ce": {"type": "direct", "key": "loss"}},
+            }
+        },
         "train": {"niter": 4, **train},
         "logger": {"print_freq": 1, "progress_bar": False, "stdin_commands": False},
     }
@@ -41,8 +66,15 @@ def h5_experiment(tmp_path, **train):
 def test_prepare_section_is_validated(tmp_path):
     path = h5_experiment(tmp_path)
     with pytest.raises(ConfigError) as e:
-        validate_experiment(load_options(path, ["datasets.train.prepare.fetcher_mod=tsv",
-                                                "datasets.train.prepare.codec_options.hop=3"]))
+        validate_experiment(
+            load_options(
+                path,
+                [
+                    "datasets.train.prepare.fetcher_mod=tsv",
+                    "datasets.train.prepare.codec_options.hop=3",
+                ],
+            )
+        )
     problems = dict(e.value.problems)
     assert "did you mean 'fetcher_mode'" in problems["datasets.train.prepare.fetcher_mod"]
     exp = validate_experiment(load_options(path))
@@ -54,8 +86,13 @@ def test_prepare_section_is_validated(tmp_path):
 @pytest.mark.slow
 def test_prepare_cli_then_training_resumes_sampler_position(tmp_path):
     path = h5_experiment(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "data.audio.prepare", "-opt", str(path)],
-                       cwd=REPO / "codebase", capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "data.audio.prepare", "-opt", str(path)],
+        cwd=REPO / "codebase",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "8 item(s) added" in r.stdout and (tmp_path / "data" / "data.h5").is_file()
 
@@ -77,7 +114,7 @@ def test_training_prepares_missing_data_file(tmp_path):
 
 def test_on_the_fly_codes_and_phonemes(tmp_path):
     """The DLAS pattern: raw wav + text in the batch, codes and phoneme ids made by injectors."""
-    from data.audio.phonemes import Phonemizer, PhonemeVocab
+    from data.audio.phonemes import PhonemeVocab, Phonemizer
     from models.audio.codecs.mel_rvq import MelRVQCodec
     from utils.audio import load_audio
 
@@ -86,23 +123,54 @@ def test_on_the_fly_codes_and_phonemes(tmp_path):
     MelRVQCodec.fit(wavs, tmp_path / "codec.safetensors", iters=3, **CODEC)
     PhonemeVocab.build(Phonemizer().phonemize_symbols(TEXTS)).save(tmp_path / "vocab.json")
     opt = {
-        "name": "fly", "seed": 1, "device": "cpu", "plugins": [PLUGIN],
-        "datasets": {"train": {"mode": "paired_voice_audio", "path": str(tsv),
-                               "fetcher_mode": "tsv", "sample_rate": 16000, "batch_size": 3}},
+        "name": "fly",
+        "seed": 1,
+        "device": "cpu",
+        "plugins": [PLUGIN],
+        "datasets": {
+            "train": {
+                "mode": "paired_voice_audio",
+                "path": str(tsv),
+                "fetcher_mode": "tsv",
+                "sample_rate": 16000,
+                "batch_size": 3,
+            }
+        },
         "networks": {"lm": {"which_model_G": "toy_code_lm", "kwargs": {"codebook_size": 16}}},
-        "steps": {"fit": {
-            "training": "lm", "optimizer_params": {"lr": 1e-2},
-            "injectors": {
-                "crop": {"type": "random_audio_crop", "crop_size": 8000,
-                         "in": ["wav", "wav_lengths"], "out": ["wav_crop", "crop_lengths"]},
-                "to_codes": {"type": "audio_to_codes", "codec": "mel_rvq",
-                             "codec_options": {"checkpoint": "codec.safetensors"},
-                             "in": ["wav_crop", "crop_lengths"], "out": ["codes", "code_lengths"]},
-                "to_phonemes": {"type": "phonemize", "vocab_file": "vocab.json", "in": "text",
-                                "out": ["phonemes", "phoneme_lengths"]},
-                "fwd": {"type": "generator", "generator": "lm",
-                        "in": ["codes", "code_lengths", "phonemes"], "out": "loss"}},
-            "losses": {"ce": {"type": "direct", "key": "loss"}}}},
+        "steps": {
+            "fit": {
+                "training": "lm",
+                "optimizer_params": {"lr": 1e-2},
+                "injectors": {
+                    "crop": {
+                        "type": "random_audio_crop",
+                        "crop_size": 8000,
+                        "in": ["wav", "wav_lengths"],
+                        "out": ["wav_crop", "crop_lengths"],
+                    },
+                    "to_codes": {
+                        "type": "audio_to_codes",
+                        "codec": "mel_rvq",
+                        "codec_options": {"checkpoint": "codec.safetensors"},
+                        "in": ["wav_crop", "crop_lengths"],
+                        "out": ["codes", "code_lengths"],
+                    },
+                    "to_phonemes": {
+                        "type": "phonemize",
+                        "vocab_file": "vocab.json",
+                        "in": "text",
+                        "out": ["phonemes", "phoneme_lengths"],
+                    },
+                    "fwd": {
+                        "type": "generator",
+                        "generator": "lm",
+                        "in": ["codes", "code_lengths", "phonemes"],
+                        "out": "loss",
+                    },
+                },
+                "losses": {"ce": {"type": "direct", "key": "loss"}},
+            }
+        },
         "train": {"niter": 2},
         "logger": {"print_freq": 1, "progress_bar": False, "stdin_commands": False},
     }
@@ -119,6 +187,7 @@ def test_checkpoints_carry_vocab_phonemizer_and_codec(tmp_path):
     import json
 
     from utils.io import read_network_metadata
+
     path = h5_experiment(tmp_path, niter=1)
     trainer = ExtensibleTrainer(validate_experiment(load_options(path)))
     trainer.train()

@@ -32,7 +32,10 @@ def test_fixed_batch_size_and_drop_last():
 
 def test_epochs_differ_and_are_deterministic():
     ls = lengths()
-    a, b = BucketBatchSampler(ls, max_tokens=1500, seed=3), BucketBatchSampler(ls, max_tokens=1500, seed=3)
+    a, b = (
+        BucketBatchSampler(ls, max_tokens=1500, seed=3),
+        BucketBatchSampler(ls, max_tokens=1500, seed=3),
+    )
     assert list(a) == list(b)
     first = list(a)
     a.set_epoch(1)
@@ -41,8 +44,10 @@ def test_epochs_differ_and_are_deterministic():
 
 def test_ranks_get_disjoint_equal_shares():
     ls = lengths()
-    shares = [list(BucketBatchSampler(ls, max_tokens=1500, seed=2, rank=r, world_size=3))
-              for r in range(3)]
+    shares = [
+        list(BucketBatchSampler(ls, max_tokens=1500, seed=2, rank=r, world_size=3))
+        for r in range(3)
+    ]
     assert len({len(s) for s in shares}) == 1
     sets = [{tuple(b) for b in s} for s in shares]
     assert not (sets[0] & sets[1]) and not (sets[1] & sets[2])

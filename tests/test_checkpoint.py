@@ -1,4 +1,5 @@
 """Tests for trainer.checkpoint.CheckpointManager."""
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,9 @@ def test_save_writes_networks_ema_and_state(tmp_path: Path) -> None:
 
     assert state_path == tmp_path / "training_state" / "10.state"
     assert _files(tmp_path / "models") == [
-        "10_disc.safetensors", "10_gen.safetensors", "10_gen_ema.safetensors",
+        "10_disc.safetensors",
+        "10_gen.safetensors",
+        "10_gen_ema.safetensors",
     ]
     state = mgr.load_state(state_path)
     assert state["iter"] == 10 and state["step"] == 10 and state["format_version"] == 2

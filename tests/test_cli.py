@@ -1,4 +1,5 @@
 """train.py as a user runs it: from the repo root or codebase/, errors, stdin commands, Ctrl-C."""
+
 import signal
 import subprocess
 import sys
@@ -21,18 +22,23 @@ def write_yaml(tmp_path, **sections) -> Path:
 
 
 def run(args, cwd=REPO, **kw):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 def test_dry_run_from_root_and_codebase():
     r = run(["codebase/train.py", "-opt", "experiments/toy_regression.yml", "--dry-run"])
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
-    r = run(["train.py", "-opt", "../experiments/toy_regression.yml", "--dry-run"],
-            cwd=REPO / "codebase")
+    r = run(
+        ["train.py", "-opt", "../experiments/toy_regression.yml", "--dry-run"],
+        cwd=REPO / "codebase",
+    )
     assert r.returncode == 0, r.stderr
-    r = run(["train.py", "-opt", "experiments/toy_regression.yml", "--dry-run",
-             "-o", "train.niter=3"], cwd=REPO / "codebase")
+    r = run(
+        ["train.py", "-opt", "experiments/toy_regression.yml", "--dry-run", "-o", "train.niter=3"],
+        cwd=REPO / "codebase",
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -56,9 +62,14 @@ def test_trains_from_repo_root(tmp_path):
 
 def start(tmp_path, **sections) -> subprocess.Popen:
     path = write_yaml(tmp_path, **sections)
-    return subprocess.Popen([sys.executable, "codebase/train.py", "-opt", str(path)], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "codebase/train.py", "-opt", str(path)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for_line(proc, needle, timeout=60.0) -> str:
@@ -76,8 +87,9 @@ def wait_for_line(proc, needle, timeout=60.0) -> str:
 
 
 def test_stdin_save_and_quit(tmp_path):
-    proc = start(tmp_path, train={"niter": 10**7},
-                 logger={"stdin_commands": True, "print_freq": 200})
+    proc = start(
+        tmp_path, train={"niter": 10**7}, logger={"stdin_commands": True, "print_freq": 200}
+    )
     wait_for_line(proc, "[step 200/")
     proc.stdin.write("save\n")
     proc.stdin.flush()
@@ -101,7 +113,18 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
     assert len(states) == 1
     stopped_at = int(states[0].stem)
     path = tmp_path / "exp.yml"
-    r = run(["codebase/train.py", "-opt", str(path), "-o", f"train.niter={stopped_at + 3}",
-             "-o", "path.resume_state=auto", "-o", "logger.print_freq=1"])
+    r = run(
+        [
+            "codebase/train.py",
+            "-opt",
+            str(path),
+            "-o",
+            f"train.niter={stopped_at + 3}",
+            "-o",
+            "path.resume_state=auto",
+            "-o",
+            "logger.print_freq=1",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and f"[step {stopped_at + 1}/" in r.stdout

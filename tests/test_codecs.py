@@ -2,14 +2,16 @@
 
 No test touches the network: every cache points into tmp_path and sockets refuse to connect.
 """
+
 import importlib.util
 import math
 import socket
 
-import models.audio.codecs.dac  # noqa: F401  (registers "dac"; importable without the package)
 import pytest
 import torch
 import torchaudio.functional as AF
+
+import models.audio.codecs.dac  # noqa: F401  (registers "dac"; importable without the package)
 from helpers import build_from_yaml
 from models.audio.codecs.base import CodecUnavailable, build_codec
 from models.audio.codecs.encodec import (
@@ -63,13 +65,14 @@ def speech_like(batch: int = 2, samples: int = 12000, seed: int = 0) -> torch.Te
 
 # ----------------------------------------------------------------------------- encodec
 
+
 def test_encodec_random_round_trip_shapes(encodec):
     wav = speech_like()
     codes = encodec.encode(wav)
     assert encodec.n_levels == 8 and encodec.codebook_size == 1024
     assert encodec.sample_rate == 24000 and encodec.frame_rate == 75
     assert codes.dtype == torch.long and codes.shape == (2, 8, math.ceil(12000 / 320))
-    assert 0 <= int(codes.min()) and int(codes.max()) < 1024
+    assert int(codes.min()) >= 0 and int(codes.max()) < 1024
     # random codebooks are spread out, not EnCodec's untrained all-zero ones
     assert codes[:, 0].unique().numel() > 4 and codes[:, 7].unique().numel() > 4
     audio = encodec.decode(codes)
@@ -78,8 +81,12 @@ def test_encodec_random_round_trip_shapes(encodec):
     assert encodec.decode(codes[1]).shape == (38 * 320,)
     for n in (8000, 8001):
         assert encodec.encode(wav[:1, :n]).shape[-1] == encodec.frames_for(n) == -(-n // 320)
-    assert encodec.config() == {"name": "encodec", "bandwidth": 6.0, "model": "24khz",
-                                "pretrained": False}
+    assert encodec.config() == {
+        "name": "encodec",
+        "bandwidth": 6.0,
+        "model": "24khz",
+        "pretrained": False,
+    }
 
 
 def test_encodec_is_deterministic_and_seeded(encodec):
@@ -142,6 +149,7 @@ def test_encodec_loads_weights_from_cache_or_checkpoint(encodec, offline):
 
 # ----------------------------------------------------------------------------- vocos
 
+
 def test_vocos_random_decodes_encodec_codes(encodec, vocos):
     wav = speech_like()
     codes = vocos.encode(wav)
@@ -168,8 +176,11 @@ def test_vocos_loads_from_hub_cache(encodec, vocos, offline):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0123abcd")
     (repo / "snapshots" / "0123abcd").mkdir(parents=True)
-    state = {k: v for k, v in vocos.vocos.state_dict().items()
-             if not k.startswith("feature_extractor.encodec.")}  # as in the released file
+    state = {
+        k: v
+        for k, v in vocos.vocos.state_dict().items()
+        if not k.startswith("feature_extractor.encodec.")
+    }  # as in the released file
     state["head.out.bias"] = state["head.out.bias"] + 0.5  # so loading is visible
     torch.save(state, repo / "snapshots" / "0123abcd" / VOCOS_WEIGHTS)
     encodec_cache_path().parent.mkdir(parents=True)
@@ -183,6 +194,7 @@ def test_vocos_loads_from_hub_cache(encodec, vocos, offline):
 
 
 # ----------------------------------------------------------------------------- dac
+
 
 @pytest.mark.skipif(importlib.util.find_spec("dac") is not None, reason="dac is installed")
 def test_dac_without_package_says_how_to_install():
@@ -210,9 +222,17 @@ def build(options: dict, tmp_path, path: str = "steps.s.injectors.x"):
 
 
 def test_audio_to_codes_resamples_and_counts_frames(encodec, tmp_path):
-    inj = build({"type": "audio_to_codes", "codec": "encodec", "codec_options": RANDOM,
-                 "sample_rate": 16000, "in": ["wav", "wav_len"], "out": ["codes", "code_len"]},
-                tmp_path)
+    inj = build(
+        {
+            "type": "audio_to_codes",
+            "codec": "encodec",
+            "codec_options": RANDOM,
+            "sample_rate": 16000,
+            "in": ["wav", "wav_len"],
+            "out": ["codes", "code_len"],
+        },
+        tmp_path,
+    )
     assert inj.codec is encodec  # the module fixture's instance, from the shared cache
     wav16 = speech_like(samples=8000)  # 0.5 s at 16 kHz
     out = inj({"wav": wav16.unsqueeze(1), "wav_len": torch.tensor([8000, 4000])})
@@ -224,26 +244,59 @@ def test_audio_to_codes_resamples_and_counts_frames(encodec, tmp_path):
 
 
 def test_codes_to_audio_masks_padding(encodec, tmp_path):
-    inj = build({"type": "codes_to_audio", "codec": "encodec", "codec_options": RANDOM,
-                 "in": ["codes", "code_len"], "out": ["audio", "audio_len"]}, tmp_path)
+    inj = build(
+        {
+            "type": "codes_to_audio",
+            "codec": "encodec",
+            "codec_options": RANDOM,
+            "in": ["codes", "code_len"],
+            "out": ["audio", "audio_len"],
+        },
+        tmp_path,
+    )
     codes = encodec.encode(speech_like())
     codes[1, :, 19:] = 1024  # padding ids past the second item's length
     out = inj({"codes": codes, "code_len": torch.tensor([38, 19])})
     assert out["audio"].shape == (2, 38 * 320) and out["audio_len"].tolist() == [12160, 6080]
     assert out["audio"][1, 6080:].abs().max() == 0 and out["audio"][1, :6080].abs().max() > 0
     assert torch.allclose(out["audio"][0], encodec.decode(codes[:1])[0])
-    plain = build({"type": "codes_to_audio", "codec": "encodec", "codec_options": RANDOM,
-                   "sample_rate": 16000, "in": "codes", "out": "audio"}, tmp_path)
+    plain = build(
+        {
+            "type": "codes_to_audio",
+            "codec": "encodec",
+            "codec_options": RANDOM,
+            "sample_rate": 16000,
+            "in": "codes",
+            "out": "audio",
+        },
+        tmp_path,
+    )
     assert plain({"codes": codes[:1]})["audio"].shape == (1, math.ceil(12160 * 16000 / 24000))
     with pytest.raises(ValueError, match="replace padding ids"):
         plain({"codes": codes})
 
 
 def test_shared_codec_cache_and_freezing(encodec, tmp_path):
-    a = build({"type": "audio_to_codes", "codec": "encodec", "codec_options": RANDOM,
-               "in": "wav", "out": "codes"}, tmp_path)
-    b = build({"type": "codes_to_audio", "codec": "encodec", "codec_options": {"pretrained": False},
-               "in": "codes", "out": "wav"}, tmp_path)
+    a = build(
+        {
+            "type": "audio_to_codes",
+            "codec": "encodec",
+            "codec_options": RANDOM,
+            "in": "wav",
+            "out": "codes",
+        },
+        tmp_path,
+    )
+    b = build(
+        {
+            "type": "codes_to_audio",
+            "codec": "encodec",
+            "codec_options": {"pretrained": False},
+            "in": "codes",
+            "out": "wav",
+        },
+        tmp_path,
+    )
     assert a.codec is b.codec is encodec
     assert shared_codec("encodec", {"pretrained": False, "bandwidth": 1.5}, "cpu") is not encodec
     assert not list(a.children()) and not a.state_dict()  # the trainer never saves or casts it
@@ -253,12 +306,21 @@ def test_shared_codec_cache_and_freezing(encodec, tmp_path):
 def test_codec_injector_option_errors(tmp_path):
     problems = Problems()
     cls = INJECTORS.get("audio_to_codes")
-    cls.check_options({"codec": "encodec", "codec_options": {"bandwith": 6}}, "s.x", problems,
-                      tmp_path)
+    cls.check_options(
+        {"codec": "encodec", "codec_options": {"bandwith": 6}}, "s.x", problems, tmp_path
+    )
     cls.check_options({"codec": "encodek"}, "s.y", problems, tmp_path)
     found = dict(problems.items)
     assert "bandwidth" in found["s.x.codec_options.bandwith"]
     assert "'encodec'" in found["s.y.codec"]
     with pytest.raises(ValueError, match="`out` is one key, or two when `in` has lengths"):
-        build({"type": "audio_to_codes", "codec": "encodec", "codec_options": RANDOM,
-               "in": "wav", "out": ["codes", "code_len"]}, tmp_path)
+        build(
+            {
+                "type": "audio_to_codes",
+                "codec": "encodec",
+                "codec_options": RANDOM,
+                "in": "wav",
+                "out": ["codes", "code_len"],
+            },
+            tmp_path,
+        )

@@ -1,4 +1,5 @@
 """Live commands (CommandListener), graceful interrupts, and the distributed helpers."""
+
 from __future__ import annotations
 
 import json
@@ -131,8 +132,12 @@ def _run_listener_child(stdin_setup: str, stdin: int | None, data: bytes | None 
     )
     env = dict(os.environ, PYTHONPATH=str(CODEBASE))
     proc = subprocess.run(
-        [sys.executable, "-c", code], input=data, stdin=None if data is not None else stdin,
-        capture_output=True, env=env, timeout=30,
+        [sys.executable, "-c", code],
+        input=data,
+        stdin=None if data is not None else stdin,
+        capture_output=True,
+        env=env,
+        timeout=30,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -215,8 +220,11 @@ def test_distributed_helpers_without_a_process_group(monkeypatch: pytest.MonkeyP
 
 def _gloo_worker(local_rank: int, port: int, out_dir: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE="2",
     )
     import torch.distributed as dist
 
@@ -230,8 +238,11 @@ def _gloo_worker(local_rank: int, port: int, out_dir: str) -> None:
         obj = distributed.broadcast_object({"from": info.rank})
         distributed.barrier()
         result = {
-            "info": [info.rank, info.local_rank, info.world_size], "mean": mean, "obj": obj,
-            "is_main": distributed.is_main(), "world": distributed.world_size(),
+            "info": [info.rank, info.local_rank, info.world_size],
+            "mean": mean,
+            "obj": obj,
+            "is_main": distributed.is_main(),
+            "world": distributed.world_size(),
         }
         Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:

@@ -21,46 +21,85 @@ def test_valid_toy_experiment(tmp_path):
     assert exp.run_dir == tmp_path.resolve() / "toy"
 
 
-@pytest.mark.parametrize("sections, path, hint", [
-    ({"traim": {}}, "traim", "did you mean 'train'"),
-    ({"train": {"niterr": 3}}, "train.niterr", "did you mean 'niter'"),
-    ({"train": {"gen_lr_step": [3], "default_lr_scheme": "MultiStepLR"}},
-     "train.gen_lr_step", "did you mean 'gen_lr_steps'"),
-    ({"logger": {"print_frq": 3}}, "logger.print_frq", "did you mean 'print_freq'"),
-    ({"datasets": {"train": {"num_itmes": 3}}}, "datasets.train.num_itmes",
-     "did you mean 'num_items'"),
-    ({"datasets": {"train": {"batch_szie": 3}}}, "datasets.train.batch_szie",
-     "did you mean 'batch_size'"),
-    ({"networks": {"mlp": {"kwargs": {"hiden": 3}}}}, "networks.mlp.kwargs.hiden",
-     "did you mean 'hidden'"),
-    ({"steps": {"fit": {"optimizer_params": {"weight_dacay": 0.1}}}},
-     "steps.fit.optimizer_params.weight_dacay", "did you mean 'weight_decay'"),
-    ({"steps": {"fit": {"injectors": {"pred": {"generater": "mlp"}}}}},
-     "steps.fit.injectors.pred.generater", "did you mean 'generator'"),
-    ({"steps": {"fit": {"losses": {"mse": {"fakes": "pred"}}}}},
-     "steps.fit.losses.mse.fakes", "did you mean 'fake'"),
-    ({"steps": {"fit": {"clip_grad_epsilon": 1.0}}}, "steps.fit.clip_grad_epsilon",
-     "did you mean 'clip_grad_eps'"),
-    ({"path": {"resume_stat": "auto"}}, "path.resume_stat", "did you mean 'resume_state'"),
-])
+@pytest.mark.parametrize(
+    "sections, path, hint",
+    [
+        ({"traim": {}}, "traim", "did you mean 'train'"),
+        ({"train": {"niterr": 3}}, "train.niterr", "did you mean 'niter'"),
+        (
+            {"train": {"gen_lr_step": [3], "default_lr_scheme": "MultiStepLR"}},
+            "train.gen_lr_step",
+            "did you mean 'gen_lr_steps'",
+        ),
+        ({"logger": {"print_frq": 3}}, "logger.print_frq", "did you mean 'print_freq'"),
+        (
+            {"datasets": {"train": {"num_itmes": 3}}},
+            "datasets.train.num_itmes",
+            "did you mean 'num_items'",
+        ),
+        (
+            {"datasets": {"train": {"batch_szie": 3}}},
+            "datasets.train.batch_szie",
+            "did you mean 'batch_size'",
+        ),
+        (
+            {"networks": {"mlp": {"kwargs": {"hiden": 3}}}},
+            "networks.mlp.kwargs.hiden",
+            "did you mean 'hidden'",
+        ),
+        (
+            {"steps": {"fit": {"optimizer_params": {"weight_dacay": 0.1}}}},
+            "steps.fit.optimizer_params.weight_dacay",
+            "did you mean 'weight_decay'",
+        ),
+        (
+            {"steps": {"fit": {"injectors": {"pred": {"generater": "mlp"}}}}},
+            "steps.fit.injectors.pred.generater",
+            "did you mean 'generator'",
+        ),
+        (
+            {"steps": {"fit": {"losses": {"mse": {"fakes": "pred"}}}}},
+            "steps.fit.losses.mse.fakes",
+            "did you mean 'fake'",
+        ),
+        (
+            {"steps": {"fit": {"clip_grad_epsilon": 1.0}}},
+            "steps.fit.clip_grad_epsilon",
+            "did you mean 'clip_grad_eps'",
+        ),
+        ({"path": {"resume_stat": "auto"}}, "path.resume_stat", "did you mean 'resume_state'"),
+    ],
+)
 def test_unknown_key_has_full_path_and_suggestion(tmp_path, sections, path, hint):
     problems = problems_of(tmp_path, **sections)
     assert path in problems, problems
     assert hint in problems[path]
 
 
-@pytest.mark.parametrize("sections, path, expected", [
-    ({"train": {"niter": "ten"}}, "train.niter", "expected int, got str 'ten'"),
-    ({"logger": {"print_freq": 1.5}}, "logger.print_freq", "expected int"),
-    ({"steps": {"fit": {"clip_grad_eps": "big"}}}, "steps.fit.clip_grad_eps", "expected float"),
-    ({"steps": {"fit": {"optimizer_params": {"lr": "fast"}}}},
-     "steps.fit.optimizer_params.lr", "expected float"),
-    ({"precision": "fp8"}, "precision", "expected one of 'fp32', 'bf16', 'fp16'"),
-    ({"networks": {"mlp": {"kwargs": {"hidden": [3]}}}}, "networks.mlp.kwargs.hidden",
-     "expected int"),
-    ({"steps": {"fit": {"injectors": {"pred": {"in": 5}}}}},
-     "steps.fit.injectors.pred.in", "expected str or list of str"),
-])
+@pytest.mark.parametrize(
+    "sections, path, expected",
+    [
+        ({"train": {"niter": "ten"}}, "train.niter", "expected int, got str 'ten'"),
+        ({"logger": {"print_freq": 1.5}}, "logger.print_freq", "expected int"),
+        ({"steps": {"fit": {"clip_grad_eps": "big"}}}, "steps.fit.clip_grad_eps", "expected float"),
+        (
+            {"steps": {"fit": {"optimizer_params": {"lr": "fast"}}}},
+            "steps.fit.optimizer_params.lr",
+            "expected float",
+        ),
+        ({"precision": "fp8"}, "precision", "expected one of 'fp32', 'bf16', 'fp16'"),
+        (
+            {"networks": {"mlp": {"kwargs": {"hidden": [3]}}}},
+            "networks.mlp.kwargs.hidden",
+            "expected int",
+        ),
+        (
+            {"steps": {"fit": {"injectors": {"pred": {"in": 5}}}}},
+            "steps.fit.injectors.pred.in",
+            "expected str or list of str",
+        ),
+    ],
+)
 def test_wrong_type(tmp_path, sections, path, expected):
     problems = problems_of(tmp_path, **sections)
     assert expected in problems[path], problems
@@ -68,9 +107,15 @@ def test_wrong_type(tmp_path, sections, path, expected):
 
 def test_missing_required(tmp_path):
     problems = problems_of(
-        tmp_path, train={"_replace": True, "val_freq": 3},
-        steps={"fit": {"optimizer_params": {"_replace": True},
-                       "losses": {"mse": {"_replace": True, "type": "mse", "fake": "pred"}}}})
+        tmp_path,
+        train={"_replace": True, "val_freq": 3},
+        steps={
+            "fit": {
+                "optimizer_params": {"_replace": True},
+                "losses": {"mse": {"_replace": True, "type": "mse", "fake": "pred"}},
+            }
+        },
+    )
     assert "missing required option (int)" in problems["train.niter"]
     assert "missing required option" in problems["steps.fit.optimizer_params.lr"]
     assert "missing required option" in problems["steps.fit.losses.mse.real"]
@@ -81,16 +126,34 @@ def test_val_freq_needs_val_dataset(tmp_path):
     assert "no datasets.val" in problems["train.val_freq"]
 
 
-@pytest.mark.parametrize("sections, path, name", [
-    ({"steps": {"fit": {"injectors": {"pred": {"type": "generatr"}}}}},
-     "steps.fit.injectors.pred.type", "generator"),
-    ({"steps": {"fit": {"losses": {"mse": {"type": "mes"}}}}}, "steps.fit.losses.mse.type", "mse"),
-    ({"networks": {"mlp": {"which_model_G": "toy_mpl"}}}, "networks.mlp.which_model_G", "toy_mlp"),
-    ({"datasets": {"train": {"mode": "toy_regresion"}}}, "datasets.train.mode", "toy_regression"),
-    ({"train": {"default_lr_scheme": "MultiStepLr"}}, "train.default_lr_scheme", "MultiStepLR"),
-    ({"steps": {"fit": {"optimizer": "adamww"}}}, "steps.fit.optimizer", "adamw"),
-    ({"steps": {"fit": {"training": "mlpp"}}}, "steps.fit.training", "mlp"),
-])
+@pytest.mark.parametrize(
+    "sections, path, name",
+    [
+        (
+            {"steps": {"fit": {"injectors": {"pred": {"type": "generatr"}}}}},
+            "steps.fit.injectors.pred.type",
+            "generator",
+        ),
+        (
+            {"steps": {"fit": {"losses": {"mse": {"type": "mes"}}}}},
+            "steps.fit.losses.mse.type",
+            "mse",
+        ),
+        (
+            {"networks": {"mlp": {"which_model_G": "toy_mpl"}}},
+            "networks.mlp.which_model_G",
+            "toy_mlp",
+        ),
+        (
+            {"datasets": {"train": {"mode": "toy_regresion"}}},
+            "datasets.train.mode",
+            "toy_regression",
+        ),
+        ({"train": {"default_lr_scheme": "MultiStepLr"}}, "train.default_lr_scheme", "MultiStepLR"),
+        ({"steps": {"fit": {"optimizer": "adamww"}}}, "steps.fit.optimizer", "adamw"),
+        ({"steps": {"fit": {"training": "mlpp"}}}, "steps.fit.training", "mlp"),
+    ],
+)
 def test_unknown_component_name_lists_closest(tmp_path, sections, path, name):
     problems = problems_of(tmp_path, **sections)
     assert f"did you mean '{name}'" in problems[path], problems
@@ -98,8 +161,12 @@ def test_unknown_component_name_lists_closest(tmp_path, sections, path, name):
 
 def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
-        make_experiment(tmp_path, train={"niterr": 3}, logger={"print_frq": 1},
-                        steps={"fit": {"optimizer": "adamww"}})
+        make_experiment(
+            tmp_path,
+            train={"niterr": 3},
+            logger={"print_frq": 1},
+            steps={"fit": {"optimizer": "adamww"}},
+        )
     msg = str(e.value)
     for path in ("train.niterr", "logger.print_frq", "steps.fit.optimizer"):
         assert path in msg
@@ -108,9 +175,10 @@ def test_all_problems_reported_at_once(tmp_path):
 
 def test_missing_state_key_fails_at_startup(tmp_path):
     with pytest.raises(ConfigError) as e:
-        make_trainer(tmp_path, steps={"fit": {
-            "injectors": {"pred": {"in": "xx"}},
-            "losses": {"mse": {"real": "yy"}}}})
+        make_trainer(
+            tmp_path,
+            steps={"fit": {"injectors": {"pred": {"in": "xx"}}, "losses": {"mse": {"real": "yy"}}}},
+        )
     problems = dict(e.value.problems)
     assert "not in the batch (x, y, index)" in problems["steps.fit.injectors.pred.in"]
     assert "'x'" in problems["steps.fit.injectors.pred.in"]  # did you mean
@@ -130,14 +198,28 @@ def test_eval_only_injector_output_not_available_in_training(tmp_path):
 
 
 def test_dlas_spellings(tmp_path, caplog):
-    exp = make_experiment(tmp_path, fp16=True, scale=1, logger={"visuals": ["gen"]},
-                          train={"mega_batch_factor": 2, "warmup_iter": -1, "val_freq": 2,
-                                 "default_lr_scheme": "MultiStepLR", "gen_lr_steps": [2, 4],
-                                 "lr_gamma": 0.5},
-                          datasets={"val": {"mode": "toy_regression", "batch_size": 4}})
+    exp = make_experiment(
+        tmp_path,
+        fp16=True,
+        scale=1,
+        logger={"visuals": ["gen"]},
+        train={
+            "mega_batch_factor": 2,
+            "warmup_iter": -1,
+            "val_freq": 2,
+            "default_lr_scheme": "MultiStepLR",
+            "gen_lr_steps": [2, 4],
+            "lr_gamma": 0.5,
+        },
+        datasets={"val": {"mode": "toy_regression", "batch_size": 4}},
+    )
     assert exp.precision == "fp16"
     assert exp.train.mega_batch_factor == 2
-    assert exp.train.scheduler_kwargs == {"gen_lr_steps": [2, 4], "lr_gamma": 0.5, "warmup_iter": -1}
+    assert exp.train.scheduler_kwargs == {
+        "gen_lr_steps": [2, 4],
+        "lr_gamma": 0.5,
+        "warmup_iter": -1,
+    }
     assert any("'scale' has no effect" in r.message for r in caplog.records)
     assert any("'visuals' has no effect" in r.message for r in caplog.records)
 
@@ -160,15 +242,22 @@ def test_shipped_experiments_validate(yml):
 
 
 def test_loss_names_unique_across_steps(tmp_path):
-    second = {"training": "mlp", "optimizer_params": {"lr": 0.1},
-              "losses": {"mse": {"type": "mse", "fake": "pred", "real": "y"}}}
+    second = {
+        "training": "mlp",
+        "optimizer_params": {"lr": 0.1},
+        "losses": {"mse": {"type": "mse", "fake": "pred", "real": "y"}},
+    }
     problems = problems_of(tmp_path, steps={"again": second})
     assert "already declared in steps.fit" in problems["steps.again.losses.mse"]
 
 
 def test_val_loader_options_without_effect_warn(tmp_path, caplog):
-    make_experiment(tmp_path, datasets={"val": {"mode": "toy_regression", "batch_size": 4,
-                                                "shuffle": True, "drop_last": False}})
+    make_experiment(
+        tmp_path,
+        datasets={
+            "val": {"mode": "toy_regression", "batch_size": 4, "shuffle": True, "drop_last": False}
+        },
+    )
     warned = [r.message for r in caplog.records if "has no effect" in r.message]
     assert any("datasets.val.shuffle" in m for m in warned)
     assert any("datasets.val.drop_last" in m for m in warned)

@@ -17,9 +17,16 @@ def runs(tmp_path_factory):
     straight = write_yaml(root / "straight")
     killed = write_yaml(root / "resumed")
     accum = write_yaml(root / "accum", train={"mega_batch_factor": 2})
-    launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
-            ["-opt", killed, "-o", "path.resume_state=auto"], ["-opt", accum]],
-           root, nproc=2)
+    launch(
+        [
+            ["-opt", straight],
+            {"argv": ["-opt", killed], "kill_at": 6},
+            ["-opt", killed, "-o", "path.resume_state=auto"],
+            ["-opt", accum],
+        ],
+        root,
+        nproc=2,
+    )
     make_trainer(root / "single", **SECTIONS).train()
     return root
 
@@ -40,10 +47,13 @@ def test_ddp_logs_are_averaged_over_ranks_and_written_once(runs):
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-4, atol=1e-6)
     val_ddp, val_single = logged(runs / "straight", "val/mse"), logged(runs / "single", "val/mse")
     assert len(val_ddp) == 2  # each rank validated on half of datasets.val
-    torch.testing.assert_close(torch.tensor(val_ddp), torch.tensor(val_single), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(val_ddp), torch.tensor(val_single), rtol=1e-4, atol=1e-6
+    )
     assert len(list((runs / "straight" / "toy" / "tb_logger").iterdir())) == 1
-    state = torch.load(runs / "straight" / "toy" / "training_state" / f"{NITER}.state",
-                       weights_only=True)
+    state = torch.load(
+        runs / "straight" / "toy" / "training_state" / f"{NITER}.state", weights_only=True
+    )
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     # each rank's share is half the global batch: the sampler stepped the same as one process
     assert state["loader"] == {"epoch": 1, "batches_done": 3}
@@ -64,6 +74,8 @@ def test_ddp_gradient_accumulation_matches(runs):
 
 def test_global_batch_must_divide_by_world_size(tmp_path):
     bad = write_yaml(tmp_path, datasets={"train": {"batch_size": 7}})
-    with pytest.raises(AssertionError, match="batch_size: 7 is the global batch and must be "
-                                             "divisible by the 2 ranks"):
+    with pytest.raises(
+        AssertionError,
+        match="batch_size: 7 is the global batch and must be divisible by the 2 ranks",
+    ):
         launch([["-opt", bad]], tmp_path, nproc=2)

@@ -1,5 +1,6 @@
 """engine: deepspeed on CPU: the same training as the local engine, save and exact resume,
 bf16, 2 ranks, and the config errors a user can trigger."""
+
 import importlib.util
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from helpers import SECTIONS as TOY_SECTIONS
 from utils.schema import ConfigError
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason='deepspeed is not installed '
-                                     '(pip install -e ".[deepspeed]")')
+needs_deepspeed = pytest.mark.skipif(
+    not HAS_DEEPSPEED, reason='deepspeed is not installed (pip install -e ".[deepspeed]")'
+)
 
 SECTIONS = merge(TOY_SECTIONS, {"logger": {"keep_last": 1}})
 DS = dict(engine="deepspeed", deepspeed={"zero_stage": 2})
@@ -31,14 +33,33 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
     straight = write_yaml(root / "straight", **DS)
     killed = write_yaml(root / "resumed", **DS)
-    bf16 = write_yaml(root / "bf16", precision="bf16", engine="deepspeed",
-                      deepspeed={"zero_stage": 1}, train={"ema_rate": 0.9},
-                      logger={"keep_last": None})
-    fp16 = write_yaml(root / "fp16", precision="fp16", engine="deepspeed",
-                      deepspeed={"zero_stage": 0}, logger={"keep_last": None})
-    launch([["-opt", straight], {"argv": ["-opt", killed], "kill_at": 6},
+    bf16 = write_yaml(
+        root / "bf16",
+        precision="bf16",
+        engine="deepspeed",
+        deepspeed={"zero_stage": 1},
+        train={"ema_rate": 0.9},
+        logger={"keep_last": None},
+    )
+    fp16 = write_yaml(
+        root / "fp16",
+        precision="fp16",
+        engine="deepspeed",
+        deepspeed={"zero_stage": 0},
+        logger={"keep_last": None},
+    )
+    launch(
+        [
+            ["-opt", straight],
+            {"argv": ["-opt", killed], "kill_at": 6},
             ["-opt", killed, "-o", "path.resume_state=auto"],
-            ["-opt", bf16], ["-opt", fp16]], root, nproc=None, timeout=240)
+            ["-opt", bf16],
+            ["-opt", fp16],
+        ],
+        root,
+        nproc=None,
+        timeout=240,
+    )
     two_ranks = write_yaml(root / "two_ranks", **DS)
     launch([["-opt", two_ranks]], root, nproc=2, timeout=240)
     make_trainer(root / "local", **SECTIONS).train()
@@ -123,14 +144,25 @@ def test_engine_name_is_validated(tmp_path):
 
 
 def test_deepspeed_section_is_validated(tmp_path):
-    msg = config_error(tmp_path, engine="deepspeed", deepspeed={
-        "zero_stage": 3, "zero_stag": 1,
-        "config": {"gradient_accumulation_steps": 4, "bf16": {"enabled": True},
-                   "zero_optimization": {"stage": 1}}})
+    msg = config_error(
+        tmp_path,
+        engine="deepspeed",
+        deepspeed={
+            "zero_stage": 3,
+            "zero_stag": 1,
+            "config": {
+                "gradient_accumulation_steps": 4,
+                "bf16": {"enabled": True},
+                "zero_optimization": {"stage": 1},
+            },
+        },
+    )
     assert "deepspeed.zero_stage: must be one of 0, 1, 2, got 3" in msg
     assert "deepspeed.zero_stag: unknown option (did you mean 'zero_stage'?)" in msg
-    assert ("deepspeed.config.gradient_accumulation_steps: is set by the trainer; set "
-            "train.mega_batch_factor instead") in msg
+    assert (
+        "deepspeed.config.gradient_accumulation_steps: is set by the trainer; set "
+        "train.mega_batch_factor instead"
+    ) in msg
     assert "deepspeed.config.bf16: is set by the trainer; set precision instead" in msg
     assert "deepspeed.config.zero_optimization.stage: set deepspeed.zero_stage instead" in msg
 
@@ -141,24 +173,39 @@ def test_deepspeed_section_needs_the_deepspeed_engine(tmp_path):
 
 
 def test_deepspeed_needs_one_step_per_network(tmp_path):
-    msg = config_error(tmp_path, engine="deepspeed", steps={"again": {
-        "training": "mlp", "optimizer_params": {"lr": 1e-3},
-        "losses": {"mse2": {"type": "mse", "fake": "pred", "real": "y"}}}})
-    assert ("steps.again.training: network 'mlp' is already trained by steps.fit; engine "
-            "'deepspeed' needs one step (one optimizer) per network") in msg
+    msg = config_error(
+        tmp_path,
+        engine="deepspeed",
+        steps={
+            "again": {
+                "training": "mlp",
+                "optimizer_params": {"lr": 1e-3},
+                "losses": {"mse2": {"type": "mse", "fake": "pred", "real": "y"}},
+            }
+        },
+    )
+    assert (
+        "steps.again.training: network 'mlp' is already trained by steps.fit; engine "
+        "'deepspeed' needs one step (one optimizer) per network"
+    ) in msg
 
 
 def test_deepspeed_fp16_needs_zero_stage_0(tmp_path):
     msg = config_error(tmp_path, engine="deepspeed", precision="fp16")
     assert "precision: fp16 with engine 'deepspeed' works with deepspeed.zero_stage 0" in msg
     if HAS_DEEPSPEED:
-        make_experiment(tmp_path, engine="deepspeed", precision="fp16",
-                        deepspeed={"zero_stage": 0})
+        make_experiment(tmp_path, engine="deepspeed", precision="fp16", deepspeed={"zero_stage": 0})
 
 
 def test_missing_deepspeed_package_is_named(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else real(name, *a),
+    )
     msg = config_error(tmp_path, engine="deepspeed")
-    assert 'engine: engine \'deepspeed\' needs the deepspeed package: pip install -e ".[deepspeed]"' in msg
+    assert (
+        "engine: engine 'deepspeed' needs the deepspeed package: pip install -e \".[deepspeed]\""
+        in msg
+    )

@@ -1,4 +1,5 @@
 """espeak-ng synthesis (ctypes) and the offline demo corpus built with it."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ import soundfile as sf
 import torch
 
 from data.audio import demo_corpus
-from data.audio.demo_corpus import (HAND_WRITTEN, MAX_WORDS, MIN_WORDS, build_demo_corpus,
-                                    make_sentences, plan)
+from data.audio.demo_corpus import (
+    HAND_WRITTEN,
+    MAX_WORDS,
+    MIN_WORDS,
+    build_demo_corpus,
+    make_sentences,
+    plan,
+)
 from data.audio.espeak_synth import EspeakSynth, trim_silence
 from data.audio.fetchers import fetch
 
@@ -118,8 +125,14 @@ def test_plan_rejects_too_few_utterances():
 # Building a corpus takes seconds of espeak synthesis: the tests that build one are marked slow.
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return build_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus", utterances=30,
-                             speakers=3, seed=0, workers=1, progress=False)
+    return build_demo_corpus(
+        tmp_path_factory.mktemp("demo") / "corpus",
+        utterances=30,
+        speakers=3,
+        seed=0,
+        workers=1,
+        progress=False,
+    )
 
 
 def _rows(tsv: Path) -> list[list[str]]:
@@ -150,15 +163,17 @@ def test_corpus_layout_and_fetch(corpus):
 
 @pytest.mark.slow
 def test_corpus_deterministic(corpus, tmp_path):
-    other = build_demo_corpus(tmp_path / "again", utterances=30, speakers=3, seed=0, workers=1,
-                              progress=False)
+    other = build_demo_corpus(
+        tmp_path / "again", utterances=30, speakers=3, seed=0, workers=1, progress=False
+    )
     for name in ("train.tsv", "heldout.tsv", "speakers.json"):
         assert (other.root / name).read_bytes() == (corpus.root / name).read_bytes()
     rows = _rows(corpus.train_tsv)[:2] + _rows(corpus.heldout_tsv)[:1]
     for rel, _, _ in rows:
         assert (other.root / rel).read_bytes() == (corpus.root / rel).read_bytes()
-    different = build_demo_corpus(tmp_path / "seed1", utterances=30, speakers=3, seed=1,
-                                  workers=1, progress=False)
+    different = build_demo_corpus(
+        tmp_path / "seed1", utterances=30, speakers=3, seed=1, workers=1, progress=False
+    )
     assert different.train_tsv.read_bytes() != corpus.train_tsv.read_bytes()
 
 
@@ -172,18 +187,21 @@ def test_existing_corpus_not_rebuilt(corpus, monkeypatch):
         raise AssertionError("rebuilt an existing corpus")
 
     monkeypatch.setattr(demo_corpus, "_synth_job", no_synthesis)
-    again = build_demo_corpus(corpus.root, utterances=30, speakers=3, seed=0, workers=1,
-                              progress=False)
+    again = build_demo_corpus(
+        corpus.root, utterances=30, speakers=3, seed=0, workers=1, progress=False
+    )
     assert again == corpus
     assert (tsv.stat().st_mtime_ns, wav.stat().st_mtime_ns) == before
 
 
 @pytest.mark.slow
 def test_changed_arguments_rebuild(tmp_path):
-    first = build_demo_corpus(tmp_path, utterances=24, speakers=2, seed=0, workers=1,
-                              progress=False)
-    second = build_demo_corpus(tmp_path, utterances=26, speakers=2, seed=0, workers=1,
-                               progress=False)
+    first = build_demo_corpus(
+        tmp_path, utterances=24, speakers=2, seed=0, workers=1, progress=False
+    )
+    second = build_demo_corpus(
+        tmp_path, utterances=26, speakers=2, seed=0, workers=1, progress=False
+    )
     assert first.train_utterances + 2 == second.train_utterances
     assert json.loads((tmp_path / "corpus.json").read_text())["utterances"] == 26
 

@@ -3,6 +3,7 @@
 Runs the README's command on ``experiments/valle_demo.yml`` (a copy, so its relative paths land
 in a temporary folder) with a small corpus, a tiny model and a few steps.
 """
+
 import os
 import re
 import shlex
@@ -13,20 +14,29 @@ import sys
 import pytest
 import soundfile as sf
 
-from helpers import REPO, tb_scalars
-
 from data.audio.demo_corpus import build_demo_corpus
+from helpers import REPO, tb_scalars
 
 pytestmark = pytest.mark.slow
 
 STEPS = 12
-SHORT = [f"train.niter={STEPS}", "train.warmup_iter=2", f"train.val_freq={STEPS}",
-         f"eval.every={STEPS}", f"logger.save_checkpoint_freq={STEPS}", "logger.print_freq=4",
-         "logger.progress_bar=false", "logger.stdin_commands=false",
-         "networks.valle.kwargs.d_model=32", "networks.valle.kwargs.n_layers=1",
-         "networks.valle.kwargs.n_heads=2", "datasets.train.max_tokens=1200",
-         "datasets.train.prepare.fit_minutes=1", "datasets.train.prepare.fit_iters=4",
-         "eval.evaluators.samples.num_samples=4"]
+SHORT = [
+    f"train.niter={STEPS}",
+    "train.warmup_iter=2",
+    f"train.val_freq={STEPS}",
+    f"eval.every={STEPS}",
+    f"logger.save_checkpoint_freq={STEPS}",
+    "logger.print_freq=4",
+    "logger.progress_bar=false",
+    "logger.stdin_commands=false",
+    "networks.valle.kwargs.d_model=32",
+    "networks.valle.kwargs.n_layers=1",
+    "networks.valle.kwargs.n_heads=2",
+    "datasets.train.max_tokens=1200",
+    "datasets.train.prepare.fit_minutes=1",
+    "datasets.train.prepare.fit_iters=4",
+    "eval.evaluators.samples.num_samples=4",
+]
 
 
 # The figures of this seeded run (seed 0, the default) in TensorBoard: {tag: {step: value}}.
@@ -89,17 +99,20 @@ def figures_off(scalars: dict[str, list[tuple[int, float]]]) -> list[str]:
 
 def run(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_demo_end_to_end(tmp_path):
     shutil.copy(REPO / "experiments" / "valle_demo.yml", tmp_path / "valle_demo.yml")
-    corpus = build_demo_corpus(tmp_path / "demo_data" / "corpus", utterances=100, speakers=2,
-                               workers=1, progress=False)
+    corpus = build_demo_corpus(
+        tmp_path / "demo_data" / "corpus", utterances=100, speakers=2, workers=1, progress=False
+    )
     overrides = [a for o in SHORT for a in ("-o", o)]
-    done = run(["train.py", "-opt", str(tmp_path / "valle_demo.yml"), *overrides],
-               cwd=REPO / "codebase")
+    done = run(
+        ["train.py", "-opt", str(tmp_path / "valle_demo.yml"), *overrides], cwd=REPO / "codebase"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
 
@@ -111,10 +124,15 @@ def test_demo_end_to_end(tmp_path):
     # The report: every figure of the learning check, before training and at the end.
     run_dir = tmp_path / "valle_demo"
     assert "step 0" in out and f"step {STEPS}" in out
-    for row in ("held-out loss, AR", "baseline: repeat previous code",
-                "accuracy where the code changes", "free-running duration / reference",
-                "DTW mel distance to own reference", "own reference is the closest",
-                "chance level"):
+    for row in (
+        "held-out loss, AR",
+        "baseline: repeat previous code",
+        "accuracy where the code changes",
+        "free-running duration / reference",
+        "DTW mel distance to own reference",
+        "own reference is the closest",
+        "chance level",
+    ):
         assert row in out, row
     samples = run_dir / "samples" / str(STEPS)
     wavs = sorted(samples.glob("*.wav"))
@@ -134,8 +152,12 @@ def test_demo_end_to_end(tmp_path):
     line = next(x for x in out.splitlines() if x.startswith("synthesize:"))
     args = shlex.split(line.split(":", 1)[1])
     assert args[:2] == ["python", "synthesize.py"]
-    args = args[2:args.index("--out")] + ["--out", str(tmp_path / "hello.wav"),
-                                         "--max-duration", "2"]
+    args = args[2 : args.index("--out")] + [
+        "--out",
+        str(tmp_path / "hello.wav"),
+        "--max-duration",
+        "2",
+    ]
     spoken = run(["synthesize.py", *args], cwd=REPO / "codebase")
     assert spoken.returncode == 0, spoken.stderr[-3000:]
     assert sf.info(str(tmp_path / "hello.wav")).frames > 0

@@ -3,6 +3,7 @@
 The logs below are the bench scripts' own output (a CPU smoke run, and the README's demo report);
 a change to what they print should be made here too, or the GPU table loses its rows.
 """
+
 import argparse
 import importlib.util
 import zipfile
@@ -87,14 +88,27 @@ def test_table_rows_of_every_part(tmp_path):
 
 
 def test_failed_timed_out_and_skipped_parts_are_rows(tmp_path):
-    write_part(tmp_path, "01_train", "Traceback (most recent call last):\n  ...\n"
-               "RuntimeError: CUDA error: out of memory\n", rc=1, wall=3, limit=120)
-    write_part(tmp_path, "02_demo", "[valle_demo] validation at step 200: val/ar 3.1, "
-               "val/nar 4.0\n", rc=124, wall=330, limit=330)
+    write_part(
+        tmp_path,
+        "01_train",
+        "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA error: out of memory\n",
+        rc=1,
+        wall=3,
+        limit=120,
+    )
+    write_part(
+        tmp_path,
+        "02_demo",
+        "[valle_demo] validation at step 200: val/ar 3.1, val/nar 4.0\n",
+        rc=124,
+        wall=330,
+        limit=330,
+    )
     write_part(tmp_path, "03_engines", "", rc="skipped", why="the suite budget was spent")
     write_part(tmp_path, "04_inference", "all fine, but no figures\n", rc=0, wall=1, limit=9)
-    write_part(tmp_path, "05_train_b32", "$ python3 scripts/bench_train.py\n", rc=124, wall=9,
-               limit=9)
+    write_part(
+        tmp_path, "05_train_b32", "$ python3 scripts/bench_train.py\n", rc=124, wall=9, limit=9
+    )
     got = rows(make_table(tmp_path))
     assert got["train"][0] == "FAILED" and "exit 1: RuntimeError: CUDA error" in got["train"][2]
     assert got["demo"][0] == "FAILED" and got["demo"][2].startswith("timed out after 330 s")
@@ -105,10 +119,12 @@ def test_failed_timed_out_and_skipped_parts_are_rows(tmp_path):
 
 
 def test_wheels_skips_installed_and_protected(tmp_path):
-    for name in ("pytest-1.0-py3-none-any.whl",  # installed here, newer: skipped
-                 "pytest-999.0-py3-none-any.whl",  # installed, older than the wheel: in
-                 "no_such_package-1.0-py3-none-any.whl",  # missing: in
-                 "torch-999.0-cp312-cp312-manylinux_2_28_x86_64.whl"):  # never
+    for name in (
+        "pytest-1.0-py3-none-any.whl",  # installed here, newer: skipped
+        "pytest-999.0-py3-none-any.whl",  # installed, older than the wheel: in
+        "no_such_package-1.0-py3-none-any.whl",  # missing: in
+        "torch-999.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+    ):  # never
         with zipfile.ZipFile(tmp_path / name, "w"):
             pass
     got = sorted(p.name for p in gpu_suite.wheels_to_install(tmp_path))

@@ -1,8 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build
 from torch import nn
+
+from helpers import build
 from trainer.component import Gate
 from trainer.config import ComponentSpec
 from trainer.injectors import INJECTORS, ForEachInjector
@@ -18,15 +19,24 @@ class TwoHeads(nn.Module):
 def test_generator_positional_keyword_and_dict_outputs():
     nets = {"g": TwoHeads()}
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
-    inj = build(INJECTORS, {"type": "generator", "generator": "g", "in": ["x", "y"], "out": ["sum"]},
-                {"networks": nets})
+    inj = build(
+        INJECTORS,
+        {"type": "generator", "generator": "g", "in": ["x", "y"], "out": ["sum"]},
+        {"networks": nets},
+    )
     assert torch.equal(inj({"x": a, "y": b})["sum"], a + b)
-    inj = build(INJECTORS, {"type": "generator", "generator": "g", "in": {"b": "y", "a": "x"},
-                            "out": ["prod", "sum"]}, {"networks": nets})
+    inj = build(
+        INJECTORS,
+        {"type": "generator", "generator": "g", "in": {"b": "y", "a": "x"}, "out": ["prod", "sum"]},
+        {"networks": nets},
+    )
     out = inj({"x": a, "y": b})
     assert torch.equal(out["prod"], a * b) and torch.equal(out["sum"], a + b)
-    inj = build(INJECTORS, {"type": "generator", "generator": "g", "in": "x", "out": "nope"},
-                {"networks": nets})
+    inj = build(
+        INJECTORS,
+        {"type": "generator", "generator": "g", "in": "x", "out": "nope"},
+        {"networks": nets},
+    )
     with pytest.raises(KeyError, match="out asks for \\['nope'\\]"):
         inj({"x": a})
 
@@ -36,8 +46,11 @@ def test_generator_tuple_outputs():
         def forward(self, x):
             return x + 1, x * 2
 
-    inj = build(INJECTORS, {"type": "generator", "generator": "p", "in": "x", "out": ["a", "b"]},
-                {"networks": {"p": Pair()}})
+    inj = build(
+        INJECTORS,
+        {"type": "generator", "generator": "p", "in": "x", "out": ["a", "b"]},
+        {"networks": {"p": Pair()}},
+    )
     out = inj({"x": torch.ones(2)})
     assert out["a"].tolist() == [2, 2] and out["b"].tolist() == [2, 2]
 
@@ -45,12 +58,21 @@ def test_generator_tuple_outputs():
 def test_for_each_over_tensor_dim1_and_list():
     class Square(nn.Module):
         def forward(self, x):
-            return x ** 2
+            return x**2
 
-    inj = build(INJECTORS, {"type": "for_each", "subtype": "generator", "generator": "sq",
-                            "in": "cond", "out": "cond_sq"}, {"networks": {"sq": Square()}})
+    inj = build(
+        INJECTORS,
+        {
+            "type": "for_each",
+            "subtype": "generator",
+            "generator": "sq",
+            "in": "cond",
+            "out": "cond_sq",
+        },
+        {"networks": {"sq": Square()}},
+    )
     cond = torch.arange(24.0).view(2, 3, 4)  # [B, N, T]
-    assert torch.equal(inj({"cond": cond})["cond_sq"], cond ** 2)
+    assert torch.equal(inj({"cond": cond})["cond_sq"], cond**2)
     ragged = [torch.ones(2), torch.ones(3) * 2]
     out = inj({"cond": ragged})["cond_sq"]
     assert isinstance(out, list) and out[1].tolist() == [4, 4, 4]
@@ -58,8 +80,9 @@ def test_for_each_over_tensor_dim1_and_list():
 
 def test_for_each_validates_subtype_options():
     problems = Problems()
-    ForEachInjector.check_options({"subtype": "generator", "generatr": "x"}, "steps.s.injectors.f",
-                                  problems, None)
+    ForEachInjector.check_options(
+        {"subtype": "generator", "generatr": "x"}, "steps.s.injectors.f", problems, None
+    )
     assert "steps.s.injectors.f.generatr" in dict(problems.items)
     problems = Problems()
     ForEachInjector.check_options({"generator": "x"}, "p", problems, None)
@@ -69,8 +92,18 @@ def test_for_each_validates_subtype_options():
 def test_gates():
     gate = Gate(after=10, before=20, every=5)
     assert [s for s in range(30) if gate.open(s)] == [10, 15]
-    inj = build(INJECTORS, {"type": "generator", "generator": "g", "in": "x", "out": "sum",
-                            "train": False, "after": 3}, {"networks": {"g": TwoHeads()}})
+    inj = build(
+        INJECTORS,
+        {
+            "type": "generator",
+            "generator": "g",
+            "in": "x",
+            "out": "sum",
+            "train": False,
+            "after": 3,
+        },
+        {"networks": {"g": TwoHeads()}},
+    )
     assert not inj.runs(5, training=True)
     assert inj.runs(5, training=False) and not inj.runs(2, training=False)
 
@@ -86,8 +119,16 @@ def test_losses_match_torch():
     assert build(LOSSES, {"type": "direct", "key": "direct"})(state) == 2.0
     ce = build(LOSSES, {"type": "cross_entropy", "logits": "logits", "labels": "labels"})
     assert torch.allclose(ce(state), F.cross_entropy(logits, labels))
-    last = build(LOSSES, {"type": "cross_entropy", "logits": "lt", "labels": "labels",
-                          "class_dim": -1, "label_smoothing": 0.1})
+    last = build(
+        LOSSES,
+        {
+            "type": "cross_entropy",
+            "logits": "lt",
+            "labels": "labels",
+            "class_dim": -1,
+            "label_smoothing": 0.1,
+        },
+    )
     expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
     assert torch.allclose(last({**state, "lt": logits.transpose(1, 2)}), expected, atol=1e-6)
 

@@ -1,4 +1,5 @@
 """Tests for utils.io (safetensors networks, atomic writes, torch pickles) and utils.seed."""
+
 from __future__ import annotations
 
 import os

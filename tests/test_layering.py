@@ -4,6 +4,7 @@ Every import in ``codebase/`` is read from the source (also those inside functio
 lower layer cannot reach a higher one by hiding the import in a function, and no two modules
 may import each other, directly or around a longer circle.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,8 +33,10 @@ def imports_of(path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                     else node.module for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                for a in node.names
+            ]
         else:
             continue
         found += [(n, node.lineno) for n in names if n.split(".")[0] in LAYERS]
@@ -51,16 +54,21 @@ def test_no_module_imports_a_higher_layer():
         for target, line in imports:
             if LAYERS[target.split(".")[0]] > LAYERS[name.split(".")[0]]:
                 wrong.append(f"{name}:{line} imports {target}")
-    assert not wrong, "imports against the layering (utils <- data, models <- trainer <- CLIs):\n" \
+    assert not wrong, (
+        "imports against the layering (utils <- data, models <- trainer <- CLIs):\n"
         + "\n".join(wrong)
+    )
 
 
 def test_no_import_cycles():
-    edges = {name: {t for t, _ in imports if t != name and t in project_modules()}
-             for name, imports in graph().items()}
+    edges = {
+        name: {t for t, _ in imports if t != name and t in project_modules()}
+        for name, imports in graph().items()
+    }
     cycles = strongly_connected(edges)
     assert not cycles, "modules that import each other (directly or in a circle):\n" + "\n".join(
-        " <-> ".join(sorted(c)) for c in cycles)
+        " <-> ".join(sorted(c)) for c in cycles
+    )
 
 
 def strongly_connected(edges: dict[str, set[str]]) -> list[set[str]]:

@@ -1,4 +1,5 @@
 """TrainingLogger: TensorBoard/wandb output, console lines, progress bar, disabled ranks."""
+
 from __future__ import annotations
 
 import sys
@@ -13,7 +14,9 @@ from trainer.logger import TrainingLogger, format_console_line, format_number
 
 
 def _events(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir / "tb_logger"), size_guidance={"scalars": 0, "images": 0, "audio": 0})
+    acc = EventAccumulator(
+        str(run_dir / "tb_logger"), size_guidance={"scalars": 0, "images": 0, "audio": 0}
+    )
     acc.Reload()
     return acc
 
@@ -58,7 +61,9 @@ def test_bad_image_shape_is_rejected(tmp_path: Path) -> None:
     logger.close()
 
 
-def test_disabled_logger_creates_no_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_disabled_logger_creates_no_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     logger = TrainingLogger(run_dir, name="run", total_steps=10, wandb=True, enabled=False)
     logger.log_scalars(1, {"loss": 1.0})
@@ -90,7 +95,10 @@ def test_console_line_format(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     )
     logger.close()
     line = capsys.readouterr().out.strip()
-    assert line == "[step 1200/50000 | ep 3] loss/total 0.4123 | lr 1.0e-04 | grad_norm 1.23 | 512.3 samples/s"
+    assert (
+        line == "[step 1200/50000 | ep 3] loss/total 0.4123 | lr 1.0e-04 | grad_norm 1.23 | "
+        "512.3 samples/s"
+    )
 
 
 def test_format_number() -> None:
@@ -104,7 +112,9 @@ def test_format_number() -> None:
     assert format_console_line(3, 10, {}) == "[step 3/10]"
 
 
-def test_info_and_warning_are_printed_with_prefix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_and_warning_are_printed_with_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     logger = TrainingLogger(tmp_path, name="myrun", total_steps=10, use_tb=False, progress=False)
     logger.info("saved checkpoint")
     logger.warning("loss is nan")
@@ -126,7 +136,8 @@ def test_progress_bar_counts_from_start_step(tmp_path: Path) -> None:
 
 
 def test_progress_counts_every_step_but_redraws_rarely(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Called every training step: a counter update, not a redraw per step (its cost per call
     # is measured by benchmarks, not asserted here).
     logger = TrainingLogger(tmp_path, name="run", total_steps=200_000, use_tb=False)

@@ -1,4 +1,5 @@
 """Learning-rate schedules: curve shapes, option checks and exact resume from state dicts."""
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,7 @@ def sgd(lr: float = 1.0) -> torch.optim.SGD:
     return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=lr)
 
 
-def curve(name: str, steps: int, lr: float = 1.0, total_steps: int = 100,
-          **options) -> list[float]:
+def curve(name: str, steps: int, lr: float = 1.0, total_steps: int = 100, **options) -> list[float]:
     """The lr used by each of the first ``steps`` optimizer steps."""
     opt = sgd(lr)
     sched = build_scheduler(name, opt, total_steps, options)
@@ -58,12 +58,13 @@ def test_multistep_validates_options() -> None:
 
 def test_cosine_reaches_eta_min_at_the_end() -> None:
     total, warmup = 20, 4
-    lrs = curve("CosineAnnealing", total + 5, lr=1.0, total_steps=total, warmup_iter=warmup,
-                eta_min=0.1)
-    assert lrs[:warmup + 1] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    lrs = curve(
+        "CosineAnnealing", total + 5, lr=1.0, total_steps=total, warmup_iter=warmup, eta_min=0.1
+    )
+    assert lrs[: warmup + 1] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     mid = warmup + (total - warmup) // 2
     assert lrs[mid] == pytest.approx(0.55)  # halfway between lr and eta_min
-    assert all(a > b for a, b in zip(lrs[warmup:total], lrs[warmup + 1:total + 1]))
+    assert all(a > b for a, b in zip(lrs[warmup:total], lrs[warmup + 1 : total + 1]))
     assert lrs[total:] == pytest.approx([0.1] * 5)  # stays at eta_min after the period
 
 
@@ -103,8 +104,7 @@ def test_load_state_dict_restores_lr() -> None:
         opt.step()
         sched.step()
     fresh_opt = sgd()
-    fresh = build_scheduler("MultiStepLR", fresh_opt, 20, {"gen_lr_steps": [2],
-                                                           "warmup_iter": 4})
+    fresh = build_scheduler("MultiStepLR", fresh_opt, 20, {"gen_lr_steps": [2], "warmup_iter": 4})
     fresh.load_state_dict(sched.state_dict())  # optimizer state deliberately not loaded
     assert fresh.last_epoch == 5
     assert fresh.get_last_lr() == sched.get_last_lr() == [0.5]
@@ -126,10 +126,13 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, sched: LambdaLR, steps: 
     return lrs
 
 
-@pytest.mark.parametrize("name, options", [
-    ("CosineAnnealing", {"warmup_iter": 5, "eta_min": 1e-4}),
-    ("MultiStepLR", {"gen_lr_steps": [4, 10], "lr_gamma": 0.3, "warmup_iter": 3}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("CosineAnnealing", {"warmup_iter": 5, "eta_min": 1e-4}),
+        ("MultiStepLR", {"gen_lr_steps": [4, 10], "lr_gamma": 0.3, "warmup_iter": 3}),
+    ],
+)
 def test_resume_matches_uninterrupted_run(name: str, options: dict) -> None:
     def build() -> tuple[nn.Module, torch.optim.Optimizer, LambdaLR]:
         torch.manual_seed(0)
@@ -142,8 +145,9 @@ def test_resume_matches_uninterrupted_run(name: str, options: dict) -> None:
 
     model2, opt2, sched2 = build()
     resumed = train(model2, opt2, sched2, 7)
-    state = copy.deepcopy({"model": model2.state_dict(), "opt": opt2.state_dict(),
-                           "sched": sched2.state_dict()})
+    state = copy.deepcopy(
+        {"model": model2.state_dict(), "opt": opt2.state_dict(), "sched": sched2.state_dict()}
+    )
     model2, opt2, sched2 = build()  # as in a new process: everything rebuilt from the YAML
     model2.load_state_dict(state["model"])
     opt2.load_state_dict(state["opt"])

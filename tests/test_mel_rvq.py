@@ -1,4 +1,5 @@
 """mel_rvq codec: fit, save/load, shapes, quality ordering and every user-facing error."""
+
 from __future__ import annotations
 
 import logging

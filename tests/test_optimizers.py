@@ -1,12 +1,12 @@
 """Optimizer registry: weight-decay groups, DLAS option names, option and name errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.optimizers import (OPTIMIZERS, build_optimizer,
-                                param_groups)
+from trainer.optimizers import OPTIMIZERS, build_optimizer, param_groups
 from utils.registry import RegistryError
 from utils.schema import Problems, bind_options
 
@@ -50,16 +50,23 @@ def test_param_groups_split_decay_and_no_decay() -> None:
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     decay, keep = groups[0]["params"], groups[1]["params"]
     assert ids(decay) == {id(m.proj.weight), id(m.mix), id(m.affine.weight)}
-    assert ids(keep) == {id(m.embed.weight), id(m.norm.weight), id(m.norm.bias),
-                         id(m.proj.bias), id(m.affine.bias), id(m.scale)}
+    assert ids(keep) == {
+        id(m.embed.weight),
+        id(m.norm.weight),
+        id(m.norm.bias),
+        id(m.proj.bias),
+        id(m.affine.bias),
+        id(m.scale),
+    }
     every = decay + keep
     assert len(every) == len(ids(every))  # the tied weight only once
     assert id(m.frozen.weight) not in ids(every)
 
 
 def test_param_groups_norm_layers_and_empty_group() -> None:
-    m = nn.Sequential(nn.BatchNorm1d(3), nn.GroupNorm(1, 3), nn.InstanceNorm1d(3, affine=True),
-                      nn.RMSNorm(3))
+    m = nn.Sequential(
+        nn.BatchNorm1d(3), nn.GroupNorm(1, 3), nn.InstanceNorm1d(3, affine=True), nn.RMSNorm(3)
+    )
     m[0].weight = nn.Parameter(torch.ones(3, 1))  # 2-d, exempt only because of the layer type
     groups = param_groups(m, 0.1)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
@@ -67,8 +74,9 @@ def test_param_groups_norm_layers_and_empty_group() -> None:
 
 
 def test_adamw_hyperparameters() -> None:
-    opt = OPTIMIZERS.get("adamw")(module=TinyLM(), lr=3e-4, weight_decay=0.05, beta1=0.8,
-                                  beta2=0.95, eps=1e-6)
+    opt = OPTIMIZERS.get("adamw")(
+        module=TinyLM(), lr=3e-4, weight_decay=0.05, beta1=0.8, beta2=0.95, eps=1e-6
+    )
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     for g in opt.param_groups:
@@ -82,19 +90,29 @@ def test_adam_default_has_no_decay() -> None:
 
 
 def test_sgd_hyperparameters() -> None:
-    opt = build_optimizer("sgd", TinyLM(), {"lr": 0.1, "momentum": 0.9, "nesterov": True,
-                                            "weight_decay": 1e-4})
+    opt = build_optimizer(
+        "sgd", TinyLM(), {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
+    )
     assert isinstance(opt, torch.optim.SGD)
     decay = opt.param_groups[0]
-    assert (decay["lr"], decay["momentum"], decay["nesterov"], decay["dampening"],
-            decay["weight_decay"]) == (0.1, 0.9, True, 0.0, 1e-4)
+    assert (
+        decay["lr"],
+        decay["momentum"],
+        decay["nesterov"],
+        decay["dampening"],
+        decay["weight_decay"],
+    ) == (0.1, 0.9, True, 0.0, 1e-4)
     assert opt.param_groups[1]["weight_decay"] == 0.0
 
 
 def test_yaml_options_are_checked_against_the_factory() -> None:
     problems = Problems()
-    kwargs = bind_options(OPTIMIZERS.get("adamw"), {"lr": 1e-3, "weight_dacay": 0.1},
-                          "steps.g.optimizer_params", problems)
+    kwargs = bind_options(
+        OPTIMIZERS.get("adamw"),
+        {"lr": 1e-3, "weight_dacay": 0.1},
+        "steps.g.optimizer_params",
+        problems,
+    )
     assert kwargs == {"lr": 1e-3}
     [(path, message)] = problems.items
     assert path == "steps.g.optimizer_params.weight_dacay"
@@ -105,9 +123,10 @@ def test_yaml_options_are_checked_against_the_factory() -> None:
 def test_yaml_cannot_set_runtime_args_and_needs_lr() -> None:
     problems = Problems()
     bind_options(OPTIMIZERS.get("sgd"), {"module": "x"}, "p", problems)
-    assert dict(problems.items) == {"p.module": "is set by the trainer and cannot be given in "
-                                                "the YAML", "p.lr": "missing required option "
-                                                                    "(float)"}
+    assert dict(problems.items) == {
+        "p.module": "is set by the trainer and cannot be given in the YAML",
+        "p.lr": "missing required option (float)",
+    }
 
 
 def test_unknown_optimizer_lists_closest_names() -> None:

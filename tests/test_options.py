@@ -3,7 +3,13 @@ import sys
 import pytest
 
 from helpers import REPO, TOY_PLUGIN
-from utils.options import apply_override, find_options_file, import_plugins, load_options, parse_yaml
+from utils.options import (
+    apply_override,
+    find_options_file,
+    import_plugins,
+    load_options,
+    parse_yaml,
+)
 from utils.schema import ConfigError
 
 
@@ -21,8 +27,9 @@ def test_yaml_reads_exponent_floats():
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     p = write(tmp_path, "train:\n  niter: 10\n")
-    opt = load_options(p, ["train.niter=20", "train.gen_lr_steps=[5, 8]", "logger.print_freq=3",
-                           "name=foo"])
+    opt = load_options(
+        p, ["train.niter=20", "train.gen_lr_steps=[5, 8]", "logger.print_freq=3", "name=foo"]
+    )
     assert opt["train"] == {"niter": 20, "gen_lr_steps": [5, 8]}
     assert opt["logger"]["print_freq"] == 3 and opt["name"] == "foo"
 
@@ -35,8 +42,11 @@ def test_override_errors():
 
 
 def test_interpolation(tmp_path):
-    p = write(tmp_path, "train:\n  niter: 100\n  val_freq: ${train.niter}\n"
-                        "logger:\n  save_checkpoint_freq: ${train.val_freq}\n")
+    p = write(
+        tmp_path,
+        "train:\n  niter: 100\n  val_freq: ${train.niter}\n"
+        "logger:\n  save_checkpoint_freq: ${train.val_freq}\n",
+    )
     opt = load_options(p, ["train.niter=40"])
     assert opt["train"]["val_freq"] == 40 and opt["logger"]["save_checkpoint_freq"] == 40
 
@@ -55,8 +65,10 @@ def test_private_keys_and_base_dir(tmp_path):
 
 def test_find_options_file_from_repo_root(monkeypatch):
     monkeypatch.chdir(REPO / "codebase")
-    assert find_options_file("experiments/toy_regression.yml") == (
-        REPO / "experiments" / "toy_regression.yml").resolve()
+    assert (
+        find_options_file("experiments/toy_regression.yml")
+        == (REPO / "experiments" / "toy_regression.yml").resolve()
+    )
     with pytest.raises(FileNotFoundError, match="nope.yml"):
         find_options_file("experiments/nope.yml")
 
@@ -64,18 +76,21 @@ def test_find_options_file_from_repo_root(monkeypatch):
 def test_plugin_by_path_and_by_module(tmp_path):
     import_plugins([TOY_PLUGIN], tmp_path)
     from data import DATASETS
+
     assert "toy_regression" in DATASETS
     (tmp_path / "my_plugin_mod.py").write_text(
         "from trainer.losses import Loss\n"
         "class ZeroLoss(Loss):\n"
         "    def forward(self, state):\n"
-        "        return 0\n")
+        "        return 0\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         import_plugins(["my_plugin_mod"], tmp_path)
     finally:
         sys.path.remove(str(tmp_path))
     from trainer.losses import LOSSES
+
     assert "zero" in LOSSES
     with pytest.raises(ConfigError, match="plugins\\[0\\].*missing_plugin"):
         import_plugins(["missing_plugin.py"], tmp_path)

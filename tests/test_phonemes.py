@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.audio.phonemes import (PhonemeVocab, Phonemizer, espeak_library, main,
-                                 split_symbols)
+from data.audio.phonemes import PhonemeVocab, Phonemizer, espeak_library, main, split_symbols
 from helpers import build
 from trainer.component import TrainerEnv
 from trainer.injectors import INJECTORS
@@ -31,6 +30,7 @@ def env(tmp_path) -> TrainerEnv:
 
 
 # --- espeak and the phonemizer ----------------------------------------------------------------
+
 
 def test_uses_bundled_library_without_system_espeak(monkeypatch):
     import espeakng_loader
@@ -91,16 +91,22 @@ def test_blank_texts_and_batches_stay_aligned(en):
 
 
 def test_phonemizer_errors_and_config(en):
-    with pytest.raises(ValueError, match="unknown espeak language 'en-uss'.*did you mean 'en-us'"
-                                         ".*--list-languages"):
+    with pytest.raises(
+        ValueError, match="unknown espeak language 'en-uss'.*did you mean 'en-us'.*--list-languages"
+    ):
         Phonemizer("en-uss")
     with pytest.raises(TypeError, match="wrap a single text in a list"):
         en.phonemize_symbols("hello")
     with pytest.raises(TypeError, match="text 1 is a int"):
         en.phonemize_symbols(["a", 3])
     config = Phonemizer("fr-fr", with_stress=True, punctuation_marks=",.").config()
-    assert config == {"language": "fr-fr", "preserve_punctuation": True, "with_stress": True,
-                      "punctuation_marks": ",.", "njobs": 1}
+    assert config == {
+        "language": "fr-fr",
+        "preserve_punctuation": True,
+        "with_stress": True,
+        "punctuation_marks": ",.",
+        "njobs": 1,
+    }
     assert Phonemizer(**config).phonemize_symbols(["oui, non; bon"])[0].count(";") == 0
 
 
@@ -123,6 +129,7 @@ def test_cli_prints_symbols(capsys):
 
 
 # --- the vocab ----------------------------------------------------------------------------------
+
 
 def test_vocab_build_encode_decode():
     vocab = PhonemeVocab.build([["b", "a", " "], ["a", "tʃ"]])
@@ -185,8 +192,11 @@ def vocab_file(tmp_path, en) -> Path:
 
 def test_injector_pads_with_bos_eos_and_lengths(env, vocab_file, en):
     assert INJECTORS.get("phonemize") is PhonemizeInjector
-    inj = build(INJECTORS, {"type": "phonemize", "in": "text", "out": ["ph", "ph_len"],
-                            "vocab_file": str(vocab_file)}, {"env": env})
+    inj = build(
+        INJECTORS,
+        {"type": "phonemize", "in": "text", "out": ["ph", "ph_len"], "vocab_file": str(vocab_file)},
+        {"env": env},
+    )
     out = inj({"text": TEXTS})
     ids, lengths = out["ph"], out["ph_len"]
     vocab = PhonemeVocab.load(vocab_file)
@@ -202,8 +212,17 @@ def test_injector_pads_with_bos_eos_and_lengths(env, vocab_file, en):
 
 
 def test_injector_cache_avoids_phonemizing_again(env, vocab_file):
-    inj = build(INJECTORS, {"type": "phonemize", "in": "text", "out": "ph",
-                            "vocab_file": str(vocab_file), "cache_size": 2}, {"env": env})
+    inj = build(
+        INJECTORS,
+        {
+            "type": "phonemize",
+            "in": "text",
+            "out": "ph",
+            "vocab_file": str(vocab_file),
+            "cache_size": 2,
+        },
+        {"env": env},
+    )
     calls: list[list[str]] = []
     real = inj.phonemizer.phonemize_symbols
     inj.phonemizer.phonemize_symbols = lambda texts: calls.append(list(texts)) or real(texts)
@@ -218,8 +237,11 @@ def test_injector_cache_avoids_phonemizing_again(env, vocab_file):
 
 
 def test_injector_without_vocab_gives_symbols(env, en):
-    inj = build(INJECTORS, {"type": "phonemize", "in": "text", "out": ["sym", "n"],
-                            "with_stress": True}, {"env": env})
+    inj = build(
+        INJECTORS,
+        {"type": "phonemize", "in": "text", "out": ["sym", "n"], "with_stress": True},
+        {"env": env},
+    )
     out = inj({"text": ["Hi.", ""]})
     assert out["sym"] == [["h", "ˈ", "aɪ", "."], []] and out["n"].tolist() == [4, 0]
 
@@ -227,8 +249,11 @@ def test_injector_without_vocab_gives_symbols(env, en):
 def test_injector_unknown_symbols_become_unk(env, tmp_path, caplog):
     path = tmp_path / "tiny.json"
     PhonemeVocab(["h"]).save(path)
-    inj = build(INJECTORS, {"type": "phonemize", "in": "text", "out": "ph",
-                            "vocab_file": str(path)}, {"env": env})
+    inj = build(
+        INJECTORS,
+        {"type": "phonemize", "in": "text", "out": "ph", "vocab_file": str(path)},
+        {"env": env},
+    )
     ids = inj({"text": ["Hi"]})["ph"]
     assert ids.tolist() == [[1, 4, 3, 2]] and inj.vocab.unknown_count == 1
     assert "['aɪ'] are not in the phoneme vocab" in caplog.text
@@ -236,8 +261,9 @@ def test_injector_unknown_symbols_become_unk(env, tmp_path, caplog):
 
 def test_injector_option_and_input_errors(env, tmp_path):
     problems = Problems()
-    PhonemizeInjector.check_options({"language": "englsh", "vocab_file": "no.json"},
-                                    "steps.s.injectors.ph", problems, tmp_path)
+    PhonemizeInjector.check_options(
+        {"language": "englsh", "vocab_file": "no.json"}, "steps.s.injectors.ph", problems, tmp_path
+    )
     found = dict(problems.items)
     assert "unknown espeak language 'englsh'" in found["steps.s.injectors.ph.language"]
     assert "no.json not found" in found["steps.s.injectors.ph.vocab_file"]
@@ -252,6 +278,7 @@ def test_injector_option_and_input_errors(env, tmp_path):
 
 def test_vocab_extended_keeps_ids():
     from data.audio.phonemes import PhonemeVocab
+
     old = PhonemeVocab.build([["b", "a"]])
     new = old.extended(["c", "a", "<pad>", "aa"])
     assert new.encode(["a", "b"]) == old.encode(["a", "b"])

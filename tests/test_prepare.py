@@ -1,4 +1,5 @@
 """data.h5 preparation (resumable, atomic) and the hdf5_codes dataset, on a tiny made-up corpus."""
+
 import json
 
 import h5py
@@ -8,16 +9,20 @@ import soundfile as sf
 import torch
 
 from data.audio import corpus_to_h5 as prep
-from data.audio.hdf5_dataset import Hdf5CodesDataset
 from data.audio.corpus_to_h5 import PrepareOptions, prepare, read_ids
+from data.audio.hdf5_dataset import Hdf5CodesDataset
 from helpers import make_corpus
 
 
 def options(tsv, **kw):
-    base = dict(fetcher_mode="tsv", path=tsv, codec="mel_rvq",
-                codec_options={"n_levels": 2, "codebook_size": 16, "n_mels": 40,
-                               "hop_length": 320},
-                fit_iters=3, flush_every=3)
+    base = dict(
+        fetcher_mode="tsv",
+        path=tsv,
+        codec="mel_rvq",
+        codec_options={"n_levels": 2, "codebook_size": 16, "n_mels": 40, "hop_length": 320},
+        fit_iters=3,
+        flush_every=3,
+    )
     base.update(kw)
     return PrepareOptions(**base)
 
@@ -27,8 +32,14 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     sf.write(root / "quiet.wav", np.zeros(16000, np.float32), 16000)
     (root / "garbage.wav").write_bytes(b"RIFF....WAVEfmt garbage")
-    tsv = make_corpus(root, extra=["missing.wav\tsome text\tspk0", "quiet.wav\t  \tspk0",
-                                   "garbage.wav\tsome text\tspk1"])
+    tsv = make_corpus(
+        root,
+        extra=[
+            "missing.wav\tsome text\tspk0",
+            "quiet.wav\t  \tspk0",
+            "garbage.wav\tsome text\tspk1",
+        ],
+    )
     h5 = root / "data.h5"
     report = prepare(h5, options(tsv), progress=False)
     return h5, tsv, report
@@ -107,8 +118,11 @@ def test_new_items_are_appended_and_options_must_match(tmp_path, prepared):
         assert np.array_equal(f["codes"][: len(first_codes)], first_codes)
     make_corpus(tmp_path, n=7)
     with pytest.raises(ValueError, match="prepared with phonemizer"):
-        prepare(h5, options(tsv, codec_checkpoint=opts.codec_checkpoint, language="fr-fr"),
-                progress=False)
+        prepare(
+            h5,
+            options(tsv, codec_checkpoint=opts.codec_checkpoint, language="fr-fr"),
+            progress=False,
+        )
 
 
 def test_dataset_items_prompts_and_batches(prepared):
@@ -130,8 +144,10 @@ def test_dataset_items_prompts_and_batches(prepared):
     assert set(batch) == set(ds.batch_keys)
     assert batch["codes"].shape[1] == 2
     assert batch["codes"].shape[2] == batch["code_lengths"].max()
-    assert (batch["code_lengths"].max() * len(batches[0])
-            + batch["phoneme_lengths"].max() * len(batches[0])) <= 200 + 10 * len(batches[0])
+    assert (
+        batch["code_lengths"].max() * len(batches[0])
+        + batch["phoneme_lengths"].max() * len(batches[0])
+    ) <= 200 + 10 * len(batches[0])
 
 
 def test_val_split_and_missing_file(prepared, tmp_path):
@@ -145,4 +161,4 @@ def test_val_split_and_missing_file(prepared, tmp_path):
 
 def _contains(codes, crop):
     n = crop.shape[1]
-    return any(codes[:, s:s + n].equal(crop) for s in range(codes.shape[1] - n + 1))
+    return any(codes[:, s : s + n].equal(crop) for s in range(codes.shape[1] - n + 1))

@@ -1,4 +1,5 @@
 """Exact resume: a run killed after a checkpoint and resumed matches an uninterrupted run."""
+
 import pytest
 import torch
 
@@ -7,13 +8,23 @@ from helpers import make_trainer
 SECTIONS = dict(
     datasets={"train": {"batch_size": 6, "num_items": 50}},  # shuffled, 8 batches per epoch
     networks={"mlp": {"kwargs": {"dropout": 0.2}}},
-    steps={"fit": {"injectors": {
-        "_replace": True,
-        "noise": {"type": "add_noise", "std": 0.1, "in": "x", "out": "xn"},
-        "pred": {"type": "generator", "generator": "mlp", "in": "xn", "out": "pred"}},
-        "clip_grad_eps": 0.5}},
-    train={"niter": 20, "mega_batch_factor": 2, "default_lr_scheme": "CosineAnnealing",
-           "warmup_iter": 4, "ema_rate": 0.9},
+    steps={
+        "fit": {
+            "injectors": {
+                "_replace": True,
+                "noise": {"type": "add_noise", "std": 0.1, "in": "x", "out": "xn"},
+                "pred": {"type": "generator", "generator": "mlp", "in": "xn", "out": "pred"},
+            },
+            "clip_grad_eps": 0.5,
+        }
+    },
+    train={
+        "niter": 20,
+        "mega_batch_factor": 2,
+        "default_lr_scheme": "CosineAnnealing",
+        "warmup_iter": 4,
+        "ema_rate": 0.9,
+    },
     logger={"save_checkpoint_freq": 5},
 )
 
@@ -27,6 +38,7 @@ def record(trainer, losses, kill_at=None):
         losses[step] = logs["loss/mse"].item()
         if step == kill_at:
             raise Killed
+
     trainer.step_callbacks.append(callback)
 
 

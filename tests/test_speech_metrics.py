@@ -1,12 +1,18 @@
 """The learning checks of the tts_samples evaluator: teacher-forced scores and DTW distances."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.evaluators.speech_metrics import (TF_SUMS, closest_reference, dtw_distance,
-                                               teacher_forced_metrics, teacher_forced_sums)
+from trainer.evaluators.speech_metrics import (
+    TF_SUMS,
+    closest_reference,
+    dtw_distance,
+    teacher_forced_metrics,
+    teacher_forced_sums,
+)
 from trainer.evaluators.tts_samples import _round_robin
 
 
@@ -27,19 +33,31 @@ class OracleLM(torch.nn.Module):
             guess = F.pad(codes0, (1, 0))
         return F.one_hot(guess, self.k + 1).float()  # [B, T + 1, K + 1]
 
-    def item_losses(self, phonemes, phoneme_lengths, prompt, prompt_lengths, codes, lengths,
-                    nar_level=None):
+    def item_losses(
+        self, phonemes, phoneme_lengths, prompt, prompt_lengths, codes, lengths, nar_level=None
+    ):
         ones = lengths.float()
-        return {"ar_loss": ones * 2, "ar_count": ones + 1, "nar_loss": ones, "nar_correct": ones / 2,
-                "nar_count": ones}
+        return {
+            "ar_loss": ones * 2,
+            "ar_count": ones + 1,
+            "nar_loss": ones,
+            "nar_correct": ones / 2,
+            "nar_count": ones,
+        }
 
 
 def batch():
-    codes = torch.tensor([[[1, 1, 2, 2, 2, 3], [0] * 6],
-                          [[4, 5, 5, 6, 0, 0], [0] * 6]])  # item 1 has 4 frames (then padding)
-    return {"phonemes": torch.ones(2, 3, dtype=torch.long), "phoneme_lengths": torch.tensor([3, 3]),
-            "prompt": torch.zeros(2, 2, 1, dtype=torch.long), "prompt_lengths": torch.tensor([1, 1]),
-            "codes": codes, "code_lengths": torch.tensor([6, 4])}
+    codes = torch.tensor(
+        [[[1, 1, 2, 2, 2, 3], [0] * 6], [[4, 5, 5, 6, 0, 0], [0] * 6]]
+    )  # item 1 has 4 frames (then padding)
+    return {
+        "phonemes": torch.ones(2, 3, dtype=torch.long),
+        "phoneme_lengths": torch.tensor([3, 3]),
+        "prompt": torch.zeros(2, 2, 1, dtype=torch.long),
+        "prompt_lengths": torch.tensor([1, 1]),
+        "codes": codes,
+        "code_lengths": torch.tensor([6, 4]),
+    }
 
 
 def test_teacher_forced_counts_frames_baseline_and_changes():

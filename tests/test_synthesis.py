@@ -1,4 +1,5 @@
 """Synthesis from a checkpoint (Python API and CLI) and the tts_samples evaluator in training."""
+
 import json
 import math
 import subprocess
@@ -11,9 +12,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from data.audio.phonemes import PhonemeVocab, Phonemizer
 from helpers import REPO, TEXTS, make_corpus, tb_scalars
-
-from data.audio.phonemes import Phonemizer, PhonemeVocab
 from models.audio.codecs import CodecUnavailable
 from models.audio.tts.synthesis import Synthesizer, pad_batch  # registers `valle` too
 from trainer.evaluators.tts_samples import TtsSamplesEvaluator, mel_stft_loss  # registers it
@@ -21,8 +21,17 @@ from utils.io import save_network
 
 # Architecture of the random mel_rvq codec the model's codes belong to (16 kHz, 50 frames/s).
 CODEC_ARCH = {"n_levels": 2, "codebook_size": 16, "n_mels": 40, "hop_length": 320}
-TINY = {"n_phonemes": 64, "codebook_size": 16, "n_levels": 2, "d_model": 32, "n_layers": 1,
-        "n_heads": 2, "ff_mult": 2, "dropout": 0.0, "max_positions": 512}
+TINY = {
+    "n_phonemes": 64,
+    "codebook_size": 16,
+    "n_levels": 2,
+    "d_model": 32,
+    "n_layers": 1,
+    "n_heads": 2,
+    "ff_mult": 2,
+    "dropout": 0.0,
+    "max_positions": 512,
+}
 SYNTH_OPTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
@@ -33,13 +42,27 @@ def write_checkpoint(path, **extra_override):
     model = VALLE(**TINY)
     phonemizer = Phonemizer()
     vocab = PhonemeVocab.build(phonemizer.phonemize_symbols(TEXTS))
-    extra = {"phoneme_vocab": vocab.to_json(), "phonemizer": json.dumps(phonemizer.config()),
-             # a fitted codec file that is not on this machine: tests override `pretrained`
-             "codec": json.dumps({"name": "mel_rvq", "checkpoint": str(path.parent / "gone.st"),
-                                  "pretrained": True, **CODEC_ARCH})}
+    extra = {
+        "phoneme_vocab": vocab.to_json(),
+        "phonemizer": json.dumps(phonemizer.config()),
+        # a fitted codec file that is not on this machine: tests override `pretrained`
+        "codec": json.dumps(
+            {
+                "name": "mel_rvq",
+                "checkpoint": str(path.parent / "gone.st"),
+                "pretrained": True,
+                **CODEC_ARCH,
+            }
+        ),
+    }
     extra.update(extra_override)
-    save_network(model, path, which_model="valle", kwargs=TINY,
-                 extra={k: v for k, v in extra.items() if v is not None})
+    save_network(
+        model,
+        path,
+        which_model="valle",
+        kwargs=TINY,
+        extra={k: v for k, v in extra.items() if v is not None},
+    )
     return model
 
 
@@ -94,8 +117,9 @@ def test_codec_options_override_the_stored_config(checkpoint):
     path, _, _ = checkpoint
     with pytest.raises(CodecUnavailable, match="gone.st not found"):
         Synthesizer.from_checkpoint(path)  # the stored mel_rvq file is missing here
-    synth = Synthesizer.from_checkpoint(path, codec_options={"pretrained": False,
-                                                             "griffin_lim_iters": 2})
+    synth = Synthesizer.from_checkpoint(
+        path, codec_options={"pretrained": False, "griffin_lim_iters": 2}
+    )
     assert synth.codec.griffin_lim_iters == 2
 
 
@@ -114,11 +138,35 @@ def test_cli_writes_wavs(checkpoint, tmp_path):
     path, _, ref = checkpoint
     out = tmp_path / "out.wav"
     r = subprocess.run(
-        [sys.executable, "synthesize.py", "--model", str(path), "--text", "the cat sat down",
-         "--text", "bring me the red book", "--prompt", str(ref), "--prompt-seconds", "1",
-         "--out", str(out), "--max-duration", "0.5", "--seed", "3", "--device", "cpu",
-         "--codec-option", "pretrained=false"],
-        cwd=REPO / "codebase", capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "synthesize.py",
+            "--model",
+            str(path),
+            "--text",
+            "the cat sat down",
+            "--text",
+            "bring me the red book",
+            "--prompt",
+            str(ref),
+            "--prompt-seconds",
+            "1",
+            "--out",
+            str(out),
+            "--max-duration",
+            "0.5",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--codec-option",
+            "pretrained=false",
+        ],
+        cwd=REPO / "codebase",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     for i in range(2):
         info = sf.info(str(tmp_path / f"out_{i}.wav"))
@@ -133,31 +181,68 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
     path, _, ref = checkpoint
     texts = tmp_path / "texts.txt"
     texts.write_text("the cat sat down\n\nopen the door slowly\n", encoding="utf-8")
-    rc = synthesize.main(["--model", str(path), "--text-file", str(texts), "--prompt", str(ref),
-                          "--out-dir", str(tmp_path / "wavs"), "--max-duration", "0.3",
-                          "--batch-size", "1", "--device", "cpu",
-                          "--codec-option", "pretrained=false"])
+    rc = synthesize.main(
+        [
+            "--model",
+            str(path),
+            "--text-file",
+            str(texts),
+            "--prompt",
+            str(ref),
+            "--out-dir",
+            str(tmp_path / "wavs"),
+            "--max-duration",
+            "0.3",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+            "--codec-option",
+            "pretrained=false",
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0.wav", "1.wav"]
     assert "2 file(s)" in capsys.readouterr().out
 
     bare = tmp_path / "bare.safetensors"
     write_checkpoint(bare, codec=None)
-    rc = synthesize.main(["--model", str(bare), "--text", "hi", "--prompt", str(ref),
-                          "--out", str(tmp_path / "x.wav")])
+    rc = synthesize.main(
+        [
+            "--model",
+            str(bare),
+            "--text",
+            "hi",
+            "--prompt",
+            str(ref),
+            "--out",
+            str(tmp_path / "x.wav"),
+        ]
+    )
     assert rc == 2 and "no 'codec' metadata" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         synthesize.main(["--model", str(path), "--prompt", str(ref)])  # no text
     assert "at least one --text" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        synthesize.main(["--model", str(path), "--prompt", str(ref), "--text", "a",
-                         "--codec-option", "pretrained"])
+        synthesize.main(
+            [
+                "--model",
+                str(path),
+                "--prompt",
+                str(ref),
+                "--text",
+                "a",
+                "--codec-option",
+                "pretrained",
+            ]
+        )
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
 def test_pad_batch():
-    batch, lengths = pad_batch([torch.ones(2, 3, dtype=torch.long), torch.ones(2, 1,
-                                                                                  dtype=torch.long)])
+    batch, lengths = pad_batch(
+        [torch.ones(2, 3, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)]
+    )
     assert batch.shape == (2, 2, 3) and lengths.tolist() == [3, 1] and batch[1, :, 1:].sum() == 0
 
 
@@ -177,8 +262,7 @@ def test_evaluator_checks_its_runtime_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"no network 'valle'; the networks are \['lm'\]"):
         TtsSamplesEvaluator(networks={"lm": None}, env=env, datasets={}, logger=None)
     with pytest.raises(ValueError, match=r"no dataset phase 'val'; the datasets are \['train'\]"):
-        TtsSamplesEvaluator(networks={"valle": None}, env=env, datasets={"train": []},
-                            logger=None)
+        TtsSamplesEvaluator(networks={"valle": None}, env=env, datasets={"train": []}, logger=None)
 
 
 @pytest.mark.slow
@@ -186,26 +270,66 @@ def test_tts_samples_evaluator_during_training(tmp_path):
     make_corpus(tmp_path / "corpus", n=8)
     data = {"mode": "hdf5_codes", "path": "data/data.h5", "batch_size": 4, "prompt_frames": 8}
     opt = {
-        "name": "valle", "seed": 3, "device": "cpu",
+        "name": "valle",
+        "seed": 3,
+        "device": "cpu",
         "datasets": {
-            "train": {**data, "prepare": {"fetcher_mode": "tsv", "path": "corpus/index.tsv",
-                                          "codec": "mel_rvq", "codec_options": CODEC_ARCH,
-                                          "fit_iters": 3}},
-            "val": data},
+            "train": {
+                **data,
+                "prepare": {
+                    "fetcher_mode": "tsv",
+                    "path": "corpus/index.tsv",
+                    "codec": "mel_rvq",
+                    "codec_options": CODEC_ARCH,
+                    "fit_iters": 3,
+                },
+            },
+            "val": data,
+        },
         "networks": {"valle": {"which_model_G": "valle", "kwargs": TINY}},
-        "steps": {"fit": {
-            "training": "valle", "optimizer_params": {"lr": 1e-3},
-            "injectors": {"fwd": {
-                "type": "generator", "generator": "valle",
-                "in": {k: k for k in ("phonemes", "phoneme_lengths", "prompt", "prompt_lengths",
-                                      "codes", "code_lengths")},
-                "out": ["loss_ar", "loss_nar", "acc_ar", "acc_nar"]}},
-            "losses": {"ar": {"type": "direct", "key": "loss_ar"},
-                       "nar": {"type": "direct", "key": "loss_nar"}}}},
+        "steps": {
+            "fit": {
+                "training": "valle",
+                "optimizer_params": {"lr": 1e-3},
+                "injectors": {
+                    "fwd": {
+                        "type": "generator",
+                        "generator": "valle",
+                        "in": {
+                            k: k
+                            for k in (
+                                "phonemes",
+                                "phoneme_lengths",
+                                "prompt",
+                                "prompt_lengths",
+                                "codes",
+                                "code_lengths",
+                            )
+                        },
+                        "out": ["loss_ar", "loss_nar", "acc_ar", "acc_nar"],
+                    }
+                },
+                "losses": {
+                    "ar": {"type": "direct", "key": "loss_ar"},
+                    "nar": {"type": "direct", "key": "loss_nar"},
+                },
+            }
+        },
         "train": {"niter": 2},
-        "eval": {"every": 2, "at_start": True, "evaluators": {"samples": {
-            "type": "tts_samples", "dataset": "val", "num_samples": 2, "batch_size": 3,
-            "max_duration_factor": 1.5, "top_k": 4}}},
+        "eval": {
+            "every": 2,
+            "at_start": True,
+            "evaluators": {
+                "samples": {
+                    "type": "tts_samples",
+                    "dataset": "val",
+                    "num_samples": 2,
+                    "batch_size": 3,
+                    "max_duration_factor": 1.5,
+                    "top_k": 4,
+                }
+            },
+        },
         "logger": {"print_freq": 1, "progress_bar": False, "stdin_commands": False},
     }
     path = tmp_path / "valle.yml"
@@ -231,15 +355,25 @@ def test_tts_samples_evaluator_during_training(tmp_path):
         ref = sf.info(str(folder / f"{name}_ref.wav")).frames
         assert ref == val.frames(j) * 320 and 0 < gen <= math.ceil(1.5 * val.frames(j)) * 320
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"{val.ids[j]}{s}.{e}" for j in picked for s in ("", "_ref") for e in ("wav", "png"))
+        f"{val.ids[j]}{s}.{e}" for j in picked for s in ("", "_ref") for e in ("wav", "png")
+    )
     scalars = tb_scalars(run)
     (step0, _), (step, mel) = scalars["eval/mel_stft"]  # at_start: before the first step too
     (_, ratio) = scalars["eval/duration_ratio"][-1]
     assert (step0, step) == (0, 2) and mel > 0
     assert 0 < ratio <= max(math.ceil(1.5 * val.frames(j)) / val.frames(j) for j in picked)
-    for key in ("tf_loss_ar", "tf_loss_nar", "tf_acc_ar", "tf_acc_ar_repeat_baseline",
-                "tf_acc_ar_changes", "tf_acc_nar", "dtw_own", "dtw_others", "own_closest",
-                "own_closest_chance"):
+    for key in (
+        "tf_loss_ar",
+        "tf_loss_nar",
+        "tf_acc_ar",
+        "tf_acc_ar_repeat_baseline",
+        "tf_acc_ar_changes",
+        "tf_acc_nar",
+        "dtw_own",
+        "dtw_others",
+        "own_closest",
+        "own_closest_chance",
+    ):
         assert [s for s, _ in scalars[f"eval/{key}"]] == [0, 2], key
     # The teacher-forced loss is the training loss on held-out items: the step-0 figure equals
     # a forward pass of the initial model (log(vocab) for near-uniform logits).
@@ -271,13 +405,16 @@ def test_tts_samples_evaluator_during_training(tmp_path):
     # codec file beside data.h5, the vocab and the phonemizer.
     synth = Synthesizer.from_checkpoint(runner.checkpoints.network_path(2, "valle"))
     assert synth.codec.pretrained and synth.vocab == val.vocab
-    wav, = synth.synthesize(["the cat sat down"], val[0]["prompt"], max_duration=0.3, seed=0)
+    (wav,) = synth.synthesize(["the cat sat down"], val[0]["prompt"], max_duration=0.3, seed=0)
     assert 0 < wav.numel() <= 0.3 * 16000
 
     # Resumed (from step 2, to step 3): the evaluator's history is part of the checkpoint, so
     # the end-of-run report still puts step 0 beside the last step.
-    resumed = ExtensibleTrainer(validate_experiment(load_options(
-        path, ["path.resume_state=auto", "train.niter=3", "eval.every=3"])))
+    resumed = ExtensibleTrainer(
+        validate_experiment(
+            load_options(path, ["path.resume_state=auto", "train.niter=3", "eval.every=3"])
+        )
+    )
     [ev2] = resumed.evaluators.values()
     assert [step for step, _ in ev2.history] == [0, 2]
     resumed.train()

@@ -1,4 +1,5 @@
 """End-to-end behaviour of ExtensibleTrainer on the toy plugin (CPU, seconds)."""
+
 import math
 
 import pytest
@@ -8,6 +9,7 @@ from safetensors import safe_open
 from helpers import make_trainer, tb_scalars
 from models import load_network
 from trainer.component import TrainerEnv
+from trainer.evaluators import Evaluator
 from trainer.injectors import Injector
 from utils.schema import Runtime
 
@@ -20,8 +22,15 @@ def test_trains_and_writes_run_folder(tmp_path):
     assert (run / "models" / "60_mlp.safetensors").is_file()
     assert (run / "training_state" / "60.state").is_file()
     scalars = tb_scalars(run)
-    for tag in ("loss/mse", "loss/mse_weighted", "loss/total", "lr/fit", "grad_norm/fit",
-                "perf/samples_per_sec", "perf/step_time_s"):
+    for tag in (
+        "loss/mse",
+        "loss/mse_weighted",
+        "loss/total",
+        "lr/fit",
+        "grad_norm/fit",
+        "perf/samples_per_sec",
+        "perf/step_time_s",
+    ):
         assert tag in scalars, sorted(scalars)
     mse = [v for _, v in scalars["loss/mse"]]
     assert [s for s, _ in scalars["loss/mse"]] == list(range(10, 61, 10))
@@ -41,9 +50,12 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, batch):
     also when the batch does not split evenly (10 -> 3, 3, 2, 2)."""
     deltas = []
     for factor in (1, 4):
-        trainer = make_trainer(tmp_path / str(factor), train={"niter": 1, "mega_batch_factor": factor},
-                               datasets={"train": {"batch_size": batch, "shuffle": False}},
-                               steps={"fit": {"optimizer": "sgd", "optimizer_params": {"lr": 1.0}}})
+        trainer = make_trainer(
+            tmp_path / str(factor),
+            train={"niter": 1, "mega_batch_factor": factor},
+            datasets={"train": {"batch_size": batch, "shuffle": False}},
+            steps={"fit": {"optimizer": "sgd", "optimizer_params": {"lr": 1.0}}},
+        )
         before = {k: v.clone() for k, v in trainer.raw_networks["mlp"].state_dict().items()}
         trainer.train_step(next(trainer.loader))
         after = trainer.raw_networks["mlp"].state_dict()
@@ -55,8 +67,9 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, batch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, precision):
-    trainer = make_trainer(tmp_path, precision=precision, train={"niter": 30},
-                           logger={"print_freq": 10})
+    trainer = make_trainer(
+        tmp_path, precision=precision, train={"niter": 30}, logger={"print_freq": 10}
+    )
     trainer.train()
     assert trainer.engine.scaler.is_enabled() == (precision == "fp16")
     mse = [v for _, v in tb_scalars(tmp_path / "toy")["loss/mse"]]
@@ -79,12 +92,20 @@ class NanAtStepInjector(Injector):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_non_finite_gradient_skips_step(tmp_path, precision):
-    trainer = make_trainer(tmp_path, precision=precision, train={"niter": 6},
-                           steps={"fit": {"injectors": {
-                               "_replace": True,
-                               "poison": {"type": "nan_at_step", "nan_step": 3, "in": "x", "out": "xp"},
-                               "pred": {"type": "generator", "generator": "mlp", "in": "xp",
-                                        "out": "pred"}}}})
+    trainer = make_trainer(
+        tmp_path,
+        precision=precision,
+        train={"niter": 6},
+        steps={
+            "fit": {
+                "injectors": {
+                    "_replace": True,
+                    "poison": {"type": "nan_at_step", "nan_step": 3, "in": "x", "out": "xp"},
+                    "pred": {"type": "generator", "generator": "mlp", "in": "xp", "out": "pred"},
+                }
+            }
+        },
+    )
     weights, skipped = {}, {}
 
     def callback(step, logs):
@@ -101,7 +122,10 @@ def test_non_finite_gradient_skips_step(tmp_path, precision):
     if precision == "fp32":
         assert trainer.counters.skipped_steps == 1
     # fp16: GradScaler's first steps overflow while it calibrates its scale; those count too
-    assert tb_scalars(tmp_path / "toy")["train/skipped_steps"][-1] == (6, trainer.counters.skipped_steps)
+    assert tb_scalars(tmp_path / "toy")["train/skipped_steps"][-1] == (
+        6,
+        trainer.counters.skipped_steps,
+    )
 
 
 def test_ema_saved_beside_weights(tmp_path):
@@ -115,12 +139,15 @@ def test_ema_saved_beside_weights(tmp_path):
 
 
 def test_keep_last_and_checkpoint_frequency(tmp_path):
-    make_trainer(tmp_path, train={"niter": 12},
-                 logger={"save_checkpoint_freq": 3, "keep_last": 2}).train()
+    make_trainer(
+        tmp_path, train={"niter": 12}, logger={"save_checkpoint_freq": 3, "keep_last": 2}
+    ).train()
     run = tmp_path / "toy"
     assert sorted(p.name for p in (run / "training_state").iterdir()) == ["12.state", "9.state"]
     assert sorted(p.name for p in (run / "models").iterdir()) == [
-        "12_mlp.safetensors", "9_mlp.safetensors"]
+        "12_mlp.safetensors",
+        "9_mlp.safetensors",
+    ]
 
 
 def test_pretrained_initialisation(tmp_path):
@@ -131,20 +158,28 @@ def test_pretrained_initialisation(tmp_path):
     for k, v in first.raw_networks["mlp"].state_dict().items():
         assert torch.equal(second.raw_networks["mlp"].state_dict()[k], v)
     with pytest.raises(ValueError) as e:  # a wider network does not fit
-        make_trainer(tmp_path / "c", path={"pretrain_model_mlp": str(weights)},
-                     networks={"mlp": {"kwargs": {"hidden": 48}}})
+        make_trainer(
+            tmp_path / "c",
+            path={"pretrain_model_mlp": str(weights)},
+            networks={"mlp": {"kwargs": {"hidden": 48}}},
+        )
     assert "strict_load" in str(e.value) and "body.0.weight" in str(e.value)
-    deeper = make_trainer(tmp_path / "d", path={"pretrain_model_mlp": str(weights),
-                                                "strict_load": False},
-                          networks={"mlp": {"kwargs": {"depth": 3}}})
-    assert torch.equal(deeper.raw_networks["mlp"].body[0].weight,
-                       first.raw_networks["mlp"].body[0].weight)
+    deeper = make_trainer(
+        tmp_path / "d",
+        path={"pretrain_model_mlp": str(weights), "strict_load": False},
+        networks={"mlp": {"kwargs": {"depth": 3}}},
+    )
+    assert torch.equal(
+        deeper.raw_networks["mlp"].body[0].weight, first.raw_networks["mlp"].body[0].weight
+    )
 
 
 def test_validation_logs_mean_losses(tmp_path):
-    trainer = make_trainer(tmp_path, train={"niter": 4, "val_freq": 2},
-                           datasets={"val": {"mode": "toy_regression", "batch_size": 5,
-                                             "num_items": 23}})
+    trainer = make_trainer(
+        tmp_path,
+        train={"niter": 4, "val_freq": 2},
+        datasets={"val": {"mode": "toy_regression", "batch_size": 5, "num_items": 23}},
+    )
     trainer.train()
     val = tb_scalars(tmp_path / "toy")["val/mse"]
     assert [s for s, _ in val] == [2, 4]
@@ -157,19 +192,20 @@ def test_validation_logs_mean_losses(tmp_path):
 
 def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    make_trainer(tmp_path, wandb=True, train={"niter": 2},
-                 logger={"wandb_mode": "offline"}).train()
+    make_trainer(tmp_path, wandb=True, train={"niter": 2}, logger={"wandb_mode": "offline"}).train()
     assert list((tmp_path / "toy" / "wandb").glob("offline-run-*"))
-
-
-from trainer.evaluators import Evaluator
 
 
 class WeightNormEvaluator(Evaluator):
     """Test evaluator: reports the norm of a network's head (the EMA copy when there is one)."""
 
-    def __init__(self, network: str, networks: Runtime[dict], env: Runtime[TrainerEnv],
-                 logger: Runtime[object]) -> None:
+    def __init__(
+        self,
+        network: str,
+        networks: Runtime[dict],
+        env: Runtime[TrainerEnv],
+        logger: Runtime[object],
+    ) -> None:
         self.network, self.networks, self.env, self.logger = network, networks, env, logger
 
     def evaluate(self, step):
@@ -178,9 +214,11 @@ class WeightNormEvaluator(Evaluator):
 
 
 def test_evaluators_run_every_n_steps(tmp_path):
-    trainer = make_trainer(tmp_path, train={"niter": 6, "ema_rate": 0.5},
-                           eval={"every": 3, "evaluators": {"norms": {"type": "weight_norm",
-                                                                       "network": "mlp"}}})
+    trainer = make_trainer(
+        tmp_path,
+        train={"niter": 6, "ema_rate": 0.5},
+        eval={"every": 3, "evaluators": {"norms": {"type": "weight_norm", "network": "mlp"}}},
+    )
     trainer.train()
     logged = tb_scalars(tmp_path / "toy")["eval/head_norm"]
     assert [s for s, _ in logged] == [3, 6]
@@ -190,9 +228,11 @@ def test_evaluators_run_every_n_steps(tmp_path):
 
 def test_evaluator_options_are_validated(tmp_path):
     from utils.schema import ConfigError
+
     with pytest.raises(ConfigError) as e:
-        make_trainer(tmp_path, eval={"evaluators": {"norms": {"type": "weight_norm",
-                                                              "netwrk": "mlp"}}})
+        make_trainer(
+            tmp_path, eval={"evaluators": {"norms": {"type": "weight_norm", "netwrk": "mlp"}}}
+        )
     problems = dict(e.value.problems)
     assert "did you mean 'network'" in problems["eval.evaluators.norms.netwrk"]
     assert "missing required" in problems["eval.evaluators.norms.network"]

@@ -1,4 +1,5 @@
 """VALL-E (models/audio/tts/valle.py): losses, padding invariance, KV cache, generation."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,9 @@ from models.audio.tts.valle_layers import filter_logits, penalize_repeats
 from utils.io import save_network
 from utils.schema import Problems, bind_options
 
-TINY = dict(n_phonemes=20, codebook_size=16, n_levels=3, d_model=32, n_layers=2, n_heads=2,
-            dropout=0.0)
+TINY = dict(
+    n_phonemes=20, codebook_size=16, n_levels=3, d_model=32, n_layers=2, n_heads=2, dropout=0.0
+)
 K = TINY["codebook_size"]
 
 
@@ -29,19 +31,30 @@ def make_batch(seed: int = 0, levels: int = 3) -> dict[str, torch.Tensor]:
     prompt = torch.randint(0, K, (3, levels, 6), generator=g)
     codes = torch.randint(0, K, (3, levels, 9), generator=g)
     for b in range(3):  # padding is 0, as the collate writes it
-        phonemes[b, pl[b]:] = 0
-        prompt[b, :, ql[b]:] = 0
-        codes[b, :, cl[b]:] = 0
-    return dict(phonemes=phonemes, phoneme_lengths=pl, prompt=prompt, prompt_lengths=ql,
-                codes=codes, code_lengths=cl)
+        phonemes[b, pl[b] :] = 0
+        prompt[b, :, ql[b] :] = 0
+        codes[b, :, cl[b] :] = 0
+    return dict(
+        phonemes=phonemes,
+        phoneme_lengths=pl,
+        prompt=prompt,
+        prompt_lengths=ql,
+        codes=codes,
+        code_lengths=cl,
+    )
 
 
 def item(batch: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
     """Item b alone, trimmed to its own lengths."""
     p, q, t = (int(batch[k][b]) for k in ("phoneme_lengths", "prompt_lengths", "code_lengths"))
-    return dict(phonemes=batch["phonemes"][b:b + 1, :p], phoneme_lengths=batch["phoneme_lengths"][b:b + 1],
-                prompt=batch["prompt"][b:b + 1, :, :q], prompt_lengths=batch["prompt_lengths"][b:b + 1],
-                codes=batch["codes"][b:b + 1, :, :t], code_lengths=batch["code_lengths"][b:b + 1])
+    return dict(
+        phonemes=batch["phonemes"][b : b + 1, :p],
+        phoneme_lengths=batch["phoneme_lengths"][b : b + 1],
+        prompt=batch["prompt"][b : b + 1, :, :q],
+        prompt_lengths=batch["prompt_lengths"][b : b + 1],
+        codes=batch["codes"][b : b + 1, :, :t],
+        code_lengths=batch["code_lengths"][b : b + 1],
+    )
 
 
 def prefix(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,9 +69,16 @@ def test_forward_returns_finite_losses_and_gradients_reach_embeddings():
         assert value.shape == () and torch.isfinite(value), key
     assert not out["acc_ar"].requires_grad and out["acc_ar"].dtype == torch.float32
     (out["loss_ar"] + out["loss_nar"]).backward()
-    for name in ("phoneme_emb.weight", "code_embs.0.weight", "code_embs.1.weight", "start",
-                 "task_emb.weight", "ar_head.weight", "nar_weight",
-                 "trunks.0.blocks.0.attn.qkv.weight"):
+    for name in (
+        "phoneme_emb.weight",
+        "code_embs.0.weight",
+        "code_embs.1.weight",
+        "start",
+        "task_emb.weight",
+        "ar_head.weight",
+        "nar_weight",
+        "trunks.0.blocks.0.attn.qkv.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -100,8 +120,9 @@ def test_padding_changes_no_items_loss(positions, shared, segment):
             for name in ("ar", "nar"):
                 assert together[f"{name}_count"][b] == alone[f"{name}_count"][0]
                 mean = together[f"{name}_loss"][b] / together[f"{name}_count"][b]
-                torch.testing.assert_close(mean, alone[f"{name}_loss"][0]
-                                           / alone[f"{name}_count"][0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    mean, alone[f"{name}_loss"][0] / alone[f"{name}_count"][0], atol=1e-5, rtol=1e-5
+                )
 
 
 def test_loss_is_token_mean_over_the_batch():
@@ -138,12 +159,20 @@ def test_cached_logits_match_uncached(positions, segment):
 def test_generate_with_and_without_cache_agree():
     model = tiny()
     batch = prefix(make_batch())
-    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=8, top_p=0.9,
-                                           repetition_penalty=1.3, nar_temperature=0.7)):
-        a = model.generate(**batch, max_frames=12, use_cache=True,
-                           generator=torch.Generator().manual_seed(1), **kw)
-        b = model.generate(**batch, max_frames=12, use_cache=False,
-                           generator=torch.Generator().manual_seed(1), **kw)
+    for kw in (
+        dict(temperature=0.0),
+        dict(temperature=1.0, top_k=8, top_p=0.9, repetition_penalty=1.3, nar_temperature=0.7),
+    ):
+        a = model.generate(
+            **batch, max_frames=12, use_cache=True, generator=torch.Generator().manual_seed(1), **kw
+        )
+        b = model.generate(
+            **batch,
+            max_frames=12,
+            use_cache=False,
+            generator=torch.Generator().manual_seed(1),
+            **kw,
+        )
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -177,8 +206,9 @@ def test_batched_generation_stops_each_item_on_its_own(use_cache):
     # each item alone generates the same frames as in the batch
     for b, stop in enumerate([3, 7, -1]):
         handle = force_stops(model, [stop])
-        alone, n = model.generate(**prefix(item(make_batch(), b)), max_frames=10,
-                                  temperature=0.0, use_cache=use_cache)
+        alone, n = model.generate(
+            **prefix(item(make_batch(), b)), max_frames=10, temperature=0.0, use_cache=use_cache
+        )
         handle.remove()
         assert n.item() == lengths[b] and torch.equal(alone[0], codes[b, :, : n.item()])
 
@@ -196,8 +226,9 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
     batch = prefix(make_batch())
     greedy = model.generate(**batch, max_frames=8, temperature=0.0)
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
-        sampled = model.generate(**batch, max_frames=8, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(3), **kw)
+        sampled = model.generate(
+            **batch, max_frames=8, temperature=1.0, generator=torch.Generator().manual_seed(3), **kw
+        )
         assert torch.equal(sampled[0], greedy[0]) and torch.equal(sampled[1], greedy[1])
 
 
@@ -206,8 +237,12 @@ def test_sampling_is_seeded_by_the_generator():
     batch = prefix(make_batch())
 
     def run(seed):
-        return model.generate(**batch, max_frames=16, nar_temperature=1.0,
-                              generator=torch.Generator().manual_seed(seed))[0]
+        return model.generate(
+            **batch,
+            max_frames=16,
+            nar_temperature=1.0,
+            generator=torch.Generator().manual_seed(seed),
+        )[0]
 
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
@@ -264,8 +299,13 @@ def test_learned_positions_work_and_refuse_overlong_items():
     batch = make_batch()  # longest item: 7 + 6 + 1 + 9 = 23 positions
     assert torch.isfinite(model(**batch)["loss_ar"])
     with pytest.raises(ValueError, match="max_positions is 32"):
-        model(**{**batch, "codes": torch.zeros(3, 3, 20, dtype=torch.long),
-                 "code_lengths": torch.tensor([20, 1, 1])})
+        model(
+            **{
+                **batch,
+                "codes": torch.zeros(3, 3, 20, dtype=torch.long),
+                "code_lengths": torch.tensor([20, 1, 1]),
+            }
+        )
     with pytest.raises(ValueError, match="max_positions"):
         model.generate(**prefix(batch), max_frames=30)
 
@@ -294,8 +334,9 @@ def test_built_and_validated_through_the_framework(tmp_path):
     model = build_network("valle", dict(TINY))
     assert isinstance(model, VALLE)
     problems = Problems()
-    kwargs = bind_options(VALLE, {**TINY, "d_modle": 64, "positions": "rotary"},
-                          "networks.valle.kwargs", problems)
+    kwargs = bind_options(
+        VALLE, {**TINY, "d_modle": 64, "positions": "rotary"}, "networks.valle.kwargs", problems
+    )
     messages = "\n".join(f"{p}: {m}" for p, m in problems.items)
     assert "networks.valle.kwargs.d_modle: unknown option (did you mean 'd_model'?)" in messages
     assert "networks.valle.kwargs.positions: expected one of 'rope', 'learned'" in messages
@@ -320,8 +361,9 @@ def test_segment_positions_restart_in_each_segment():
     want_scale = [[1, 1, 1, 2, 2, 3, 3], [1, 1, 3, 3, 3, 3, 1]]  # item 1: no prompt, then pad
     for b in range(2):
         for j in range(7 if b == 0 else 6):
-            torch.testing.assert_close(pos[b, j], want_scale[b][j]
-                                       * sinusoids(torch.tensor(want_index[b][j]), 32))
+            torch.testing.assert_close(
+                pos[b, j], want_scale[b][j] * sinusoids(torch.tensor(want_index[b][j]), 32)
+            )
     # the scale is learned: a training step moves it
     batch = make_batch()
     model.train()
