@@ -39,6 +39,6 @@ setup(
         "dac": ["descript-audio-codec"],
         # DeepSpeed >= 0.17 for its torch_autocast mode; `engine: deepspeed` in the YAML
         "deepspeed": ["deepspeed>=0.17"],
-        "test": ["pytest>=8", "wandb", "deepspeed>=0.17"],
+        "test": ["pytest>=8", "ruff==0.17.6", "wandb", "deepspeed>=0.17"],
     },
 )
