@@ -381,36 +381,19 @@ def _validate_step(
         spec.optimizer_params = bind_options(
             opt_factory, spec.optimizer_params, f"{path}.optimizer_params", problems, base_dir=base
         )
-    injectors = step.get("injectors") or {}
-    if is_mapping(injectors, f"{path}.injectors", problems):
-        for inj_name, inj in injectors.items():
-            c = validate_component(
-                INJECTORS,
-                inj,
-                f"{path}.injectors.{inj_name}",
-                inj_name,
-                problems,
-                base,
-                shared=INJECTOR_SHARED,
-            )
-            if c:
-                spec.injectors.append(c)
-    losses = step.get("losses") or {}
-    if not losses:
+    if not step.get("losses"):
         problems.add(f"{path}.losses", "missing: a training step needs at least one loss")
-    elif is_mapping(losses, f"{path}.losses", problems):
-        for loss_name, loss in losses.items():
+    kinds = (("injectors", INJECTORS, INJECTOR_SHARED), ("losses", LOSSES, LOSS_SHARED))
+    for key, registry, shared in kinds:
+        section = step.get(key) or {}
+        if not is_mapping(section, f"{path}.{key}", problems):
+            continue
+        for name, options in section.items():
             c = validate_component(
-                LOSSES,
-                loss,
-                f"{path}.losses.{loss_name}",
-                loss_name,
-                problems,
-                base,
-                shared=LOSS_SHARED,
+                registry, options, f"{path}.{key}.{name}", name, problems, base, shared
             )
             if c:
-                spec.losses.append(c)
+                getattr(spec, key).append(c)
     return spec
 
 
