@@ -103,7 +103,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 {
-  echo "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + working-tree changes')"
   ((SMOKE)) && echo "SMOKE RUN: tiny sizes on the CPU; the figures check the plumbing, nothing else"
   echo '```'
   echo "\$ nvidia-smi -L"
