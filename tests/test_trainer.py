@@ -236,3 +236,11 @@ def test_evaluator_options_are_validated(tmp_path):
     problems = dict(e.value.problems)
     assert "did you mean 'network'" in problems["eval.evaluators.norms.netwrk"]
     assert "missing required" in problems["eval.evaluators.norms.network"]
+
+
+def test_each_dataset_is_built_for_its_phase(tmp_path):
+    trainer = make_trainer(
+        tmp_path, datasets={"val": {"mode": "toy_regression", "batch_size": 4, "num_items": 64}}
+    )
+    train, val = trainer.datasets["train"], trainer.datasets["val"]
+    assert not torch.equal(train.x, val.x)  # the toy draws other items for phase "val"

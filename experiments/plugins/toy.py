@@ -29,7 +29,7 @@ class ToyRegression(Dataset):
         out_dim: int = 4,
         noise: float = 0.05,
         seed: int = 0,
-        phase: str = "train",
+        phase: Runtime[str] = "train",
     ) -> None:
         g = torch.Generator().manual_seed(seed + (0 if phase == "train" else 7919))
         w = torch.randn(dim, out_dim, generator=torch.Generator().manual_seed(seed))
