@@ -116,7 +116,7 @@ def test_missing_required(tmp_path):
             }
         },
     )
-    assert "missing required option (int)" in problems["train.niter"]
+    assert "missing required option (int >= 1)" in problems["train.niter"]
     assert "missing required option" in problems["steps.fit.optimizer_params.lr"]
     assert "missing required option" in problems["steps.fit.losses.mse.real"]
 
@@ -269,3 +269,41 @@ def test_val_loader_options_without_effect_warn(tmp_path, caplog):
 def test_network_type_must_agree_with_which_model(tmp_path):
     problems = problems_of(tmp_path, networks={"mlp": {"type": "discriminator"}})
     assert "which_model_G (a generator)" in problems["networks.mlp.type"]
+
+
+def test_values_are_checked_not_only_types(tmp_path):
+    problems = problems_of(
+        tmp_path,
+        datasets={"train": {"batch_size": 0}},
+        train={"niter": 10, "warmup_iter": 10, "ema_rate": 1.0},
+        logger={"print_freq": 0, "save_checkpoint_freq": -5, "keep_last": 0},
+        eval={"every": -1},
+        steps={"fit": {"clip_grad_eps": -1, "optimizer_params": {"lr": 0.0}}},
+        networks={"mlp": {"kwargs": {"hidden": 32, "dropout": 1.5}}},
+    )
+    assert problems["datasets.train.batch_size"] == "must be >= 1, got 0"
+    assert "not fewer than train.niter (10)" in problems["train.warmup_iter"]
+    assert problems["train.ema_rate"] == "must be > 0 and < 1, got 1.0"
+    assert problems["logger.print_freq"] == "must be >= 1, got 0"
+    assert problems["logger.save_checkpoint_freq"] == "must be >= 1, got -5"
+    assert problems["logger.keep_last"] == "must be >= 1, got 0"
+    assert problems["eval.every"] == "must be >= 1, got -1"
+    assert problems["steps.fit.clip_grad_eps"] == "must be > 0, got -1.0"
+    assert problems["steps.fit.optimizer_params.lr"] == "must be > 0, got 0.0"
+
+
+def test_model_constructor_checks_run_at_validation(tmp_path):
+    valle = {"which_model_G": "valle", "kwargs": {"d_model": 60, "n_heads": 8, "dropout": 1.0}}
+    problems = problems_of(tmp_path, networks={"_replace": True, "mlp": valle})
+    assert problems["networks.mlp.kwargs.dropout"] == "must be >= 0 and < 1, got 1.0"
+    problems = problems_of(
+        tmp_path,
+        networks={"_replace": True, "mlp": {**valle, "kwargs": {"d_model": 60, "n_heads": 8}}},
+    )
+    assert "must split into n_heads (8)" in problems["networks.mlp.kwargs"]
+
+
+def test_fp16_and_precision_must_agree(tmp_path):
+    problems = problems_of(tmp_path, fp16=True, precision="bf16")
+    assert "they disagree" in problems["fp16"]
+    assert make_experiment(tmp_path, fp16=True, precision="fp16").precision == "fp16"

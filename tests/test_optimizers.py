@@ -125,7 +125,7 @@ def test_yaml_cannot_set_runtime_args_and_needs_lr() -> None:
     bind_options(OPTIMIZERS.get("sgd"), {"module": "x"}, "p", problems)
     assert dict(problems.items) == {
         "p.module": "is set by the trainer and cannot be given in the YAML",
-        "p.lr": "missing required option (float)",
+        "p.lr": "missing required option (float > 0)",
     }
 
 

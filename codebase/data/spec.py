@@ -15,6 +15,8 @@ from data import DATASETS
 from utils.options import import_plugins
 from utils.schema import (
     ConfigError,
+    NonNegativeInt,
+    PositiveInt,
     Problems,
     bind_shared_section,
     construct,
@@ -33,8 +35,8 @@ class DatasetSpec:
     name: str = ""
     # The global batch: items per update over all ranks; each of N DDP/DeepSpeed ranks loads
     # batch_size / N (must divide). A dataset's token budget (max_tokens) is per rank instead.
-    batch_size: int | None = None
-    n_workers: int = 0
+    batch_size: PositiveInt | None = None
+    n_workers: NonNegativeInt = 0
     phase: Literal["train", "val"] | None = None  # default: the section's name
     shuffle: bool | None = None  # default: true for train; validation never shuffles
     drop_last: bool | None = None  # default: true for train; validation keeps every item

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import torch
 
 from data.spec import DatasetSpec, validate_dataset
 from models import MODELS
@@ -28,17 +30,23 @@ from utils.registry import Registry, did_you_mean
 from utils.schema import (
     _MISSING,
     ConfigError,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
     Problems,
+    Range,
     bind_options,
     bind_shared_section,
     build_dataclass,
     coerce,
+    construct,
     is_mapping,
     join,
     lookup,
 )
 
 log = logging.getLogger(__name__)
+Rate = Annotated[float, Range(0, 1, min_open=True, max_open=True)]  # strictly between 0 and 1
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -56,11 +64,11 @@ DLAS_SPELLINGS = {"fp16": bool | None, "gpu_ids": list[int] | None}
 class TrainOptions:
     """``train:`` section (DLAS spelling). LR schedule options go to the chosen scheduler."""
 
-    niter: int  # number of optimizer steps in the whole run
-    mega_batch_factor: int = 1  # gradient accumulation: micro-batches per update
-    val_freq: int | None = None  # validate every N steps (needs datasets.val)
+    niter: PositiveInt  # number of optimizer steps in the whole run
+    mega_batch_factor: PositiveInt = 1  # gradient accumulation: micro-batches per update
+    val_freq: PositiveInt | None = None  # validate every N steps (needs datasets.val)
     default_lr_scheme: str = "Constant"  # MultiStepLR | CosineAnnealing | Constant
-    ema_rate: float | None = None  # e.g. 0.999; keeps an EMA copy of every trainable network
+    ema_rate: Rate | None = None  # e.g. 0.999; keeps an EMA copy of every trainable network
     scheduler_kwargs: dict = field(default_factory=dict, init=False)  # the schedule's options
 
 
@@ -68,9 +76,11 @@ class TrainOptions:
 class LoggerOptions:
     """``logger:`` section."""
 
-    print_freq: int = 100  # console line + TensorBoard scalars every N steps
-    save_checkpoint_freq: int | None = None  # None: only at the end, on Ctrl-C and on `save`
-    keep_last: int | None = None  # keep only the newest N checkpoints
+    print_freq: PositiveInt = 100  # console line + TensorBoard scalars every N steps
+    save_checkpoint_freq: PositiveInt | None = (
+        None  # None: only at the end, on Ctrl-C and on `save`
+    )
+    keep_last: PositiveInt | None = None  # keep only the newest N checkpoints
     progress_bar: bool = True
     stdin_commands: bool = True  # `save`, `eval`, `quit` + Enter while training
     wandb_project: str | None = None  # default: the experiment name
@@ -92,7 +102,7 @@ class EvalOptions:
     """``eval:`` section: evaluators run every ``every`` steps (and on `eval`); ``at_start``
     also runs them and the validation once before the first step (a "before" figure)."""
 
-    every: int | None = None
+    every: PositiveInt | None = None
     at_start: bool = False
     evaluators: list[ComponentSpec] = field(default_factory=list, init=False)
 
@@ -115,10 +125,10 @@ class StepSpec:
     training: str  # the network this step trains
     optimizer: str = "adamw"
     optimizer_params: dict = field(default_factory=dict)  # the optimizer's options
-    clip_grad_eps: float | None = None  # clip the gradient norm to this
-    after: int = 0
-    before: int | None = None
-    every: int = 1
+    clip_grad_eps: PositiveFloat | None = None  # clip the gradient norm to this
+    after: NonNegativeInt = 0
+    before: NonNegativeInt | None = None
+    every: PositiveInt = 1
     injectors: list[ComponentSpec] = field(default_factory=list, init=False)
     losses: list[ComponentSpec] = field(default_factory=list, init=False)
 
@@ -200,8 +210,15 @@ def _apply_dlas_spellings(exp: Experiment, options: dict, problems: Problems) ->
         for k, hint in DLAS_SPELLINGS.items()
         if k in options
     }
-    if values.get("fp16") not in (None, _MISSING) and "precision" not in options:
-        exp.precision = "fp16" if values["fp16"] else "fp32"
+    fp16 = values.get("fp16")
+    if fp16 not in (None, _MISSING) and "precision" not in options:
+        exp.precision = "fp16" if fp16 else "fp32"
+    elif fp16 not in (None, _MISSING) and fp16 != (exp.precision == "fp16"):
+        problems.add(
+            "fp16",
+            f"is {str(fp16).lower()} but precision is {exp.precision!r}: they disagree; keep "
+            "one of them (precision: fp32 | bf16 | fp16)",
+        )
     if (
         values.get("gpu_ids") not in (None, _MISSING)
         and values["gpu_ids"]
@@ -275,15 +292,13 @@ def _validate_train(train: dict, problems: Problems, base: Path) -> TrainOptions
         opts, kwargs = bind_shared_section(TrainOptions, sched, train, "train", problems, base)
         if opts is not None:
             opts.scheduler_kwargs = kwargs
-    if opts is not None:
-        if opts.niter < 1:
-            problems.add("train.niter", f"must be >= 1, got {opts.niter}")
-        if opts.mega_batch_factor < 1:
-            problems.add("train.mega_batch_factor", f"must be >= 1, got {opts.mega_batch_factor}")
-        if opts.ema_rate is not None and not 0.0 < opts.ema_rate < 1.0:
-            problems.add(
-                "train.ema_rate", f"must be between 0 and 1 (e.g. 0.999), got {opts.ema_rate}"
-            )
+    warmup = opts.scheduler_kwargs.get("warmup_iter") if opts is not None else None
+    if isinstance(warmup, int) and warmup >= opts.niter:
+        problems.add(
+            "train.warmup_iter",
+            f"is {warmup}, not fewer than train.niter ({opts.niter}): the whole run would be "
+            "warm-up; lower it (or raise niter)",
+        )
     return opts
 
 
@@ -328,6 +343,7 @@ def _validate_eval(section: dict, problems: Problems, base: Path) -> EvalOptions
 
 def _validate_network(name: str, net: Any, problems: Problems, base: Path) -> NetworkSpec | None:
     path = f"networks.{name}"
+    before = len(problems.items)
     if not is_mapping(net, path, problems):
         return None
     net = dict(net)
@@ -354,7 +370,21 @@ def _validate_network(name: str, net: Any, problems: Problems, base: Path) -> Ne
         return spec
     spec.factory = factory
     spec.kwargs = bind_options(factory, spec.kwargs, f"{path}.kwargs", problems, base_dir=base)
+    if len(problems.items) == before:
+        _check_by_building(spec, path, problems)
     return spec
+
+
+def _check_by_building(spec: NetworkSpec, path: str, problems: Problems) -> None:
+    """Run the network's own checks (e.g. heads dividing the width) now, with every other
+    problem: build it on the meta device, which allocates nothing."""
+    try:
+        with torch.device("meta"):
+            construct(spec.factory, spec.kwargs, {}, path)
+    except (ValueError, TypeError) as e:
+        problems.add(f"{path}.kwargs", str(e))
+    except Exception as e:  # not the options' fault (an op meta tensors lack): built later
+        log.debug("%s: not checked on the meta device: %s", path, e)
 
 
 def _validate_step(
@@ -405,9 +435,9 @@ _SHARED_TYPES = {
     "out": str | list[str],
     "train": bool,
     "eval": bool,
-    "after": int,
-    "before": int | None,
-    "every": int,
+    "after": NonNegativeInt,
+    "before": NonNegativeInt | None,
+    "every": PositiveInt,
     "weight": float,
 }
 

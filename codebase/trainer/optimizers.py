@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules import batchnorm, instancenorm, normalization
 
 from utils.registry import Registry
-from utils.schema import Runtime, construct
+from utils.schema import PositiveFloat, Runtime, construct
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -65,7 +65,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 @OPTIMIZERS.register("adamw")
 def adamw(
     module: Runtime[nn.Module],
-    lr: float,
+    lr: PositiveFloat,
     weight_decay: float = 0.01,
     beta1: float = 0.9,
     beta2: float = 0.999,
@@ -84,7 +84,7 @@ def adamw(
 @OPTIMIZERS.register("adam")
 def adam(
     module: Runtime[nn.Module],
-    lr: float,
+    lr: PositiveFloat,
     weight_decay: float = 0.0,
     beta1: float = 0.9,
     beta2: float = 0.999,
@@ -103,7 +103,7 @@ def adam(
 @OPTIMIZERS.register("sgd")
 def sgd(
     module: Runtime[nn.Module],
-    lr: float,
+    lr: PositiveFloat,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,

@@ -37,6 +37,35 @@ def _is_runtime(hint: Any) -> bool:
     return typing.get_origin(hint) is Annotated and _RUNTIME in hint.__metadata__
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a number, checked at validation with the types: ``Annotated[int, Range(1)]``."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # > min rather than >= min
+    max_open: bool = False  # < max rather than <= max
+
+    def describe(self) -> str:
+        parts = []
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
+        if self.max is not None:
+            parts.append(f"{'<' if self.max_open else '<='} {self.max:g}")
+        return " and ".join(parts)
+
+    def holds(self, value: float) -> bool:
+        lo = self.min is None or (value > self.min if self.min_open else value >= self.min)
+        hi = self.max is None or (value < self.max if self.max_open else value <= self.max)
+        return lo and hi
+
+
+PositiveInt = Annotated[int, Range(1)]  # sizes, counts, frequencies
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, min_open=True)]  # learning rates, clip norms
+Fraction = Annotated[float, Range(0, 1, max_open=True)]  # dropout and other rates in [0, 1)
+
+
 class ConfigError(ValueError):
     """One or more problems in an experiment's options, each with its key path."""
 
@@ -81,7 +110,12 @@ def coerce(value: Any, hint: Any, path: str, problems: Problems, base_dir: Path 
     if hint is Any or hint is inspect.Parameter.empty or hint is object:
         return value
     if typing.get_origin(hint) is Annotated:
-        hint = typing.get_args(hint)[0]
+        out = coerce(value, typing.get_args(hint)[0], path, problems, base_dir)
+        for bound in (m for m in hint.__metadata__ if isinstance(m, Range)):
+            if out is not _MISSING and out is not None and not bound.holds(out):
+                problems.add(path, f"must be {bound.describe()}, got {out!r}")
+                return _MISSING
+        return out
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is StateKey:
@@ -190,7 +224,8 @@ def _show(value: Any) -> str:
 def type_name(hint: Any) -> str:
     """A readable name for a type hint: ``list of int``, ``float or null`` ..."""
     if typing.get_origin(hint) is Annotated:
-        hint = typing.get_args(hint)[0]
+        bounds = [m.describe() for m in hint.__metadata__ if isinstance(m, Range)]
+        return " ".join([type_name(typing.get_args(hint)[0]), *bounds])
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is StateKey:
         return "state key (str)"
@@ -225,7 +260,7 @@ def build_dataclass(
 
     ``handled`` names keys the caller validates itself (e.g. a section's components): they
     are skipped here but count as valid in the did-you-mean of an unknown key."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     handled = tuple(handled)
     kwargs: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from torch import nn
 
 from models import register_model
 from models.audio.tts.valle_layers import KVCache, Trunk, penalize_repeats, rope_angles, sample
-from utils.schema import Runtime
+from utils.schema import Fraction, PositiveInt, Runtime
 
 Segment = tuple[torch.Tensor, torch.Tensor]  # (embeddings [B, S_i, D], lengths [B])
 
@@ -105,19 +105,19 @@ class VALLE(nn.Module):
 
     def __init__(
         self,
-        n_phonemes: int = 256,
-        codebook_size: int = 1024,
-        n_levels: int = 8,
-        d_model: int = 512,
-        n_layers: int = 12,
-        n_heads: int = 8,
-        ff_mult: int = 4,
-        dropout: float = 0.1,
+        n_phonemes: PositiveInt = 256,
+        codebook_size: PositiveInt = 1024,
+        n_levels: PositiveInt = 8,
+        d_model: PositiveInt = 512,
+        n_layers: PositiveInt = 12,
+        n_heads: PositiveInt = 8,
+        ff_mult: PositiveInt = 4,
+        dropout: Fraction = 0.1,
         shared_weights: bool = True,
         positions: Literal["rope", "learned"] = "rope",
-        max_positions: int = 4096,
+        max_positions: PositiveInt = 4096,
         segment_positions: bool = False,
-        ar_input_noise: float = 0.0,
+        ar_input_noise: Fraction = 0.0,
         checkpointing: Runtime[bool] = False,
     ) -> None:
         super().__init__()
