@@ -61,6 +61,7 @@ class TrainOptions:
     val_freq: int | None = None  # validate every N steps (needs datasets.val)
     default_lr_scheme: str = "Constant"  # MultiStepLR | CosineAnnealing | Constant
     ema_rate: float | None = None  # e.g. 0.999; keeps an EMA copy of every trainable network
+    max_nonfinite_streak: int | None = 100  # stop after N steps in a row skipped (None: never)
     scheduler_kwargs: dict = field(default_factory=dict, init=False)  # the schedule's options
 
 
@@ -283,6 +284,11 @@ def _validate_train(train: dict, problems: Problems, base: Path) -> TrainOptions
         if opts.ema_rate is not None and not 0.0 < opts.ema_rate < 1.0:
             problems.add(
                 "train.ema_rate", f"must be between 0 and 1 (e.g. 0.999), got {opts.ema_rate}"
+            )
+        if opts.max_nonfinite_streak is not None and opts.max_nonfinite_streak < 1:
+            problems.add(
+                "train.max_nonfinite_streak",
+                f"must be >= 1 or null (never stop), got {opts.max_nonfinite_streak}",
             )
     return opts
 
