@@ -12,7 +12,7 @@ import sys
 # Python puts this file's folder (codebase/) first on sys.path, so `python codebase/train.py`
 # from the repository root imports the same packages as `python train.py` from codebase/.
 from trainer.config import load_experiment_cli
-from trainer.extensible_trainer import ExtensibleTrainer
+from trainer.extensible_trainer import ExtensibleTrainer, NonFiniteStreak
 from trainer.run_summary import run_summary
 from utils.options import experiment_parser
 from utils.schema import ConfigError
@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         trainer.evaluate()
     else:
-        trainer.train()
+        try:
+            trainer.train()
+        except NonFiniteStreak as e:  # a diverged run: its own exit code, for schedulers
+            print(f"error: {e}", file=sys.stderr)
+            return 3
     if trainer.dist.is_main:
         print("\n" + run_summary(trainer), flush=True)
     return 0

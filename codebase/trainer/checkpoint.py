@@ -31,6 +31,8 @@ READABLE_FORMATS = (1, 2)
 _STATE_NAME = re.compile(r"^(\d+)\.state$")
 _MODEL_NAME = re.compile(r"^(\d+)_.+\.safetensors$")
 _ENGINE_DIR = re.compile(r"^(\d+)\.[a-z_]+$")
+# utils.io.atomic_write's temporary siblings: ".<name>.tmp-<pid>"
+_LEFTOVER_TMP = re.compile(r"^\..+\.tmp-\d+$")
 
 
 class CheckpointManager:
@@ -46,6 +48,8 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.models_dir = self.root / "models"
         self.state_dir = self.root / "training_state"
+        # Steps pruning must not delete (e.g. the last good checkpoint during a non-finite streak)
+        self.protected: set[int] = set()
 
     # ------------------------------------------------------------------ paths
 
@@ -59,6 +63,31 @@ class CheckpointManager:
     def engine_dir(self, step: int, engine: str) -> Path:
         """Folder for the files an engine saves itself (written before the state file)."""
         return self.state_dir / f"{step}.{engine}"
+
+    # ------------------------------------------------------------------ protection, cleanup
+
+    def protect(self, step: int) -> None:
+        """Keep ``step``'s checkpoint through pruning until :meth:`unprotect`."""
+        self.protected.add(step)
+
+    def unprotect(self, step: int) -> None:
+        self.protected.discard(step)
+
+    def remove_leftovers(self) -> tuple[int, int]:
+        """Delete temporary files interrupted saves left behind; returns (files, bytes).
+
+        Call only while no save is running (at start, on the rank that writes).
+        """
+        count = size = 0
+        for folder in (self.models_dir, self.state_dir):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if _LEFTOVER_TMP.match(path.name) and path.is_file():
+                    size += path.stat().st_size
+                    path.unlink(missing_ok=True)
+                    count += 1
+        return count, size
 
     # ------------------------------------------------------------------ saving
 
@@ -113,8 +142,11 @@ class CheckpointManager:
         steps = self.steps()
         # The step just written always survives, even when resuming from an older checkpoint
         # left newer ones behind.
-        keep = set(steps[-self.keep_last :]) | {just_saved}
-        oldest_kept = min(keep)
+        recent = set(steps[-self.keep_last :]) | {just_saved}
+        # Protected steps survive too; they do not lower oldest_kept, so the orphaned files of
+        # steps between them and the recent ones are still removed.
+        keep = recent | self.protected
+        oldest_kept = min(recent)
         for step in steps:
             if step not in keep:
                 # State first: once it is gone the step no longer counts as complete.

@@ -69,6 +69,9 @@ class TrainOptions:
     val_freq: PositiveInt | None = None  # validate every N steps (needs datasets.val)
     default_lr_scheme: str = "Constant"  # MultiStepLR | CosineAnnealing | Constant
     ema_rate: Rate | None = None  # e.g. 0.999; keeps an EMA copy of every trainable network
+    max_nonfinite_streak: PositiveInt | None = (
+        100  # stop after N steps in a row skipped (None: never)
+    )
     scheduler_kwargs: dict = field(default_factory=dict, init=False)  # the schedule's options
 
 

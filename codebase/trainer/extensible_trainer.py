@@ -42,6 +42,10 @@ from utils.seed import derive_seed, set_seed
 log = logging.getLogger(__name__)
 
 
+class NonFiniteStreak(RuntimeError):
+    """Too many optimizer steps in a row had a skipped (non-finite) update."""
+
+
 class ExtensibleTrainer:
     """Trains the networks of one experiment through its steps, with checkpoints and logs.
 
@@ -55,6 +59,8 @@ class ExtensibleTrainer:
         self.step = 0
         self.step_callbacks: list[Callable[[int, dict[str, Any]], None]] = []
         self._window_skips: dict[str, int] = {}  # skipped updates per step since the last log
+        self._streak = 0  # trainer steps in a row with a skipped update
+        self._last_good: int | None = None  # newest checkpoint saved outside a streak
         self._setup_distributed()
         self._build_data()
         self._build_networks()
@@ -64,9 +70,11 @@ class ExtensibleTrainer:
             set_seed(derive_seed(self.seed, self.dist.rank))
         self._build_steps()
         self._build_logging(start_step=int(saved["step"]) if saved else 0)
+        self._remove_leftovers()
         self._register_state()
         if saved is not None:  # last: the random streams continue from here
             self.step = self.env.step = self.rng.restored_step = int(saved["step"])
+            self._last_good = self.step
             self.engine.load_checkpoint(self.checkpoints.engine_dir(self.step, self.engine.name))
             self.state.load_state_dict(saved, resume)
         self._write_run_config(resume)
@@ -258,6 +266,17 @@ class ExtensibleTrainer:
             spec.name: build_component(spec, provided) for spec in exp.eval.evaluators
         }
 
+    def _remove_leftovers(self) -> None:
+        """Temporary files of saves a kill interrupted (rank 0 writes them, so it cleans)."""
+        if not self.dist.is_main:
+            return
+        count, size = self.checkpoints.remove_leftovers()
+        if count:
+            self.logger.info(
+                f"removed {count} leftover temporary file(s) of interrupted saves "
+                f"({size} bytes) from {self.run_dir}"
+            )
+
     def _register_state(self) -> None:
         """What a checkpoint's training state holds (see :mod:`trainer.training_state`)."""
         self.state = TrainingState()
@@ -408,11 +427,47 @@ class ExtensibleTrainer:
         data_time = time.perf_counter() - t0
         self.step += 1
         self.env.step = self.step
+        skipped_before = self.counters.skipped_steps
         logs = self.train_step(batch)
+        self._track_streak(self.counters.skipped_steps > skipped_before)
         meter.add(logs, batch_size_of(batch), data_time)
         self.logger.progress(self.step)
         for callback in self.step_callbacks:
             callback(self.step, logs)
+
+    def _track_streak(self, skipped: bool) -> None:
+        """Count steps in a row with a skipped update; stop at ``train.max_nonfinite_streak``.
+
+        While a streak runs, the last checkpoint saved before it is protected from pruning:
+        it is where to resume from if the streak turns out to be a diverged run.
+        """
+        if not skipped:
+            if self._streak and self._last_good is not None:
+                self.checkpoints.unprotect(self._last_good)
+            self._streak = 0
+            return
+        self._streak += 1
+        if self._streak == 1 and self._last_good is not None:
+            self.checkpoints.protect(self._last_good)
+        limit = self.exp.train.max_nonfinite_streak
+        if limit is None or self._streak < limit:
+            return
+        start = self.step - self._streak + 1
+        if self._last_good is None:
+            good = "no checkpoint was saved before it (restart, e.g. from pretrained weights)"
+            resume = ""
+        else:
+            state = self.checkpoints.state_path(self._last_good)
+            good = f"the last checkpoint saved before it is {state}"
+            resume = f"resume from it with path.resume_state={state}, "
+        msg = (
+            f"stopping: {self._streak} steps in a row had a non-finite gradient and skipped "
+            f"their update (the streak began at step {start}); {good}. No checkpoint was saved of "
+            f"these weights. Lower the learning rate or check the data, then {resume}or raise "
+            f"train.max_nonfinite_streak (null: never stop)"
+        )
+        self.logger.error(msg)
+        raise NonFiniteStreak(msg)
 
     def _periodic(self, meter: Meter, commands: set[str]) -> bool:
         """Logging, validation, evaluators and saving when their frequency (or a command)
@@ -552,6 +607,8 @@ class ExtensibleTrainer:
                 metadata=self.checkpoint_metadata,
             )
             self.logger.info(f"saved checkpoint at step {self.step}: {path}")
+        if not self._streak:  # a save inside a streak may hold diverging weights
+            self._last_good = self.step
         distributed.barrier()
         return path
 

@@ -246,6 +246,12 @@ class TrainingLogger:
         tqdm.write(f"[{self.name}] WARNING: {msg}", file=sys.stdout)
         _log.warning(msg)
 
+    def error(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(f"[{self.name}] ERROR: {msg}", file=sys.stdout)
+        _log.error(msg)
+
     # --- media -------------------------------------------------------------------------------
 
     def log_audio(self, tag: str, wav: torch.Tensor, sample_rate: int, step: int) -> None:
