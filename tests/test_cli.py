@@ -36,7 +36,7 @@ def test_dry_run_from_root_and_codebase():
     )
     assert r.returncode == 0, r.stderr
     r = run(
-        ["train.py", "-opt", "experiments/toy_regression.yml", "--dry-run", "-o", "train.niter=3"],
+        ["train.py", "-opt", "experiments/toy_regression.yml", "--dry-run", "-o", "train.niter=60"],
         cwd=REPO / "codebase",
     )
     assert r.returncode == 0, r.stderr
