@@ -96,3 +96,15 @@ def test_plugin_by_path_and_by_module(tmp_path):
         import_plugins(["missing_plugin.py"], tmp_path)
     with pytest.raises(ConfigError, match="cannot be imported"):
         import_plugins(["no_such_module_xyz"], tmp_path)
+
+
+def test_duplicate_keys_are_an_error_with_both_lines():
+    text = "name: a\nsteps:\n  s: 1\n  t: 2\n  s: 3\ntrain: {niter: 1}\nsteps: {}\n"
+    with pytest.raises(ConfigError) as e:
+        parse_yaml(text, "x.yml")
+    problems = dict(e.value.problems)
+    assert problems["steps.s"].startswith("given twice, at lines 3 and 5")
+    assert problems["steps"].startswith("given twice, at lines 2 and 7")
+    assert "x.yml" in str(e.value)
+    # a merge key's values may be overridden; that is not a duplicate
+    assert parse_yaml("b: &b {x: 1}\nm: {<<: *b, x: 2}\n")["m"] == {"x": 2}

@@ -43,9 +43,44 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=_Loader), "")
+        if duplicates:
+            raise ConfigError(duplicates, source)
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError([("", f"invalid YAML: {e}")], source) from None
+
+
+def _duplicate_keys(
+    node: yaml.Node | None, path: str, visited: set[int] | None = None
+) -> list[tuple[str, str]]:
+    """Keys given twice in one mapping (plain YAML silently keeps the last), with both lines."""
+    found: list[tuple[str, str]] = []
+    visited = set() if visited is None else visited
+    if id(node) in visited:  # an alias of a node already checked (or a recursive one)
+        return found
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden
+                continue
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            where = f"{path}.{key}" if path else key
+            if key in seen:
+                found.append(
+                    (
+                        where,
+                        f"given twice, at lines {seen[key]} and {line}; keep one "
+                        "(YAML would silently use the last)",
+                    )
+                )
+            seen.setdefault(key, line)
+            found += _duplicate_keys(value_node, where, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, f"{path}[{i}]", visited)
+    return found
 
 
 def experiment_parser(description: str | None) -> argparse.ArgumentParser:
