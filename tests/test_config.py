@@ -307,3 +307,11 @@ def test_fp16_and_precision_must_agree(tmp_path):
     problems = problems_of(tmp_path, fp16=True, precision="bf16")
     assert "they disagree" in problems["fp16"]
     assert make_experiment(tmp_path, fp16=True, precision="fp16").precision == "fp16"
+
+
+def test_generator_must_name_a_network(tmp_path):
+    problems = problems_of(tmp_path, steps={"fit": {"injectors": {"pred": {"generator": "mpl"}}}})
+    assert (
+        "no network called 'mpl' (did you mean 'mlp'?)"
+        in problems["steps.fit.injectors.pred.generator"]
+    )

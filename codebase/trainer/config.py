@@ -21,7 +21,7 @@ from trainer import components  # noqa: F401 - imports every built-in component 
 from trainer.component import ComponentSpec, Gate
 from trainer.engines import validate_engine_options
 from trainer.evaluators import EVALUATORS
-from trainer.injectors import INJECTORS
+from trainer.injectors import INJECTORS, GeneratorInjector
 from trainer.losses import LOSSES
 from trainer.lr_scheduler import SCHEDULERS
 from trainer.optimizers import OPTIMIZERS
@@ -427,7 +427,22 @@ def _validate_step(
             )
             if c:
                 getattr(spec, key).append(c)
+                _check_network_names(c, networks, problems)
     return spec
+
+
+def _check_network_names(spec: ComponentSpec, networks: dict, problems: Problems) -> None:
+    """An injector's ``generator`` (and for_each's sub-injector's) must name a network."""
+    nested = [v for v in spec.kwargs.values() if isinstance(v, ComponentSpec)]
+    for inner in nested:
+        _check_network_names(inner, networks, problems)
+    name = spec.kwargs.get("generator")
+    if issubclass(spec.cls, GeneratorInjector) and name not in networks:
+        problems.add(
+            f"{spec.path}.generator",
+            f"no network called {name!r}{did_you_mean(name, networks)}; networks: "
+            f"{', '.join(networks) or '(none)'}",
+        )
 
 
 # Options shared by every component of a kind (besides `type`), with their types.
