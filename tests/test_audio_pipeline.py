@@ -77,6 +77,26 @@ def test_prepare_section_is_validated(tmp_path):
         )
     problems = dict(e.value.problems)
     assert "did you mean 'fetcher_mode'" in problems["datasets.train.prepare.fetcher_mod"]
+    with pytest.raises(ConfigError) as e:  # the names inside prepare: too, file or not
+        validate_experiment(
+            load_options(
+                path,
+                [
+                    "datasets.train.prepare.fetcher_mode=tsvv",
+                    "datasets.train.prepare.codec=mel_rvk",
+                    "datasets.train.prepare.language=englsh",
+                ],
+            )
+        )
+    problems = dict(e.value.problems)
+    assert "did you mean 'tsv'" in problems["datasets.train.prepare.fetcher_mode"]
+    assert "did you mean 'mel_rvq'" in problems["datasets.train.prepare.codec"]
+    assert "unknown espeak language 'englsh'" in problems["datasets.train.prepare.language"]
+    with pytest.raises(ConfigError) as e:
+        validate_experiment(load_options(path, ["datasets.train.prepare.codec_options.hop=3"]))
+    problems = dict(e.value.problems)
+    hop = problems["datasets.train.prepare.codec_options.hop"]
+    assert hop.startswith("unknown option") and "hop_length" in hop
     exp = validate_experiment(load_options(path))
     prep = exp.datasets["train"].kwargs["prepare"]
     assert prep.path == tmp_path.resolve() / "corpus" / "index.tsv"  # relative to the YAML

@@ -9,6 +9,8 @@ hooks the loader uses when present:
   loading data (default: read from the first item);
 - ``make_batch_sampler(batch_size, shuffle, seed, rank, world_size, drop_last)``: a
   :class:`data.loader.ResumableBatchSampler`-like object (e.g. token-budget buckets);
+- ``check_options(kwargs, path, problems)`` (static): checks of its validated options beyond
+  their types, run at validation (e.g. the names inside ``hdf5_codes``'s ``prepare:``);
 - ``checkpoint_metadata() -> dict[str, str]``: strings saved in every network checkpoint
   (e.g. the phoneme vocabulary and codec config that inference needs).
 """

@@ -65,6 +65,9 @@ def validate_dataset(
     if spec is None:
         return None
     spec.cls, spec.kwargs = cls, kwargs
+    check = getattr(cls, "check_options", None)  # a dataset's own checks of its options
+    if callable(check):
+        check(kwargs, path, problems)
     if (spec.phase or phase) != "train":
         for key in ("shuffle", "drop_last"):
             if getattr(spec, key) is not None:

@@ -30,11 +30,13 @@ import torch
 from tqdm import tqdm
 
 from data.audio.corpus import screen
-from data.audio.fetchers import fetch
-from data.audio.phonemes import PhonemeVocab, Phonemizer
-from models.audio.codecs import build_codec
+from data.audio.fetchers import FETCHERS, fetch
+from data.audio.phonemes import PhonemeVocab, Phonemizer, supported_languages
+from models.audio.codecs import CODECS, build_codec
 from models.audio.codecs.mel_rvq import MelRVQCodec
 from utils.audio import AudioError, load_audio
+from utils.registry import did_you_mean
+from utils.schema import Problems, bind_options, lookup
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -59,6 +61,27 @@ class PrepareOptions:
     fit_iters: int = 20  # mel_rvq: k-means iterations per level
     device: str = "cpu"  # where the codec runs ("cuda" speeds up encodec)
     flush_every: int = 64  # items per commit to the partial file
+
+
+def check_prepare(opts: PrepareOptions, path: str, problems: Problems) -> None:
+    """The names and options inside a ``prepare:`` section (fetcher, codec and its options,
+    language), checked at validation whether or not the data file exists yet."""
+    modes = opts.fetcher_mode if isinstance(opts.fetcher_mode, list) else [opts.fetcher_mode]
+    for mode in modes:
+        lookup(FETCHERS, mode, f"{path}.fetcher_mode", problems)
+    codec = lookup(CODECS, opts.codec, f"{path}.codec", problems)
+    if codec is not None:
+        bind_options(codec, opts.codec_options, f"{path}.codec_options", problems)
+    try:
+        known = supported_languages()
+    except RuntimeError as e:  # no espeak: reported when preparing
+        log.debug("%s.language not checked: %s", path, e)
+        return
+    if opts.language not in known:
+        problems.add(
+            f"{path}.language",
+            f"unknown espeak language {opts.language!r}{did_you_mean(opts.language, known)}",
+        )
 
 
 @dataclass

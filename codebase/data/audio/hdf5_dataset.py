@@ -16,12 +16,12 @@ from torch.utils.data import Dataset
 from data import register_dataset
 from data.audio.bucket_sampler import BucketBatchSampler
 from data.audio.corpus import split_fraction
-from data.audio.corpus_to_h5 import PrepareOptions
+from data.audio.corpus_to_h5 import PrepareOptions, check_prepare
 from data.audio.corpus_to_h5 import prepare as prepare_corpus
 from data.audio.phonemes import PhonemeVocab
 from data.loader import pad_batch
 from utils import distributed
-from utils.schema import Runtime
+from utils.schema import Problems, Runtime
 from utils.seed import generator
 
 
@@ -56,6 +56,12 @@ class Hdf5CodesDataset(Dataset):
         "text",
         "id",
     )
+
+    @staticmethod
+    def check_options(kwargs: dict[str, Any], path: str, problems: Problems) -> None:
+        """Validation hook (see :mod:`data.spec`): the ``prepare:`` section's names."""
+        if isinstance(kwargs.get("prepare"), PrepareOptions):
+            check_prepare(kwargs["prepare"], f"{path}.prepare", problems)
 
     def __init__(
         self,
