@@ -1,6 +1,7 @@
 """Every start-up error a user can trigger, and DLAS spellings."""
 
 import pytest
+import torch
 
 from helpers import REPO, make_experiment, make_trainer
 from trainer.config import validate_experiment
@@ -314,4 +315,22 @@ def test_generator_must_name_a_network(tmp_path):
     assert (
         "no network called 'mpl' (did you mean 'mlp'?)"
         in problems["steps.fit.injectors.pred.generator"]
+    )
+
+
+def test_pretrained_files_are_checked(tmp_path):
+    from utils.io import save_network
+
+    problems = problems_of(tmp_path, path={"pretrain_model_mlp": "missing.safetensors"})
+    assert problems["path.pretrain_model_mlp"].endswith("missing.safetensors does not exist")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 20)
+    problems = problems_of(tmp_path, path={"pretrain_model_mlp": "broken.safetensors"})
+    assert "not a readable safetensors file" in problems["path.pretrain_model_mlp"]
+    save_network(
+        torch.nn.Linear(2, 2), tmp_path / "other.safetensors", which_model="linear", kwargs={}
+    )
+    problems = problems_of(tmp_path, path={"pretrain_model_mlp": "other.safetensors"})
+    assert (
+        "holds a 'linear' network, but networks.mlp is a 'toy_mlp'"
+        in problems["path.pretrain_model_mlp"]
     )

@@ -25,6 +25,7 @@ from trainer.injectors import INJECTORS, GeneratorInjector
 from trainer.losses import LOSSES
 from trainer.lr_scheduler import SCHEDULERS
 from trainer.optimizers import OPTIMIZERS
+from utils.io import safetensors_metadata
 from utils.options import import_plugins, load_cli, public
 from utils.registry import Registry, did_you_mean
 from utils.schema import (
@@ -273,6 +274,7 @@ def _validate_sections(exp: Experiment, sections: dict[str, dict], problems: Pro
             loss_owner[loss] = name
     if not sections["steps"]:
         problems.add("steps", "missing: declare at least one training step")
+    _check_pretrained(exp, problems)
     exp.deepspeed = validate_engine_options(exp.engine, sections["deepspeed"], exp, problems)
     t = exp.train
     if t is not None and t.val_freq and "val" not in sections["datasets"]:
@@ -326,6 +328,33 @@ def _validate_path(section: dict, exp: Experiment, problems: Problems) -> PathOp
     opts = build_dataclass(PathOptions, path, "path", problems, exp.base_dir) or PathOptions()
     opts.pretrain = pretrain
     return opts
+
+
+def _check_pretrained(exp: Experiment, problems: Problems) -> None:
+    """``pretrain_model_<net>`` files exist and are readable; a network file written by this
+    trainer must hold the same model as the network it initialises."""
+    for net, path in exp.path.pretrain.items():
+        where = f"path.pretrain_model_{net}"
+        if not isinstance(path, Path):  # its type was already reported
+            continue
+        if not path.is_file():
+            problems.add(where, f"{path} does not exist")
+            continue
+        if path.suffix != ".safetensors":  # .pth/.pt: read when loaded (weights only)
+            continue
+        try:
+            meta = safetensors_metadata(path)
+        except ValueError as e:
+            problems.add(where, str(e))
+            continue
+        spec = exp.networks.get(net)
+        saved = meta.get("which_model")
+        if spec is not None and saved is not None and saved != spec.which_model:
+            problems.add(
+                where,
+                f"{path} holds a {saved!r} network, but networks.{net} is a "
+                f"{spec.which_model!r}; point it at a {spec.which_model!r} checkpoint",
+            )
 
 
 def _validate_eval(section: dict, problems: Problems, base: Path) -> EvalOptions:

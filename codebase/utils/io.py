@@ -178,7 +178,8 @@ def save_network(
     save_module(module, path, metadata)
 
 
-def _read_safetensors_metadata(path: Path) -> dict[str, str]:
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file; a missing or unreadable file raises with what to do."""
     if not path.is_file():
         raise FileNotFoundError(f"network file {path} does not exist")
     try:
@@ -194,7 +195,7 @@ def _read_safetensors_metadata(path: Path) -> dict[str, str]:
 def read_network_metadata(path: Path) -> dict[str, Any]:
     """Return ``{"which_model": str, "kwargs": dict, **other metadata}`` of a saved network."""
     path = Path(path)
-    meta = _read_safetensors_metadata(path)
+    meta = safetensors_metadata(path)
     if meta.get("format") != NETWORK_FORMAT or "which_model" not in meta or "kwargs" not in meta:
         raise ValueError(
             f"{path} is a safetensors file but not a network written by save_network (no "
