@@ -317,8 +317,7 @@ def _validate_path(section: dict, exp: Experiment, problems: Problems) -> PathOp
         if net not in networks:
             problems.add(
                 f"path.{key}",
-                f"no network called {net!r}{did_you_mean(net, networks)}"
-                f"; networks: {', '.join(networks) or '(none)'}",
+                _no_network(net, networks),
             )
         elif value is not None:
             pretrain[net] = coerce(value, Path, f"path.{key}", problems, exp.base_dir)
@@ -434,9 +433,7 @@ def _validate_step(
     if spec.training not in networks:
         problems.add(
             f"{path}.training",
-            f"no network called {spec.training!r}"
-            f"{did_you_mean(spec.training, networks)}; networks: "
-            f"{', '.join(networks) or '(none)'}",
+            _no_network(spec.training, networks),
         )
     opt_factory = lookup(OPTIMIZERS, spec.optimizer, f"{path}.optimizer", problems)
     if opt_factory is not None:
@@ -469,8 +466,7 @@ def _check_network_names(spec: ComponentSpec, networks: dict, problems: Problems
     if issubclass(spec.cls, GeneratorInjector) and name not in networks:
         problems.add(
             f"{spec.path}.generator",
-            f"no network called {name!r}{did_you_mean(name, networks)}; networks: "
-            f"{', '.join(networks) or '(none)'}",
+            _no_network(name, networks),
         )
 
 
@@ -535,6 +531,14 @@ def component_spec(name: str, path: str, cls: Any, kwargs: dict, common: dict) -
         train=common.get("train", True),
         eval=common.get("eval", True),
         weight=common.get("weight", 1.0),
+    )
+
+
+def _no_network(name: Any, networks: dict) -> str:
+    """The message for a name that is not one of the declared networks."""
+    return (
+        f"no network called {name!r}{did_you_mean(name, networks)}; networks: "
+        f"{', '.join(networks) or '(none)'}"
     )
 
 
