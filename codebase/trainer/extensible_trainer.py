@@ -35,6 +35,7 @@ from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
 from trainer.training_state import Counters, Group, RandomStreams, TrainingState
 from utils import distributed
+from utils.errors import EXIT_DIVERGED
 from utils.io import load_module
 from utils.schema import ConfigError, Problems, construct
 from utils.seed import derive_seed, set_seed
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 class NonFiniteStreak(RuntimeError):
     """Too many optimizer steps in a row had a skipped (non-finite) update."""
+
+    exit_code = EXIT_DIVERGED
 
 
 class ExtensibleTrainer:

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, NewType, Union
 
+from utils.errors import UserError
 from utils.registry import Registry, RegistryError, did_you_mean
 
 StateKey = NewType("StateKey", str)
@@ -66,7 +67,7 @@ PositiveFloat = Annotated[float, Range(0, min_open=True)]  # learning rates, cli
 Fraction = Annotated[float, Range(0, 1, max_open=True)]  # dropout and other rates in [0, 1)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more problems in an experiment's options, each with its key path."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str | Path | None = None) -> None:
