@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from trainer.checkpoint import CheckpointManager
+from utils.errors import CheckpointError
 from utils.io import load_module, read_network_metadata
 
 
@@ -135,7 +136,7 @@ def test_latest_skips_corrupt_and_ignores_temp_files(
     (state_dir / "50.state.bak").write_bytes(b"x")
 
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
-        assert mgr.latest() == mgr.state_path(20)
+        assert mgr.resolve_resume("auto") == mgr.state_path(20)
     assert "30.state" in caplog.text
     assert mgr.steps() == [10, 20, 30]
 
@@ -144,10 +145,10 @@ def test_load_state_rejects_foreign_file(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path)
     path = tmp_path / "foreign.state"
     torch.save({"hello": 1}, path)
-    with pytest.raises(ValueError, match="foreign.state"):
+    with pytest.raises(CheckpointError, match="foreign.state"):
         mgr.load_state(path)
     torch.save({"format_version": 99}, path)
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(CheckpointError, match="version"):
         mgr.load_state(path)
 
 
@@ -161,8 +162,105 @@ def test_resolve_resume(tmp_path: Path) -> None:
     assert mgr.resolve_resume(str(mgr.state_path(10))) == mgr.state_path(10)
     assert mgr.resolve_resume(mgr.state_path(10)) == mgr.state_path(10)
 
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(CheckpointError) as info:
         mgr.resolve_resume(tmp_path / "training_state" / "999.state")
     message = str(info.value)
     assert "999.state" in message
     assert "10.state" in message and "20.state" in message
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _flip(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_state_records_checksums_of_every_file(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 10, ema=True)
+    engine = mgr.engine_dir(10, "deepspeed")
+    engine.mkdir()
+    (engine / "shard.pt").write_bytes(b"engine bytes")
+    _save(mgr, 20)  # step 10's engine folder appeared after it was saved: not listed
+    files = mgr.load_state(mgr.state_path(10))["files"]
+    assert sorted(files) == [
+        "models/10_disc.safetensors",
+        "models/10_gen.safetensors",
+        "models/10_gen_ema.safetensors",
+    ]
+    engine20 = mgr.engine_dir(30, "deepspeed")
+    engine20.mkdir()
+    (engine20 / "shard.pt").write_bytes(b"engine bytes")
+    _save(mgr, 30)
+    assert "training_state/30.deepspeed/shard.pt" in mgr.load_state(mgr.state_path(30))["files"]
+    (engine20 / "shard.pt").write_bytes(b"engine bytez")
+    with pytest.raises(CheckpointError, match="shard.pt is corrupt"):
+        mgr.verify(mgr.state_path(30))
+
+
+def test_auto_skips_checkpoint_with_corrupt_weights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 10)
+    _save(mgr, 20)
+    _flip(mgr.network_path(20, "gen"))  # one flipped exponent bit in a weight
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert mgr.resolve_resume("auto") == mgr.state_path(10)
+    assert "skipping" in caplog.text and "20_gen.safetensors is corrupt" in caplog.text
+
+
+def test_auto_skips_truncated_and_missing_files(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    for step in (10, 20, 30):
+        _save(mgr, step)
+    path = mgr.network_path(30, "disc")
+    path.write_bytes(path.read_bytes()[:-7])  # truncated
+    mgr.network_path(20, "gen").unlink()  # missing
+    path, state, skipped = mgr.newest_intact()
+    assert path == mgr.state_path(10) and state["step"] == 10
+    reasons = "\n".join(why for _, why in skipped)
+    assert (
+        "30_disc.safetensors is corrupt" in reasons and "20_gen.safetensors is missing" in reasons
+    )
+
+
+def test_corrupt_state_file_is_caught(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 10)
+    path = mgr.state_path(10)
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.tensor(0.1).numpy().tobytes())  # the stored lr tensor's bytes
+    assert at > 0
+    data[at + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="10.state is corrupt"):
+        mgr.load_state(path)
+
+
+def test_auto_refuses_when_no_checkpoint_is_intact(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 10)
+    _save(mgr, 20)
+    _flip(mgr.network_path(10, "gen"))
+    mgr.state_path(20).write_bytes(b"not a state")
+    with pytest.raises(CheckpointError) as info:
+        mgr.resolve_resume("auto")
+    msg = str(info.value)
+    assert "none of the 2 checkpoint(s)" in msg and "Refusing to start over" in msg
+    assert "10_gen.safetensors is corrupt" in msg and "20.state" in msg
+    assert "path.resume_state: null" in msg and "`name`" in msg
+
+
+def test_explicit_resume_of_damaged_checkpoint_names_an_intact_one(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 10)
+    _save(mgr, 20)
+    _flip(mgr.network_path(20, "disc"))
+    with pytest.raises(CheckpointError) as info:
+        mgr.resolve_resume(mgr.state_path(20))
+    assert "20_disc.safetensors is corrupt" in str(info.value)
+    assert f"newest intact checkpoint is {mgr.state_path(10)}" in str(info.value)

@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from utils.errors import CheckpointError
 from utils.io import (
     LoadReport,
     atomic_write,
+    content_digest,
     load_module,
     load_torch,
     read_network_metadata,
@@ -116,15 +118,15 @@ def test_network_metadata_roundtrip(tmp_path: Path) -> None:
 
 
 def test_read_network_metadata_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(CheckpointError, match="nope.safetensors"):
         read_network_metadata(tmp_path / "nope.safetensors")
     plain = tmp_path / "plain.safetensors"
     save_module(Tiny(), plain)
-    with pytest.raises(ValueError, match="plain.safetensors"):
+    with pytest.raises(CheckpointError, match="plain.safetensors"):
         read_network_metadata(plain)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="garbage.safetensors"):
+    with pytest.raises(CheckpointError, match="garbage.safetensors"):
         read_network_metadata(garbage)
 
 
@@ -138,7 +140,7 @@ def test_strict_load_names_missing_key_and_option(tmp_path: Path) -> None:
     save_module(Tiny(), path)
     bigger = Tiny(extra=True)
     before = {k: v.clone() for k, v in bigger.state_dict().items()}
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(CheckpointError) as info:
         load_module(bigger, path)
     message = str(info.value)
     assert "extra.weight" in message and "extra.bias" in message
@@ -171,7 +173,7 @@ def test_shape_mismatch_reported_and_skipped(tmp_path: Path) -> None:
     assert "lin.weight: checkpoint shape [4, 4] vs model shape [3, 3]" in report.mismatched
     assert len(report.mismatched) == 3
     assert torch.equal(dst.lin.weight, before)
-    with pytest.raises(ValueError, match="lin.weight: checkpoint shape"):
+    with pytest.raises(CheckpointError, match="lin.weight: checkpoint shape"):
         load_module(dst, path)
 
 
@@ -179,16 +181,16 @@ def test_strict_error_truncates_long_key_lists(tmp_path: Path) -> None:
     path = tmp_path / "one.safetensors"
     save_module(nn.Linear(1, 1), path)
     many = nn.Sequential(*[nn.Linear(1, 1) for _ in range(30)])
-    with pytest.raises(ValueError, match=r"and \d+ more"):
+    with pytest.raises(CheckpointError, match=r"and \d+ more"):
         load_module(many, path)
 
 
 def test_load_module_missing_and_corrupt_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+    with pytest.raises(CheckpointError, match="absent.safetensors"):
         load_module(Tiny(), tmp_path / "absent.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 5)
-    with pytest.raises(ValueError, match="bad.safetensors"):
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
         load_module(Tiny(), bad)
 
 
@@ -226,7 +228,7 @@ def test_save_load_torch(tmp_path: Path) -> None:
     save_torch(obj, path)
     back = load_torch(path)
     assert torch.equal(back["a"], obj["a"]) and back["b"] == obj["b"] and back["c"] == obj["c"]
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="missing.pt"):
         load_torch(tmp_path / "missing.pt")
 
 
@@ -281,3 +283,49 @@ def test_set_seed_is_deterministic() -> None:
     assert _draw() == a
     with pytest.raises(ValueError, match="seed"):
         set_seed(-1)
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def flip_bit(path: Path, offset: int = -1, mask: int = 0x40) -> None:
+    """Flip one bit of a file in place (by default an exponent bit of its last float)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_weight_bit_is_caught_on_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_network(Tiny(), path, which_model="tiny", kwargs={})
+    flip_bit(path)
+    read_network_metadata(path)  # the header is intact: only the weights changed
+    with pytest.raises(CheckpointError, match="tiny.safetensors is corrupt"):
+        load_module(Tiny(), path)
+
+
+def test_file_without_checksum_still_loads(tmp_path: Path) -> None:
+    """Files from other tools (or written before checksums) have nothing to verify."""
+    from safetensors.torch import save_file
+
+    src, dst = Tiny(), Tiny()
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    assert load_module(dst, path).ok
+    _assert_same_state(src, dst)
+
+
+def test_content_digest_depends_on_content_not_order() -> None:
+    a = {"x": torch.arange(4.0), "y": [1, 2.5, "s", None], "z": {"k": torch.zeros(2)}}
+    b = {"z": {"k": torch.zeros(2)}, "y": [1, 2.5, "s", None], "x": torch.arange(4.0)}
+    assert content_digest(a) == content_digest(b)
+    for changed in (
+        {**a, "x": torch.arange(4.0).to(torch.float64)},  # same values, another dtype
+        {**a, "x": torch.arange(4.0).reshape(2, 2)},  # another shape
+        {**a, "y": [1, 2.5, "s"]},
+        {**a, "y": (1, 2.5, "s", None)},
+    ):
+        assert content_digest(changed) != content_digest(a)
+    bad = {**a, "x": torch.tensor([0.0, 1.0, 2.0, 3.0000002])}
+    assert content_digest(bad) != content_digest(a)

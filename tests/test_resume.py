@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import make_trainer
+from utils.errors import CheckpointError
 
 SECTIONS = dict(
     datasets={"train": {"batch_size": 6, "num_items": 50}},  # shuffled, 8 batches per epoch
@@ -75,5 +76,5 @@ def test_explicit_resume_state_and_missing_file(tmp_path):
     state = tmp_path / "toy" / "training_state" / "2.state"
     t = make_trainer(tmp_path, train={"niter": 4}, path={"resume_state": str(state)})
     assert t.step == 2
-    with pytest.raises(FileNotFoundError, match="9.state"):
+    with pytest.raises(CheckpointError, match="9.state"):
         make_trainer(tmp_path, path={"resume_state": str(state.with_name("9.state"))})

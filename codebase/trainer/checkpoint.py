@@ -7,7 +7,9 @@ Layout under the run root::
     training_state/<step>.state            optimizers, schedulers, RNG, counters
     training_state/<step>.<engine>/        files an engine writes itself (DeepSpeed's shards)
 
-The state file is written last, so its existence marks a complete checkpoint.
+The state file is written last, so its existence marks a complete checkpoint. It records the
+SHA-256 of every other file of its step (``files``) and a checksum of its own contents, so a
+checkpoint damaged on disk is found before it is trained on: :meth:`CheckpointManager.verify`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from utils.io import load_torch, save_network, save_torch
+from utils.errors import CheckpointError
+from utils.io import DIGEST_KEY, content_digest, file_sha256, load_torch, save_network, save_torch
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +132,37 @@ class CheckpointManager:
                     kwargs=kwargs,
                     extra={**extra, "ema": "true"},
                 )
-        full_state = {**state, "format_version": STATE_FORMAT_VERSION, "step": step}
+        full_state = {
+            **state,
+            "format_version": STATE_FORMAT_VERSION,
+            "step": step,
+            "files": self._file_checksums(step),
+        }
+        full_state[DIGEST_KEY] = content_digest(full_state)
         path = self.state_path(step)
         # verify: a state that weights_only loading refuses would only surface at resume time.
         save_torch(full_state, path, verify=True)
         self._prune(just_saved=step)
         return path
+
+    def step_files(self, step: int) -> list[Path]:
+        """The files of ``step`` besides its state: networks, EMA copies, engine files."""
+        files = []
+        if self.models_dir.is_dir():
+            files += [
+                p
+                for p in self.models_dir.iterdir()
+                if p.is_file() and (m := _MODEL_NAME.match(p.name)) and int(m.group(1)) == step
+            ]
+        if self.state_dir.is_dir():
+            for folder in self.state_dir.iterdir():
+                m = _ENGINE_DIR.match(folder.name)
+                if m and int(m.group(1)) == step and folder.is_dir():
+                    files += [p for p in folder.rglob("*") if p.is_file()]
+        return sorted(files)
+
+    def _file_checksums(self, step: int) -> dict[str, str]:
+        return {str(p.relative_to(self.root)): file_sha256(p) for p in self.step_files(step)}
 
     def _prune(self, just_saved: int) -> None:
         if self.keep_last is None:
@@ -180,28 +208,58 @@ class CheckpointManager:
         return sorted(found)
 
     def latest(self) -> Path | None:
-        """Newest training state that loads; a corrupt one is skipped with a warning."""
+        """Newest checkpoint whose state and files are all intact (see :meth:`newest_intact`)."""
+        return self.newest_intact()[0]
+
+    def newest_intact(self) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+        """The newest intact checkpoint's state file and state, and the newer ones skipped
+        with why."""
+        skipped: list[tuple[Path, str]] = []
         for step in reversed(self.steps()):
             path = self.state_path(step)
             try:
-                self.load_state(path)
-            except (ValueError, OSError) as e:
-                logger.warning("skipping unreadable checkpoint %s: %s", path, e)
-                continue
-            return path
-        return None
+                return path, self.verify(path), skipped
+            except CheckpointError as e:
+                skipped.append((path, str(e)))
+        return None, None, skipped
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """Load a state file and check every file of its checkpoint against the checksums
+        recorded at save; returns the state. Raises :class:`CheckpointError` naming each
+        damaged or missing file."""
+        path = Path(path)
+        state = self.load_state(path)
+        root = path.resolve().parent.parent  # the run folder that wrote it (may be another)
+        problems = []
+        for rel, expected in (state.get("files") or {}).items():
+            file = root / rel
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif file_sha256(file) != expected:
+                problems.append(f"{file} is corrupt (its checksum no longer matches)")
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
+        return state
 
     def load_state(self, path: Path) -> dict[str, Any]:
-        """Load a training state file and check it is one this code can read."""
+        """Load a training state file, check its own checksum and that this code reads it."""
         path = Path(path)
         state = load_torch(path)
         if not isinstance(state, dict) or "format_version" not in state:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} is not a training state written by CheckpointManager (no "
                 f"'format_version'); point resume_state at a training_state/<step>.state file"
             )
+        expected = state.pop(DIGEST_KEY, None)  # absent in files written before checksums
+        if expected is not None and content_digest(state) != expected:
+            raise CheckpointError(
+                f"{path} is corrupt: its contents no longer match the checksum recorded when "
+                f"it was written (damaged on disk or in a copy); resume from another step"
+            )
         if state["format_version"] not in READABLE_FORMATS:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} has training state format version {state['format_version']!r}, this "
                 f"code reads versions {READABLE_FORMATS}; resume with the code version that "
                 f"wrote it"
@@ -209,18 +267,50 @@ class CheckpointManager:
         return state
 
     def resolve_resume(self, resume_state: str | Path | None) -> Path | None:
-        """Turn the ``resume_state`` option (None, "auto" or a path) into a state file path."""
+        """The state file :meth:`resume` picks for the ``resume_state`` option."""
+        return self.resume(resume_state)[0]
+
+    def resume(self, resume_state: str | Path | None) -> tuple[Path | None, dict | None]:
+        """The verified state file and state for the ``resume_state`` option (None, "auto"
+        or a path); (None, None) to start fresh.
+
+        ``auto`` takes the newest intact checkpoint, warning about each newer one it skips; if
+        checkpoints exist but none is intact it refuses, rather than start over the old run.
+        An explicit path must be intact too.
+        """
         if resume_state is None:
-            return None
+            return None, None
         if isinstance(resume_state, str) and resume_state == "auto":
-            return self.latest()
+            path, state, skipped = self.newest_intact()
+            for bad, why in skipped:
+                logger.warning("resume_state auto: skipping %s: %s", bad, why)
+            if path is None and skipped:
+                listing = "\n".join(f"  - {why}" for _, why in skipped)
+                raise CheckpointError(
+                    f"resume_state is 'auto' but none of the {len(skipped)} checkpoint(s) in "
+                    f"{self.root} is intact:\n{listing}\nRefusing to start over the old run. "
+                    f"Restore the files from a backup; or start from a checkpoint's weights "
+                    f"with path.pretrain_model_<net>; or start a new run with another `name`; "
+                    f"or set path.resume_state: null to start over in this folder, "
+                    f"overwriting it."
+                )
+            return path, state
         path = Path(resume_state)
         if not path.is_file():
             available = [str(self.state_path(s)) for s in self.steps()]
             listing = "\n".join(f"  - {a}" for a in available) if available else "  (none)"
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"resume_state {path} does not exist. Available training states in "
                 f"{self.state_dir}:\n{listing}\nSet resume_state to one of them, or to 'auto' "
-                f"for the newest."
+                f"for the newest intact one."
             )
-        return path
+        try:
+            return path, self.verify(path)
+        except CheckpointError as e:
+            intact = self.latest()
+            hint = (
+                f"the newest intact checkpoint is {intact}; set resume_state to it (or 'auto')"
+                if intact
+                else "no checkpoint of this run is intact"
+            )
+            raise CheckpointError(f"{e}\nCannot resume from it: {hint}.") from None

@@ -25,6 +25,7 @@ from trainer.injectors import INJECTORS, GeneratorInjector
 from trainer.losses import LOSSES
 from trainer.lr_scheduler import SCHEDULERS
 from trainer.optimizers import OPTIMIZERS
+from utils.errors import CheckpointError
 from utils.io import safetensors_metadata
 from utils.options import import_plugins, load_cli, public
 from utils.registry import Registry, did_you_mean
@@ -343,7 +344,7 @@ def _check_pretrained(exp: Experiment, problems: Problems) -> None:
             continue
         try:
             meta = safetensors_metadata(path)
-        except ValueError as e:
+        except CheckpointError as e:
             problems.add(where, str(e))
             continue
         spec = exp.networks.get(net)

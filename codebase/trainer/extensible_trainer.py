@@ -35,7 +35,7 @@ from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
 from trainer.training_state import Counters, Group, RandomStreams, TrainingState
 from utils import distributed
-from utils.errors import EXIT_DIVERGED
+from utils.errors import EXIT_DIVERGED, CheckpointError
 from utils.io import load_module
 from utils.schema import ConfigError, Problems, construct
 from utils.seed import derive_seed, set_seed
@@ -143,11 +143,20 @@ class ExtensibleTrainer:
                 )
 
     def _find_resume(self) -> tuple[Path | None, dict | None]:
-        """The checkpoint to resume from and its state. Every rank checks (a bad path fails
-        everywhere, not in one rank while the others wait); rank 0's choice is taken."""
-        resume = self.checkpoints.resolve_resume(self.exp.path.resume_state)
-        resume = distributed.broadcast_object(resume)
-        return resume, (self.checkpoints.load_state(resume) if resume is not None else None)
+        """The checkpoint to resume from and its state. Rank 0 picks and verifies it; a bad
+        choice fails on every rank (not in one while the others wait)."""
+        resume, saved, error = None, None, None
+        if self.dist.is_main:  # verifying reads every file once; one rank is enough
+            try:
+                resume, saved = self.checkpoints.resume(self.exp.path.resume_state)
+            except CheckpointError as e:
+                error = str(e)
+        resume, error = distributed.broadcast_object((resume, error))
+        if error is not None:  # every rank stops, with the same message
+            raise CheckpointError(error)
+        if resume is not None and saved is None:
+            saved = self.checkpoints.load_state(resume)
+        return resume, saved
 
     def _load_weights(self, resume: Path | None, saved: dict | None) -> None:
         """A checkpoint's networks and EMA copies, else the ``pretrain_model_*`` files.

@@ -7,6 +7,7 @@ Every write is atomic: a kill mid-save leaves the previous file, never half of a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -16,12 +17,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from utils.errors import CheckpointError
 
 NETWORK_FORMAT = "codec-tts-network"
 NETWORK_FORMAT_VERSION = "1"
-_RESERVED_METADATA = ("format", "format_version", "which_model", "kwargs")
+_RESERVED_METADATA = ("format", "format_version", "which_model", "kwargs", "sha256")
+DIGEST_KEY = "sha256"  # safetensors metadata key / state dict key holding a content checksum
 _MAX_LISTED_KEYS = 20
 
 
@@ -124,6 +128,58 @@ def _tensors_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# --------------------------------------------------------------------------- checksums
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Feed ``obj`` into hash ``h`` in a canonical order: the same content, the same digest."""
+    if isinstance(obj, torch.Tensor):
+        h.update(f"T{obj.dtype}{tuple(obj.shape)}|".encode())
+        h.update(_tensor_bytes(obj))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}|".encode())
+        for value in obj:
+            _feed(h, value)
+    else:  # str, bytes, int, float, bool, None: repr is exact and round-trips
+        h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 of nested dicts/lists of tensors and plain values, independent of file layout
+    (tensor bytes, dtypes, shapes, keys); stored when a file is written, checked on load."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def corrupt_file_error(path: Path, what: str = "its contents") -> CheckpointError:
+    """The error for a file whose checksum no longer matches what was recorded at save."""
+    return CheckpointError(
+        f"{path} is corrupt: {what} no longer match the checksum recorded when it was "
+        f"written (damaged on disk or in a copy); use another checkpoint (an older step) or "
+        f"copy the file again from a good source"
+    )
+
+
 # --------------------------------------------------------------------------- saving
 
 
@@ -141,7 +197,8 @@ def save_module(module: nn.Module, path: Path, metadata: dict[str, str] | None =
             f"metadata for {path} must map str to str; convert these entries to strings: {bad}"
         )
     tensors = _tensors_for_saving(module)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or None))
+    metadata[DIGEST_KEY] = content_digest(tensors)  # verified by load_module
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_network(
@@ -181,15 +238,42 @@ def save_network(
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The metadata of a safetensors file; a missing or unreadable file raises with what to do."""
     if not path.is_file():
-        raise FileNotFoundError(f"network file {path} does not exist")
+        raise CheckpointError(f"network file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
-            f"re-save it or point to another checkpoint"
-        ) from e
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
+        f"re-save it or point to another checkpoint"
+    )
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, verified against its stored checksum
+    (files written before checksums existed, or by other tools, have none to verify)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - no __iter__
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from e
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and content_digest(tensors) != expected:
+        raise corrupt_file_error(path, "its weights")
+    return tensors, metadata
+
+
+def verify_safetensors(path: Path) -> None:
+    """Raise :class:`CheckpointError` if ``path`` is unreadable or fails its checksum."""
+    read_safetensors(path)
 
 
 def read_network_metadata(path: Path) -> dict[str, Any]:
@@ -197,20 +281,22 @@ def read_network_metadata(path: Path) -> dict[str, Any]:
     path = Path(path)
     meta = safetensors_metadata(path)
     if meta.get("format") != NETWORK_FORMAT or "which_model" not in meta or "kwargs" not in meta:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a safetensors file but not a network written by save_network (no "
             f"'{NETWORK_FORMAT}' metadata), so its model class is unknown; build the model from "
             f"the experiment YAML and load the weights with load_module instead"
         )
     if meta.get("format_version") != NETWORK_FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has network format version {meta.get('format_version')!r}, this code reads "
             f"version {NETWORK_FORMAT_VERSION}; use the code version that wrote it"
         )
     try:
         kwargs = json.loads(meta["kwargs"])
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} has corrupt 'kwargs' metadata ({e}); re-save the network") from e
+        raise CheckpointError(
+            f"{path} has corrupt 'kwargs' metadata ({e}); re-save the network"
+        ) from e
     return {**meta, "which_model": meta["which_model"], "kwargs": kwargs}
 
 
@@ -259,15 +345,7 @@ def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadRepor
     matches is loaded and the report says what did not.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        loaded = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
-            f"re-save it or point to another checkpoint"
-        ) from e
+    loaded, _ = read_safetensors(path)  # checksum verified
 
     model_sd = module.state_dict()
     # A tied tensor is stored under one name; its other names are filled through the tie.
@@ -288,7 +366,7 @@ def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadRepor
             )
 
     if strict and not report.ok:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match {type(module).__name__}:\n"
             f"{report.describe(limit=_MAX_LISTED_KEYS)}\n"
             f"Fix the model options to match the checkpoint, or set `path.strict_load: false` "
@@ -327,11 +405,11 @@ def load_torch(path: Path) -> Any:
     """``torch.load`` on CPU with ``weights_only=True``; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise CheckpointError(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} could not be loaded ({type(e).__name__}: {e}); it may be truncated or "
             f"corrupt, or hold objects weights_only loading refuses; use another checkpoint"
         ) from e
