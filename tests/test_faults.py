@@ -1,13 +1,22 @@
-"""A run that goes bad stops before it destroys anything; interrupted saves leave no litter."""
+"""A run that goes bad stops before it destroys anything; interrupted saves leave no litter;
+damaged checkpoints are found before they are trained on."""
+
+import errno
+import logging
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import train
-from helpers import make_experiment, make_trainer, write_yaml
+from helpers import REPO, make_experiment, make_trainer, weights, write_yaml
 from trainer.checkpoint import CheckpointManager
 from trainer.component import TrainerEnv
 from trainer.extensible_trainer import NonFiniteStreak
 from trainer.injectors import Injector
+from utils.errors import CheckpointError
 from utils.schema import ConfigError, Runtime
 
 
@@ -115,3 +124,138 @@ def test_leftover_temporary_files_removed_at_start(tmp_path):
     unrelated.unlink()
     assert real == sorted(p.name for p in [*run.glob("models/*"), *run.glob("training_state/*")])
     assert trainer.checkpoints.remove_leftovers() == (0, 0)
+
+
+# ----------------------------------------------------------------------------- damaged files
+def flip_bit(path, offset=-1, mask=0x40):
+    """One flipped bit, by default an exponent bit of the file's last float."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+SAVES = {"train": {"niter": 4}, "logger": {"save_checkpoint_freq": 2}}
+
+
+def test_resume_auto_skips_checkpoint_with_a_flipped_weight_bit(tmp_path, caplog):
+    make_trainer(tmp_path, **SAVES).train()
+    models = tmp_path / "toy" / "models"
+    flip_bit(models / "4_mlp.safetensors")
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(tmp_path, **SAVES, path={"resume_state": "auto"})
+    assert trainer.step == 2  # not the damaged step 4
+    assert "4_mlp.safetensors is corrupt" in caplog.text
+    saved = weights(tmp_path, 2)
+    assert all(
+        torch.equal(p, saved[k]) for k, p in trainer.raw_networks["mlp"].state_dict().items()
+    )
+
+
+def test_resume_auto_refuses_when_no_checkpoint_is_intact(tmp_path):
+    make_trainer(tmp_path, **SAVES).train()
+    run = tmp_path / "toy"
+    flip_bit(run / "models" / "2_mlp.safetensors")
+    (run / "training_state" / "4.state").write_bytes(b"garbage")
+    before = {
+        p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "tb_logger" not in str(p)
+    }
+    with pytest.raises(CheckpointError) as e:
+        make_trainer(tmp_path, **SAVES, path={"resume_state": "auto"})
+    msg = str(e.value)
+    assert "none of the 2 checkpoint(s)" in msg and "2_mlp.safetensors is corrupt" in msg
+    assert "4.state" in msg and "path.resume_state: null" in msg
+    after = {p: p.read_bytes() for p in before}
+    assert after == before  # nothing of the old run was touched
+
+
+def test_corrupt_pretrained_file_is_refused(tmp_path):
+    make_trainer(tmp_path / "a", train={"niter": 2}, logger={"save_checkpoint_freq": 2}).train()
+    pretrained = tmp_path / "a" / "toy" / "models" / "2_mlp.safetensors"
+    flip_bit(pretrained)
+    with pytest.raises(CheckpointError, match="2_mlp.safetensors is corrupt"):
+        make_trainer(tmp_path / "b", path={"pretrain_model_mlp": str(pretrained)})
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path[:0] = {paths!r}
+import utils.io
+from helpers import make_trainer
+
+real_replace, calls = os.replace, []
+
+def replace_then_die(src, dst):
+    # The second checkpoint (step 4): its network file is written and synced, not yet renamed
+    if str(dst).endswith("4_mlp.safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+utils.io.os.replace = replace_then_die
+make_trainer({tmp!r}, train={{"niter": 6}}, logger={{"save_checkpoint_freq": 2}}).train()
+"""
+
+
+def test_kill_during_save_then_resume_is_exact(tmp_path):
+    """SIGKILL in the middle of writing a checkpoint: the resumed run removes the litter,
+    continues from the last complete checkpoint and ends bit-identical to an unbroken run."""
+    code = KILL_DURING_SAVE.format(
+        paths=[str(REPO / "codebase"), str(REPO / "tests")], tmp=str(tmp_path / "killed")
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    run = tmp_path / "killed" / "toy"
+    assert any(p.name.startswith(".4_mlp") for p in (run / "models").iterdir())  # the litter
+    assert sorted(p.name for p in (run / "training_state").glob("*.state")) == ["2.state"]
+
+    sections = {"train": {"niter": 6}, "logger": {"save_checkpoint_freq": 2}}
+    resumed = make_trainer(tmp_path / "killed", **sections, path={"resume_state": "auto"})
+    assert resumed.step == 2
+    assert not any(p.name.startswith(".") for p in (run / "models").iterdir())
+    resumed.train()
+    make_trainer(tmp_path / "straight", **sections).train()
+    a, b = weights(tmp_path / "killed", 6), weights(tmp_path / "straight", 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB file system of its own (tmpfs), where the platform lets tests mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder):
+    """Write a file into ``folder`` until its file system is full; returns the file."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+def test_full_disk_during_save_loses_nothing(small_disk):
+    sections = {"train": {"niter": 4}, "logger": {"save_checkpoint_freq": 2}}
+    make_trainer(small_disk, **{**sections, "train": {"niter": 2}}).train()
+    trainer = make_trainer(small_disk, **sections, path={"resume_state": "auto"})
+    filler = fill(small_disk)
+    with pytest.raises(OSError) as e:
+        trainer.train()
+    assert e.value.errno == errno.ENOSPC
+    run = small_disk / "toy"
+    assert not [p for p in run.rglob(".*") if ".tmp-" in p.name]  # no half-written litter
+    assert trainer.checkpoints.resolve_resume("auto") == trainer.checkpoints.state_path(2)
+    filler.unlink()
+    resumed = make_trainer(small_disk, **sections, path={"resume_state": "auto"})
+    assert resumed.step == 2
+    resumed.train()
+    assert resumed.checkpoints.steps()[-1] == 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             raise RuntimeError(f"the writer for {path} did not create the temporary file {tmp}")
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # BaseException too: a Ctrl-C mid-write must not leave temp files behind.
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            e.filename = str(path)  # name the file the user knows, not the temporary one
         raise
     # Persist the rename itself; without this a power loss can revert the directory entry.
     _fsync_dir(path.parent)
@@ -198,7 +201,20 @@ def save_module(module: nn.Module, path: Path, metadata: dict[str, str] | None =
         )
     tensors = _tensors_for_saving(module)
     metadata[DIGEST_KEY] = content_digest(tensors)  # verified by load_module
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, with its I/O failures raised as the OSError they are (a
+    full disk is ``ENOSPC``, not a serialisation error)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        errno_ = int(code.group(1))
+        raise OSError(errno_, os.strerror(errno_), str(path)) from e
 
 
 def save_network(
