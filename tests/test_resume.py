@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from helpers import make_trainer
+from helpers import make_trainer, merge
 from utils.errors import CheckpointError
+from utils.schema import ConfigError
 
 SECTIONS = dict(
     datasets={"train": {"batch_size": 6, "num_items": 50}},  # shuffled, 8 batches per epoch
@@ -78,3 +79,69 @@ def test_explicit_resume_state_and_missing_file(tmp_path):
     assert t.step == 2
     with pytest.raises(CheckpointError, match="9.state"):
         make_trainer(tmp_path, path={"resume_state": str(state.with_name("9.state"))})
+
+
+# ----------------------------------------------------------------------------- changed options
+RUN = dict(
+    train={"niter": 6, "default_lr_scheme": "MultiStepLR", "gen_lr_steps": [4], "lr_gamma": 0.5},
+    logger={"save_checkpoint_freq": 2},
+)
+
+
+FIRST_TWO = merge(RUN, {"train": {"niter": 2}})
+
+
+def resumed_with(tmp_path, **changes):
+    return make_trainer(tmp_path, **merge(RUN, {**changes, "path": {"resume_state": "auto"}}))
+
+
+def test_resume_applies_changed_hyperparameters_and_logs_them(tmp_path, caplog):
+    make_trainer(tmp_path, **FIRST_TWO).train()
+    optimizer_params = {"lr": 4e-3, "weight_decay": 0.05, "beta1": 0.8}
+    schedule = {"gen_lr_steps": [1], "lr_gamma": 0.25}
+    with caplog.at_level("INFO"):
+        trainer = resumed_with(
+            tmp_path, steps={"fit": {"optimizer_params": optimizer_params}}, train=schedule
+        )
+    assert trainer.step == 2
+    decayed, plain = trainer.steps["fit"].optimizer.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert decayed["betas"] == (0.8, 0.999)
+    # the new schedule at the resumed position: 4e-3 * 0.25 (step 2 is past the milestone 1)
+    assert decayed["lr"] == plain["lr"] == pytest.approx(1e-3)
+    assert trainer.schedulers["fit"].base_lrs == [4e-3, 4e-3]
+    log = caplog.text
+    for line in (
+        "steps.fit.optimizer_params.lr: 0.01 -> 0.004",
+        "steps.fit.optimizer_params.weight_decay: (unset) -> 0.05",
+        "train.gen_lr_steps: [4] -> [1]",
+        "train.lr_gamma: 0.5 -> 0.25",
+        "steps.fit weight_decay: 0.01 -> 0.05",
+        "steps.fit betas: (0.9, 0.999) -> (0.8, 0.999)",
+        "steps.fit lr: [0.01, 0.01] -> [0.004, 0.004]",
+    ):
+        assert line in log, line
+    assert "path.resume_state" not in log  # resuming is not a change
+    trainer.train()  # and training goes on with them
+    assert trainer.steps["fit"].optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_resume_unchanged_logs_no_changes(tmp_path, caplog):
+    make_trainer(tmp_path, **FIRST_TWO).train()
+    with caplog.at_level("INFO"):
+        trainer = make_trainer(
+            tmp_path,
+            **{**RUN, "train": {**RUN["train"], "niter": 2}},
+            path={"resume_state": "auto"},
+        )
+    assert trainer.step == 2
+    assert "changed since" not in caplog.text and "in effect from" not in caplog.text
+
+
+def test_resume_refuses_another_optimizer_kind(tmp_path):
+    make_trainer(tmp_path, **FIRST_TWO).train()
+    with pytest.raises(ConfigError) as e:
+        resumed_with(tmp_path, steps={"fit": {"optimizer": "sgd"}})
+    msg = dict(e.value.problems)["steps.fit.optimizer"]
+    assert "is 'sgd'" in msg and "trained with 'adamw'" in msg
+    assert "path.pretrain_model_mlp:" in msg and "2_mlp.safetensors" in msg

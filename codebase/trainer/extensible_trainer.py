@@ -33,7 +33,15 @@ from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
 from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
-from trainer.training_state import Counters, Group, RandomStreams, TrainingState
+from trainer.training_state import (
+    Counters,
+    Group,
+    RandomStreams,
+    TrainingState,
+    hyperparameters,
+    option_changes,
+    reapply_hyperparameters,
+)
 from utils import distributed
 from utils.errors import EXIT_DIVERGED, CheckpointError
 from utils.io import load_module
@@ -76,10 +84,7 @@ class ExtensibleTrainer:
         self._remove_leftovers()
         self._register_state()
         if saved is not None:  # last: the random streams continue from here
-            self.step = self.env.step = self.rng.restored_step = int(saved["step"])
-            self._last_good = self.step
-            self.engine.load_checkpoint(self.checkpoints.engine_dir(self.step, self.engine.name))
-            self.state.load_state_dict(saved, resume)
+            self._restore(resume, saved)
         self._write_run_config(resume)
 
     # ------------------------------------------------------------------------------ phases
@@ -156,7 +161,60 @@ class ExtensibleTrainer:
             raise CheckpointError(error)
         if resume is not None and saved is None:
             saved = self.checkpoints.load_state(resume)
+        if saved is not None:
+            self._check_resumable(resume, saved)
         return resume, saved
+
+    def _check_resumable(self, resume: Path, saved: dict) -> None:
+        """What the YAML may not change since the checkpoint: the kind of each optimizer."""
+        old = yaml.safe_load(saved.get("config") or "{}") or {}
+        problems = Problems()
+        for name, spec in self.exp.steps.items():
+            before = ((old.get("steps") or {}).get(name) or {}).get("optimizer")
+            if before is not None and before != spec.optimizer:
+                net = spec.training
+                problems.add(
+                    f"steps.{name}.optimizer",
+                    f"is {spec.optimizer!r}, but {resume} was trained with {before!r}, whose "
+                    f"state cannot carry over to another kind of optimizer. Set it back to "
+                    f"{before!r} to resume; or start a new run from the weights: "
+                    f"path.pretrain_model_{net}: "
+                    f"{self.checkpoints.network_path(int(saved['step']), net)} with "
+                    f"path.resume_state: null and another `name`",
+                )
+        problems.raise_if_any(self.exp.file)
+
+    def _restore(self, resume: Path, saved: dict) -> None:
+        """Continue from ``saved``. The optimizers' hyperparameters and the LR schedule are the
+        YAML's, not the checkpoint's: what changed since takes effect and is logged."""
+        self.step = self.env.step = self.rng.restored_step = int(saved["step"])
+        self._last_good = self.step
+        built = {name: hyperparameters(s.optimizer) for name, s in self.steps.items()}
+        self.engine.load_checkpoint(self.checkpoints.engine_dir(self.step, self.engine.name))
+        self.state.load_state_dict(saved, resume)
+        applied = []
+        for name, step in self.steps.items():
+            changed = reapply_hyperparameters(step.optimizer, built[name])
+            applied += [f"steps.{name} {k}: {a} -> {b}" for k, (a, b) in changed.items()]
+            sched = self.schedulers[name]
+            before = getattr(sched, "restored_base_lrs", sched.base_lrs)
+            if before != sched.base_lrs:
+                applied.append(f"steps.{name} lr: {before} -> {list(sched.base_lrs)}")
+        if saved.get("config"):
+            changes = option_changes(
+                yaml.safe_load(saved["config"]) or {},
+                self.exp.options,
+                ignore=("path.resume_state",),
+            )
+            if changes:
+                self.logger.info(
+                    f"options changed since {resume}:\n" + "\n".join(f"  {c}" for c in changes)
+                )
+        if applied:
+            self.logger.info(
+                f"in effect from step {self.step} (the YAML's values, not the checkpoint's):\n"
+                + "\n".join(f"  {a}" for a in applied)
+            )
 
     def _load_weights(self, resume: Path | None, saved: dict | None) -> None:
         """A checkpoint's networks and EMA copies, else the ``pretrain_model_*`` files.

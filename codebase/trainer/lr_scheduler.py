@@ -26,16 +26,22 @@ SCHEDULERS: Registry[Callable[..., LambdaLR]] = Registry("lr scheduler")
 
 
 class StepScheduler(LambdaLR):
-    """A :class:`LambdaLR` that also writes the restored lr into the optimizer on load.
+    """A :class:`LambdaLR` whose resumed lr follows the YAML, not the checkpoint.
 
-    Without this the optimizer would keep its freshly built lr until the next ``step()``
-    unless its own state was loaded too; this way the load order does not matter.
+    A checkpoint gives only the position (``last_epoch``): the base lrs (the YAML's ``lr``)
+    and the factor functions (the YAML's schedule) are the ones this scheduler was built with,
+    so a changed lr or schedule takes effect on resume. The lr is written into the optimizer
+    on load, so the load order of optimizer and scheduler does not matter.
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        built = list(self.base_lrs)
         super().load_state_dict(state_dict)
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
-            group["lr"] = lr
+        self.restored_base_lrs = list(self.base_lrs)  # what the checkpoint had, for the log
+        self.base_lrs = built
+        self._last_lr = [base * f(self.last_epoch) for base, f in zip(built, self.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, built, self._last_lr):
+            group["initial_lr"], group["lr"] = base, lr
 
 
 def _warmup(warmup_iter: int) -> Callable[[int], float]:

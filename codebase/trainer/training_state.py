@@ -10,9 +10,12 @@ trainer's attributes behind its back, so nothing is forgotten on resume.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 from utils import distributed
 from utils.seed import derive_seed, rng_state, set_rng_state, set_seed
@@ -130,3 +133,57 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     out["rng"] = state.get("rng_per_rank") or [state["rng"]]
     out["counters"] = {"skipped_steps": state.get("skipped_steps", 0)}
     return out
+
+
+# ------------------------------------------------------------------------- resume with changes
+# What a param group's checkpoint may not decide: its parameters, and the lr (the schedule's
+# value at the resumed position, from the YAML's base lr: see lr_scheduler.StepScheduler).
+_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters (weight decay, betas, eps, momentum ...)."""
+    return [
+        {k: copy.deepcopy(v) for k, v in g.items() if k not in _NOT_HYPERPARAMETERS}
+        for g in optimizer.param_groups
+    ]
+
+
+def reapply_hyperparameters(
+    optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]
+) -> dict[str, tuple[Any, Any]]:
+    """Put back the hyperparameters the optimizer was built with (the YAML's) after loading a
+    checkpoint overwrote them; returns ``{key: (checkpoint value, YAML value)}`` of those that
+    differed (per group; the first group that differs names the change)."""
+    changed: dict[str, tuple[Any, Any]] = {}
+    for group, want in zip(optimizer.param_groups, built):
+        for key, value in want.items():
+            if key in group and group[key] != value:
+                changed.setdefault(key, (group[key], value))
+                group[key] = value
+    return changed
+
+
+def flatten(options: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b.c": value}``; lists and scalars are leaves."""
+    if not isinstance(options, dict) or not options:
+        return {prefix: options} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def option_changes(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: old -> new`` for every option that differs between two experiments."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(ignore):
+            continue
+        before, after = a.get(key, missing), b.get(key, missing)
+        if before != after:
+            show = lambda v: "(unset)" if v is missing else repr(v)  # noqa: E731
+            lines.append(f"{key}: {show(before)} -> {show(after)}")
+    return lines
