@@ -38,6 +38,7 @@ from data.audio.corpus import duration_problem, reason_category, screen
 from data.audio.fetchers import FETCHERS, fetch
 from data.audio.h5_options import (
     RECORD_ATTR,
+    PrepareOptions,
     check_matches,
     codec_checkpoint,
     portable_codec_config,
@@ -55,26 +56,6 @@ from utils.schema import Problems, bind_options, lookup
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype()
-
-
-@dataclass
-class PrepareOptions:
-    """``datasets.<phase>.prepare``: how to build the data file from a raw corpus."""
-
-    fetcher_mode: str | list[str]  # lj | libritts | tsv (DLAS: a list, one per path)
-    path: Path | list[Path]  # the raw corpus (folder, metadata.csv or .tsv)
-    codec: str = "mel_rvq"  # encodec | vocos | dac | mel_rvq
-    codec_options: dict = field(default_factory=dict)
-    codec_checkpoint: Path | None = None  # mel_rvq: fitted file (default: beside data.h5)
-    language: str = "en-us"  # espeak voice for phonemization
-    preserve_punctuation: bool = True
-    with_stress: bool = False
-    min_duration: float = 0.3  # seconds; shorter items are skipped
-    max_duration: float | None = 30.0  # seconds; longer items are skipped
-    fit_minutes: float = 20.0  # mel_rvq: minutes of audio to fit the quantiser on
-    fit_iters: int = 20  # mel_rvq: k-means iterations per level
-    device: str = "cpu"  # where the codec runs ("cuda" speeds up encodec)
-    flush_every: int = 64  # items per commit to the partial file
 
 
 def check_prepare(opts: PrepareOptions, path: str, problems: Problems) -> None:

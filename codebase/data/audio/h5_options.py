@@ -1,4 +1,4 @@
-"""What a ``data.h5`` was prepared with, and whether a ``prepare:`` section still asks for it.
+"""The ``prepare:`` options of a ``data.h5``, and whether an existing file was made with them.
 
 The file records the options that shaped its codes and phonemes (attribute
 ``prepare_options``: codec, codec options with their defaults, a fingerprint of a fitted
@@ -18,14 +18,33 @@ import hashlib
 import inspect
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from models.audio.codecs import CODECS
 from utils.errors import DataError
 
-if TYPE_CHECKING:
-    from data.audio.corpus_to_h5 import PrepareOptions
+
+@dataclass
+class PrepareOptions:
+    """``datasets.<phase>.prepare``: how to build the data file from a raw corpus."""
+
+    fetcher_mode: str | list[str]  # lj | libritts | tsv (DLAS: a list, one per path)
+    path: Path | list[Path]  # the raw corpus (folder, metadata.csv or .tsv)
+    codec: str = "mel_rvq"  # encodec | vocos | dac | mel_rvq
+    codec_options: dict = field(default_factory=dict)
+    codec_checkpoint: Path | None = None  # mel_rvq: fitted file (default: beside data.h5)
+    language: str = "en-us"  # espeak voice for phonemization
+    preserve_punctuation: bool = True
+    with_stress: bool = False
+    min_duration: float = 0.3  # seconds; shorter items are skipped
+    max_duration: float | None = 30.0  # seconds; longer items are skipped
+    fit_minutes: float = 20.0  # mel_rvq: minutes of audio to fit the quantiser on
+    fit_iters: int = 20  # mel_rvq: k-means iterations per level
+    device: str = "cpu"  # where the codec runs ("cuda" speeds up encodec)
+    flush_every: int = 64  # items per commit to the partial file
+
 
 RECORD_ATTR = "prepare_options"
 # Codec options that change decoding only, not the codes in the file.
