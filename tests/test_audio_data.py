@@ -284,7 +284,7 @@ def test_val_split_deterministic_and_disjoint(tmp_path):
     root = tmp_path / "c"
     lines = []
     for k in range(30):
-        sine(root / f"u{k}.wav", sr=8000, seconds=0.05)
+        sine(root / f"u{k}.wav", sr=8000, seconds=0.12)
         lines.append(f"u{k}.wav\tText {k}.\ts{k % 3}")
     tsv = make_tsv(root, lines)
     train = PairedVoiceAudioDataset(tsv, "tsv", sample_rate=8000, val_fraction=0.3, phase="train")

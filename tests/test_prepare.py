@@ -12,6 +12,7 @@ from data.audio import corpus_to_h5 as prep
 from data.audio.corpus_to_h5 import PrepareOptions, prepare, read_ids
 from data.audio.hdf5_dataset import Hdf5CodesDataset
 from helpers import make_corpus
+from utils.errors import DataError
 
 
 def options(tsv, **kw):
@@ -117,7 +118,7 @@ def test_new_items_are_appended_and_options_must_match(tmp_path, prepared):
     with h5py.File(h5, "r") as f:
         assert np.array_equal(f["codes"][: len(first_codes)], first_codes)
     make_corpus(tmp_path, n=7)
-    with pytest.raises(ValueError, match="prepared with phonemizer"):
+    with pytest.raises(DataError, match="language: 'en-us' -> 'fr-fr'"):
         prepare(
             h5,
             options(tsv, codec_checkpoint=opts.codec_checkpoint, language="fr-fr"),

@@ -8,8 +8,13 @@ stopped; the finished file replaces ``data.h5`` atomically, so it is never half-
 Layout (all items concatenated; item i is rows ``offsets[i]:offsets[i+1]``):
 ``codes`` int16 [frames, levels], ``code_offsets``, ``phonemes`` int16 (ids, no bos/eos),
 ``phoneme_offsets``, ``ids``/``texts``/``speakers`` (strings), ``durations`` float32 (s);
-attributes: ``codec`` and ``phonemizer`` (JSON configs), ``vocab`` (JSON symbol map),
-``sample_rate``, ``frame_rate``, ``n_levels``, ``codebook_size``, ``n_items``, ``format_version``.
+attributes: ``codec`` and ``phonemizer`` (JSON configs; a codec file's path is relative to the
+data file's folder), ``prepare_options`` (what the options asked for, see
+:mod:`data.audio.h5_options`), ``vocab`` (JSON symbol map), ``sample_rate``, ``frame_rate``,
+``n_levels``, ``codebook_size``, ``n_items``, ``format_version``.
+
+An existing file made with other codec or phonemizer options is refused (:class:`DataError`
+naming each changed key), never extended with codes of another kind.
 """
 
 from __future__ import annotations
@@ -29,38 +34,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.audio.corpus import screen
+from data.audio.corpus import duration_problem, reason_category, screen
 from data.audio.fetchers import FETCHERS, fetch
+from data.audio.h5_options import (
+    RECORD_ATTR,
+    PrepareOptions,
+    check_matches,
+    codec_checkpoint,
+    portable_codec_config,
+    record_for_file,
+    resolve_codec_config,
+)
 from data.audio.phonemes import PhonemeVocab, Phonemizer, supported_languages
 from models.audio.codecs import CODECS, build_codec
 from models.audio.codecs.mel_rvq import MelRVQCodec
 from utils.audio import AudioError, load_audio
+from utils.errors import DataError
 from utils.registry import did_you_mean
 from utils.schema import Problems, bind_options, lookup
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype()
-
-
-@dataclass
-class PrepareOptions:
-    """``datasets.<phase>.prepare``: how to build the data file from a raw corpus."""
-
-    fetcher_mode: str | list[str]  # lj | libritts | tsv (DLAS: a list, one per path)
-    path: Path | list[Path]  # the raw corpus (folder, metadata.csv or .tsv)
-    codec: str = "mel_rvq"  # encodec | vocos | dac | mel_rvq
-    codec_options: dict = field(default_factory=dict)
-    codec_checkpoint: Path | None = None  # mel_rvq: fitted file (default: beside data.h5)
-    language: str = "en-us"  # espeak voice for phonemization
-    preserve_punctuation: bool = True
-    with_stress: bool = False
-    min_duration: float = 0.3  # seconds; shorter items are skipped
-    max_duration: float | None = 30.0  # seconds; longer items are skipped
-    fit_minutes: float = 20.0  # mel_rvq: minutes of audio to fit the quantiser on
-    fit_iters: int = 20  # mel_rvq: k-means iterations per level
-    device: str = "cpu"  # where the codec runs ("cuda" speeds up encodec)
-    flush_every: int = 64  # items per commit to the partial file
 
 
 def check_prepare(opts: PrepareOptions, path: str, problems: Problems) -> None:
@@ -97,47 +92,61 @@ class PrepareReport:
         """Seconds of audio prepared per second of wall time."""
         return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
 
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped items per reason category, most frequent first."""
+        return dict(Counter(reason_category(r) for _, r in self.skipped).most_common())
+
     def describe(self) -> str:
-        counts = Counter(reason for _, reason in self.skipped)
+        """Counts, throughput and skips per reason (each skipped item is in ``skipped``)."""
+        counts = self.skip_counts()
         lines = [
             f"{self.items_added} item(s) added ({self.audio_seconds / 3600:.2f} h of audio "
             f"in {self.wall_seconds:.1f} s, {self.realtime_factor:.1f}x real time); "
             f"{self.items_total} item(s) in the file"
         ]
         if counts:
-            lines.append("skipped: " + ", ".join(f"{n} {r}" for r, n in counts.most_common()))
+            lines.append("skipped: " + ", ".join(f"{n} {r}" for r, n in counts.items()))
         return "\n".join(lines)
 
 
 def codec_options_for(opts: PrepareOptions, h5_path: Path) -> dict[str, Any]:
     """The codec's options, with mel_rvq's fitted file placed beside data.h5 by default."""
     options = dict(opts.codec_options)
-    if opts.codec == "mel_rvq":
-        options["checkpoint"] = str(
-            opts.codec_checkpoint or h5_path.with_name(h5_path.stem + "_mel_rvq.safetensors")
-        )
+    checkpoint = codec_checkpoint(opts, h5_path)
+    if checkpoint is not None:
+        options["checkpoint"] = str(checkpoint)
     return options
+
+
+def check_data_file(h5_path: Path, opts: PrepareOptions) -> None:
+    """Raise :class:`DataError` when ``h5_path`` was prepared with other codec or
+    phonemizer options than ``opts`` (see :mod:`data.audio.h5_options`)."""
+    with h5py.File(h5_path, "r") as f:
+        check_matches(f.attrs, opts, h5_path)
 
 
 def prepare(h5_path: Path, opts: PrepareOptions, progress: bool = True) -> PrepareReport:
     """Create or update ``h5_path`` from the corpus described by ``opts``."""
     t0 = time.perf_counter()
     report = PrepareReport()
+    partial = h5_path.with_name(h5_path.name + ".partial")
+    _check_existing(h5_path, partial, opts)
     items, report.skipped = fetch(opts.fetcher_mode, opts.path)
-    items, duplicates = _unique(items)
-    items, screened_out = _screen(items, opts)
-    report.skipped += duplicates + screened_out
+    # headers only (fast), so a re-run does not count permanently bad items as work left
+    items, _, screened_out = screen(
+        items, sample_rate=16000, min_duration=opts.min_duration, max_duration=opts.max_duration
+    )
+    report.skipped += screened_out
     if not items:
-        raise ValueError(
+        raise DataError(
             f"no usable items in {opts.path} (fetcher_mode {opts.fetcher_mode}); "
-            f"skipped: {report.skipped[:5]}"
+            f"skipped: {report.skip_counts()}, e.g. {report.skipped[:5]}"
         )
     phonemizer = Phonemizer(
         language=opts.language,
         preserve_punctuation=opts.preserve_punctuation,
         with_stress=opts.with_stress,
     )
-    partial = h5_path.with_name(h5_path.name + ".partial")
     if h5_path.exists() and not partial.exists():
         done = set(read_ids(h5_path))
         if all(u.id in done for u in items):
@@ -146,7 +155,7 @@ def prepare(h5_path: Path, opts: PrepareOptions, progress: bool = True) -> Prepa
             return report
         shutil.copyfile(h5_path, partial)  # add new items to a copy; replace when complete
     codec = _codec(opts, h5_path, items, progress)
-    with _open_partial(partial, codec, phonemizer) as f:
+    with _open_partial(partial, codec, phonemizer, record_for_file(opts, h5_path)) as f:
         done = set(_strings(f["ids"][: f.attrs["n_items"]]))
         todo = [u for u in items if u.id not in done]
         symbols = _phonemize(phonemizer, todo, progress)
@@ -187,10 +196,9 @@ def _add_item(
     except AudioError as e:
         return getattr(e, "reason", "unreadable audio")
     duration = wav.numel() / codec.sample_rate
-    if duration < opts.min_duration:
-        return f"shorter than min_duration {opts.min_duration} s"
-    if opts.max_duration and duration > opts.max_duration:
-        return f"longer than max_duration {opts.max_duration} s"
+    reason = duration_problem(duration, opts.min_duration, opts.max_duration)
+    if reason:
+        return reason
     codes = codec.encode(wav.to(opts.device))  # [levels, frames]
     ids = vocab.encode(symbols, add_bos_eos=False)
     writer.add(u, codes.t().to("cpu", torch.int16).numpy(), np.asarray(ids, np.int16), duration)
@@ -240,17 +248,32 @@ def _write(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
     ds[start:end] = values
 
 
+def _check_existing(h5_path: Path, partial: Path, opts: PrepareOptions) -> None:
+    """Refuse a data file (or the partial file of a killed run) prepared with other options,
+    before any work; an unreadable partial file is left for :class:`_open_partial`."""
+    if h5_path.exists():
+        check_data_file(h5_path, opts)
+    if partial.exists():
+        try:
+            f = h5py.File(partial, "r")
+        except OSError:
+            return
+        with f:
+            check_matches(f.attrs, opts, h5_path)
+
+
 class _open_partial:
     """Open (or create) the partial file; a corrupt one from a killed run is started over."""
 
-    def __init__(self, path: Path, codec: Any, phonemizer: Any) -> None:
-        self.path, self.codec, self.phonemizer = path, codec, phonemizer
+    def __init__(self, path: Path, codec: Any, phonemizer: Any, record: str) -> None:
+        self.path, self.codec, self.phonemizer, self.record = path, codec, phonemizer, record
 
     def __enter__(self) -> h5py.File:
         if self.path.exists():
             try:
                 self.f = h5py.File(self.path, "r+")
-                _check_compatible(self.f, self.codec, self.phonemizer, self.path)
+                _drop_uncommitted(self.f)
+                _add_record(self.f, self.record, self.path.parent)
                 return self.f
             except OSError:
                 log.warning("%s is unreadable (a killed run?); starting it over", self.path)
@@ -270,8 +293,9 @@ class _open_partial:
         f.attrs.update(
             format_version=FORMAT_VERSION,
             n_items=0,
-            codec=json.dumps(self.codec.config()),
+            codec=json.dumps(portable_codec_config(self.codec.config(), self.path.parent)),
             phonemizer=json.dumps(self.phonemizer.config()),
+            prepare_options=self.record,
             sample_rate=self.codec.sample_rate,
             frame_rate=self.codec.frame_rate,
             n_levels=levels,
@@ -283,16 +307,18 @@ class _open_partial:
         self.f.close()
 
 
-def _check_compatible(f: h5py.File, codec: Any, phonemizer: Any, path: Path) -> None:
-    for key, now in (("codec", codec.config()), ("phonemizer", phonemizer.config())):
-        before = json.loads(f.attrs[key])
-        if before != json.loads(json.dumps(now)):
-            raise ValueError(
-                f"{path} was prepared with {key} {before}, but the options now ask "
-                f"for {now}; delete the file (and its .partial) to prepare it anew, "
-                f"or restore the original options"
-            )
-    n = int(f.attrs["n_items"])  # drop rows written after the last commit
+def _add_record(f: h5py.File, record: str, folder: Path) -> None:
+    """Bring a file written before ``prepare_options`` existed (and found to match) up to
+    date: the record, and its codec file's path relative to the folder."""
+    if RECORD_ATTR not in f.attrs:
+        f.attrs[RECORD_ATTR] = record
+        codec = resolve_codec_config(json.loads(f.attrs["codec"]), folder)
+        f.attrs["codec"] = json.dumps(portable_codec_config(codec, folder))
+
+
+def _drop_uncommitted(f: h5py.File) -> None:
+    """Cut every dataset back to the last commit (``n_items``) of a killed run."""
+    n = int(f.attrs["n_items"])
     for name, rows in (
         ("code_offsets", n + 1),
         ("phoneme_offsets", n + 1),
@@ -336,6 +362,13 @@ def _codec(opts: PrepareOptions, h5_path: Path, items: list[Any], progress: bool
     """Build the codec; fit mel_rvq on the corpus first when its file does not exist yet."""
     options = codec_options_for(opts, h5_path)
     if opts.codec == "mel_rvq" and not Path(options["checkpoint"]).is_file():
+        partial = h5_path.with_name(h5_path.name + ".partial")
+        if h5_path.exists() or partial.exists():  # a new fit would give other codes
+            raise DataError(
+                f"{h5_path} was encoded with the fitted mel_rvq codec {options['checkpoint']}, "
+                f"which is missing: restore it (or set prepare.codec_checkpoint to where it "
+                f"is), or delete {h5_path} (and {partial.name}) to prepare the data anew"
+            )
         fit_mel_rvq(Path(options["checkpoint"]), items, opts, progress)
     return build_codec(opts.codec, **options).to(opts.device).eval()
 
@@ -361,32 +394,6 @@ def fit_mel_rvq(out: Path, items: list[Any], opts: PrepareOptions, progress: boo
         raise ValueError("no readable audio to fit the mel_rvq codec on")
     log.info("fitting mel_rvq on %.1f min of audio -> %s", seconds / 60, out)
     MelRVQCodec.fit(wavs, out, iters=opts.fit_iters, **arch)
-
-
-def _screen(items: list[Any], opts: PrepareOptions) -> tuple[list[Any], list[tuple[str, str]]]:
-    """Drop items whose text, audio header or duration rule them out (headers only: fast), so
-    a re-run does not count permanently bad items as work left to do."""
-    kept, seconds, skipped = screen(items, sample_rate=16000)
-    out = []
-    for u, sec in zip(kept, seconds):
-        if sec < opts.min_duration:
-            skipped.append((u.id, f"shorter than min_duration {opts.min_duration} s"))
-        elif opts.max_duration and sec > opts.max_duration:
-            skipped.append((u.id, f"longer than max_duration {opts.max_duration} s"))
-        else:
-            out.append(u)
-    return out, skipped
-
-
-def _unique(items: list[Any]) -> tuple[list[Any], list[tuple[str, str]]]:
-    seen, out, dup = set(), [], []
-    for u in items:
-        if u.id in seen:
-            dup.append((u.id, "duplicate id"))
-        else:
-            seen.add(u.id)
-            out.append(u)
-    return out, dup
 
 
 def _strings(values: Any) -> list[str]:

@@ -1,9 +1,11 @@
 """Corpus fetchers: read a corpus index into (audio path, text, speaker) items.
 
 A fetcher only reads the index (``metadata.csv``, transcript files, a TSV); it does not open
-audio. Entries it cannot make sense of are returned as ``(entry, reason)`` skips. Checks that
-need the audio file (missing, unreadable, too long) and empty texts are the dataset's job, so
-that every consumer screens items the same way.
+audio. Lines it cannot make sense of (not valid UTF-8, the wrong number of fields, an empty
+id) are returned as ``("<file>:<line>", reason)`` skips and the rest of the corpus is read:
+a bad line is a bad item, not a bad corpus. Checks that need the audio file (missing,
+unreadable, too short or long), empty texts and repeated ids are the dataset's job
+(:mod:`data.audio.corpus`), so that every consumer screens items the same way.
 
 Fetchers are registered by DLAS's ``fetcher_mode`` name; add one with
 ``@FETCHERS.register("name")`` on a function ``(root: Path) -> (items, skipped)``.
@@ -11,7 +13,7 @@ Fetchers are registered by DLAS's ``fetcher_mode`` name; add one with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,15 +34,34 @@ class Utterance:
     text: str
     speaker: str
     id: str
+    source: str = field(default="", compare=False)  # "<index file>:<line>", for messages
 
 
-def _read_lines(file: Path) -> list[str]:
+def _read_lines(file: Path) -> tuple[list[tuple[int, str]], Skipped]:
+    """The numbered lines of a corpus index, and a skip for each line that is not valid
+    UTF-8 (that line only: the rest of the file is still read)."""
     if not file.is_file():
         raise FileNotFoundError(
             f"corpus index {file} does not exist; check `path` in the dataset options"
         )
-    # utf-8-sig: strips the byte-order mark spreadsheet tools put at the start of CSV/TSV files
-    return file.read_text(encoding="utf-8-sig").splitlines()
+    lines, skipped = [], []
+    # bytes.splitlines splits at \n, \r\n and \r only, so line numbers match an editor's
+    for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        try:
+            # utf-8-sig: drops the byte-order mark spreadsheet tools put at the start
+            lines.append((number, raw.decode("utf-8-sig" if number == 1 else "utf-8")))
+        except UnicodeDecodeError as e:
+            skipped.append((f"{file}:{number}", not_utf8(raw, e)))
+    return lines, skipped
+
+
+def not_utf8(data: bytes, e: UnicodeDecodeError) -> str:
+    """``"not valid UTF-8: byte 0xe9 at column 12"`` (1-based byte column; the line too
+    when ``data`` holds several)."""
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    where = f"line {line}, column {column}" if b"\n" in data else f"column {column}"
+    return f"not valid UTF-8: byte 0x{data[e.start]:02x} at {where}"
 
 
 @FETCHERS.register("lj")
@@ -52,18 +73,26 @@ def fetch_lj(root: Path) -> tuple[list[Utterance], Skipped]:
     csv = root if root.is_file() or root.suffix == ".csv" else root / "metadata.csv"
     folder = csv.parent
     speaker = folder.resolve().name or "lj"
-    items, skipped = [], []
-    for number, line in enumerate(_read_lines(csv), start=1):
+    items = []
+    lines, skipped = _read_lines(csv)
+    for number, line in lines:
         if not line.strip():
             continue
-        fields = line.split("|", 2)
+        fields = line.split("|")
         uid = fields[0].strip()
-        if len(fields) < 2 or not uid:
-            skipped.append((f"{csv}:{number}", "malformed line: expected id|text|normalized text"))
+        if len(fields) not in (2, 3) or not uid:
+            problem = "an empty id" if len(fields) in (2, 3) else f"{len(fields)} field(s)"
+            skipped.append(
+                (
+                    f"{csv}:{number}",
+                    f"malformed line: expected id|text|normalized text, got {problem}",
+                )
+            )
             continue
         normalized = fields[2].strip() if len(fields) > 2 else ""
         text = normalized or fields[1].strip()  # empty texts are left for the dataset to count
-        items.append(Utterance(folder / "wavs" / f"{uid}.wav", text, speaker, uid))
+        wav = folder / "wavs" / f"{uid}.wav"
+        items.append(Utterance(wav, text, speaker, uid, f"{csv}:{number}"))
     return items, skipped
 
 
@@ -100,14 +129,18 @@ def fetch_libritts(root: Path) -> tuple[list[Utterance], Skipped]:
             )
             continue
         try:
-            text = " ".join(transcript.read_text(encoding="utf-8").split())
-        except (OSError, UnicodeDecodeError) as e:
+            data = transcript.read_bytes()
+            text = " ".join(data.decode("utf-8").split())
+        except OSError as e:
             skipped.append((str(transcript), f"unreadable transcript: {e}"))
+            continue
+        except UnicodeDecodeError as e:
+            skipped.append((str(transcript), not_utf8(data, e)))
             continue
         # <speaker>/<chapter>/<id>.wav: the speaker folder is two levels up wherever the
         # search started (corpus, split, speaker or chapter folder).
         speaker = wav.parent.parent.name
-        items.append(Utterance(wav, text, speaker, uid))
+        items.append(Utterance(wav, text, speaker, uid, str(transcript)))
     return items, skipped
 
 
@@ -119,8 +152,9 @@ def fetch_tsv(root: Path) -> tuple[list[Utterance], Skipped]:
     """A TSV of ``path<TAB>text<TAB>speaker`` (header line optional); relative audio paths
     are resolved against the TSV's folder. The id is the path without its suffix."""
     tsv = Path(root)
-    items, skipped = [], []
-    for number, line in enumerate(_read_lines(tsv), start=1):
+    items = []
+    lines, skipped = _read_lines(tsv)
+    for number, line in lines:
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split("\t")]
@@ -140,7 +174,7 @@ def fetch_tsv(root: Path) -> tuple[list[Utterance], Skipped]:
         audio = Path(rel).expanduser()
         audio = audio if audio.is_absolute() else tsv.parent / audio
         uid = str(Path(rel).with_suffix("")).replace("\\", "/")
-        items.append(Utterance(audio, text, speaker, uid))
+        items.append(Utterance(audio, text, speaker, uid, f"{tsv}:{number}"))
     return items, skipped
 
 

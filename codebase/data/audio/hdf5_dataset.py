@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 from data import register_dataset
 from data.audio.bucket_sampler import BucketBatchSampler
 from data.audio.corpus import split_fraction
-from data.audio.corpus_to_h5 import PrepareOptions, check_prepare
+from data.audio.corpus_to_h5 import PrepareOptions, check_data_file, check_prepare
 from data.audio.corpus_to_h5 import prepare as prepare_corpus
+from data.audio.h5_options import resolve_codec_config
 from data.audio.phonemes import PhonemeVocab
 from data.loader import pad_batch
 from utils import distributed
@@ -35,7 +36,8 @@ class Hdf5CodesDataset(Dataset):
 
     Args:
         path: the data file. When missing and ``prepare`` is given, it is prepared first.
-        prepare: how to build the file from a raw corpus (:class:`PrepareOptions`).
+        prepare: how to build the file from a raw corpus (:class:`PrepareOptions`). An
+            existing file prepared with other codec or phonemizer options is refused.
         max_tokens: token budget per batch (frames + phonemes + prompt, padded); or use the
             loader's ``batch_size``.
         prompt_frames: prompt length in code frames (a random crop; shorter prompts are whole).
@@ -77,6 +79,8 @@ class Hdf5CodesDataset(Dataset):
     ) -> None:
         self.path, self.max_tokens, self.prompt_frames = Path(path), max_tokens, prompt_frames
         self.seed, self.epoch, self.phase = seed, 0, phase
+        if self.path.is_file() and prepare is not None:
+            check_data_file(self.path, prepare)
         if not self.path.is_file():
             if prepare is None:
                 raise FileNotFoundError(
@@ -126,14 +130,17 @@ class Hdf5CodesDataset(Dataset):
 
     @property
     def codec_config(self) -> dict:
-        return json.loads(self.attrs["codec"])
+        """The codec the codes were made with; a codec file's path resolved against the data
+        file's folder (the file stores it relative, so the folder may move)."""
+        return resolve_codec_config(json.loads(self.attrs["codec"]), self.path.parent)
 
     def checkpoint_metadata(self) -> dict[str, str]:
-        """What a model trained on this data needs at inference: saved in every checkpoint."""
+        """What a model trained on this data needs at inference: saved in every checkpoint
+        (the codec with an absolute path: the checkpoint does not lie beside the data)."""
         return {
             "phoneme_vocab": str(self.attrs["vocab"]),
             "phonemizer": str(self.attrs["phonemizer"]),
-            "codec": str(self.attrs["codec"]),
+            "codec": json.dumps(self.codec_config),
         }
 
     def __len__(self) -> int:

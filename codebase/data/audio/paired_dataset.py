@@ -1,7 +1,9 @@
 """``paired_voice_audio``: raw (audio, text, speaker) items read straight from corpus files.
 
-Items are screened when the dataset is built, cheaply (file header only); whatever cannot be
-used is skipped and counted with a reason, never fatal. Run it as a self-check:
+Items are screened when the dataset is built, cheaply (file header only), by the same rules as
+``data.h5`` preparation (:func:`data.audio.corpus.screen`): bad index lines, repeated ids,
+missing or unreadable audio, too short or too long clips and transcripts with no word in them
+are skipped and counted with a reason, never fatal. Run it as a self-check:
 
     python -m data.audio.paired_dataset -opt ../experiments/x.yml [--phase val] [--samples 4]
 
@@ -60,6 +62,8 @@ class PairedVoiceAudioDataset(Dataset):
         fetcher_mode: how to read each path: ``lj``, ``libritts``, ``tsv`` (or a list).
         sample_rate: every clip is resampled to this rate.
         max_wav_length: longest clip kept, in samples at ``sample_rate`` (None: no limit).
+        min_duration: shortest clip kept, in seconds (None: no limit); a blip of a few
+            milliseconds is no utterance (``prepare`` has its own, 0.3 s by default).
         max_text_length: longest transcript kept, in characters (None: no limit).
         load_conditioning: also return ``conditioning`` clips from the same speaker.
         num_conditioning_candidates: clips per item (N).
@@ -76,6 +80,7 @@ class PairedVoiceAudioDataset(Dataset):
         sample_rate: int = 22050,
         max_wav_length: int | None = None,
         max_text_length: int | None = None,
+        min_duration: float | None = 0.1,
         load_conditioning: bool = False,
         num_conditioning_candidates: int = 1,
         conditioning_length: int = 44000,
@@ -108,7 +113,7 @@ class PairedVoiceAudioDataset(Dataset):
             want_val = phase == "val"
             fetched = [u for u in fetched if (split_fraction(u.id) < val_fraction) == want_val]
         self.items, self._durations, bad = screen(
-            fetched, sample_rate, max_wav_length, max_text_length
+            fetched, sample_rate, max_wav_length, max_text_length, min_duration=min_duration
         )
         self.skipped += bad
         self._bad: set[int] = set()  # indices whose audio failed to decode in __getitem__
