@@ -14,7 +14,6 @@ phonemizer configs they hold.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 from models.audio.codecs import CODECS
 from utils.errors import DataError
+from utils.io import file_sha256 as sha256_of_file
 
 
 @dataclass
@@ -89,9 +89,7 @@ def requested(opts: PrepareOptions, h5_path: Path, defaults: bool = True) -> dic
 
 def file_sha256(path: Path) -> str | None:
     """The file's sha256 (hex), or None when it does not exist."""
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_of_file(path) if path.is_file() else None
 
 
 def check_matches(attrs: Any, opts: PrepareOptions, h5_path: Path) -> None:
