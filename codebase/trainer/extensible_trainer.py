@@ -170,12 +170,14 @@ class ExtensibleTrainer:
         old = yaml.safe_load(saved.get("config") or "{}") or {}
         problems = Problems()
         for name, spec in self.exp.steps.items():
+            # as written in the YAML, then and now (not the resolved names)
             before = ((old.get("steps") or {}).get(name) or {}).get("optimizer")
-            if before is not None and before != spec.optimizer:
+            now = (self.exp.options.get("steps") or {}).get(name, {}).get("optimizer")
+            if before is not None and str(before).lower() != str(now or spec.optimizer).lower():
                 net = spec.training
                 problems.add(
                     f"steps.{name}.optimizer",
-                    f"is {spec.optimizer!r}, but {resume} was trained with {before!r}, whose "
+                    f"is {now!r}, but {resume} was trained with {before!r}, whose "
                     f"state cannot carry over to another kind of optimizer. Set it back to "
                     f"{before!r} to resume; or start a new run from the weights: "
                     f"path.pretrain_model_{net}: "
