@@ -195,6 +195,7 @@ make_trainer({tmp!r}, train={{"niter": 6}}, logger={{"save_checkpoint_freq": 2}}
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_then_resume_is_exact(tmp_path):
     """SIGKILL in the middle of writing a checkpoint: the resumed run removes the litter,
     continues from the last complete checkpoint and ends bit-identical to an unbroken run."""
