@@ -17,6 +17,7 @@ from helpers import REPO, TEXTS, make_corpus, tb_scalars
 from models.audio.codecs import CodecUnavailable
 from models.audio.tts.synthesis import Synthesizer, pad_batch  # registers `valle` too
 from trainer.evaluators.tts_samples import TtsSamplesEvaluator, mel_stft_loss  # registers it
+from utils.errors import run_command
 from utils.io import save_network
 
 # Architecture of the random mel_rvq codec the model's codes belong to (16 kHz, 50 frames/s).
@@ -181,7 +182,8 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
     path, _, ref = checkpoint
     texts = tmp_path / "texts.txt"
     texts.write_text("the cat sat down\n\nopen the door slowly\n", encoding="utf-8")
-    rc = synthesize.main(
+    rc = run_command(
+        synthesize.main,
         [
             "--model",
             str(path),
@@ -199,7 +201,7 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
             "cpu",
             "--codec-option",
             "pretrained=false",
-        ]
+        ],
     )
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0.wav", "1.wav"]
@@ -207,7 +209,8 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
 
     bare = tmp_path / "bare.safetensors"
     write_checkpoint(bare, codec=None)
-    rc = synthesize.main(
+    rc = run_command(
+        synthesize.main,
         [
             "--model",
             str(bare),
@@ -217,14 +220,14 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
             str(ref),
             "--out",
             str(tmp_path / "x.wav"),
-        ]
+        ],
     )
-    assert rc == 2 and "no 'codec' metadata" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        synthesize.main(["--model", str(path), "--prompt", str(ref)])  # no text
-    assert "at least one --text" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        synthesize.main(
+    assert rc == 5 and "no 'codec' metadata" in capsys.readouterr().err
+    rc = run_command(synthesize.main, ["--model", str(path), "--prompt", str(ref)])  # no text
+    assert rc == 2 and "at least one --text" in capsys.readouterr().err
+    assert (
+        run_command(
+            synthesize.main,
             [
                 "--model",
                 str(path),
@@ -234,8 +237,10 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
                 "a",
                 "--codec-option",
                 "pretrained",
-            ]
+            ],
         )
+        == 2
+    )
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 

@@ -174,9 +174,9 @@ class Experiment:
         return self.path.root or (self.base_dir / self.name)
 
 
-def load_experiment_cli(args: Any) -> Experiment | None:
-    """The validated experiment of a CLI's ``-opt``/``-o`` arguments, or None after printing
-    the error (see :func:`utils.options.load_cli`)."""
+def load_experiment_cli(args: Any) -> Experiment:
+    """The validated experiment of a CLI's ``-opt``/``-o`` arguments; a bad file or option
+    raises ``ConfigError`` (see :func:`utils.options.load_cli`)."""
     return load_cli(args, validate_experiment)
 
 
