@@ -240,6 +240,13 @@ def catalogue() -> list[Mistake]:
             ),
         ),
         Mistake(
+            "an injector that refuses its options when built",
+            t,
+            ["-opt", "@crop0", "-o", "train.niter=1"],
+            EXIT_USAGE,
+            ("steps.fit.injectors.crop", "crop_size must be >= 1"),
+        ),
+        Mistake(
             "batch larger than the dataset",
             t,
             ["-opt", "@toy", "-o", "datasets.train.batch_size=100", "-o", "train.niter=1"],
@@ -260,6 +267,13 @@ def catalogue() -> list[Mistake]:
             ["-opt", "@paired_gone", "--samples", "0"],
             EXIT_USAGE,
             ("nowhere/index.tsv", "does not exist", "`path`"),
+        ),
+        Mistake(
+            "a dataset that refuses its options when built",
+            paired_dataset.main,
+            ["-opt", "@paired_val", "--samples", "0"],
+            EXIT_USAGE,
+            ("datasets.train", "val_fraction must be in [0, 1)"),
         ),
         Mistake(
             "self-check where every item is screened out",
@@ -484,6 +498,16 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "print0": lambda: _exp(logger={"print_freq": 0}),
     "warmup": lambda: _exp(train={"niter": 5, "warmup_iter": 10}),
     "paired": lambda: _paired(),
+    "paired_val": lambda: _paired(val_fraction=1.5),
+    "crop0": lambda: _exp(
+        steps={
+            "fit": {
+                "injectors": {
+                    "crop": {"type": "random_audio_crop", "in": "x", "out": "xc", "crop_size": 0}
+                }
+            }
+        }
+    ),
     "paired_short": lambda: _paired(max_wav_length=100),
     "paired_gone": lambda: _paired(path=str(ROOT / "nowhere" / "index.tsv")),
     "prepare_gone": lambda: _prepare(path=str(ROOT / "nowhere" / "index.tsv")),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data import DATASETS
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 from utils.options import import_plugins
 from utils.schema import (
     ConfigError,
@@ -100,8 +100,15 @@ class EmptyDataset(DataError, ValueError):
 
 def build_dataset(spec: DatasetSpec, phase: str) -> Any:
     """The dataset of a validated section; its ``Runtime`` argument ``phase`` is the section's
-    ``phase`` option or name. An empty dataset is an error naming the section."""
-    dataset = construct(spec.cls, spec.kwargs, {"phase": spec.phase or phase}, f"datasets.{phase}")
+    ``phase`` option or name. An empty dataset is an error naming the section; a ValueError
+    of the dataset's constructor becomes a ``ConfigError`` at ``datasets.<phase>``."""
+    where = f"datasets.{phase}"
+    try:
+        dataset = construct(spec.cls, spec.kwargs, {"phase": spec.phase or phase}, where)
+    except UserError:
+        raise
+    except ValueError as e:  # the dataset's own checks of its options and files
+        raise ConfigError([(where, str(e))]) from e
     if len(dataset) == 0:
         counts = getattr(dataset, "skip_counts", None)
         skipped = f"; skipped items per reason: {counts()}" if callable(counts) and counts() else ""
