@@ -2,6 +2,10 @@
 
 Runs from ``codebase/`` or as ``python codebase/train.py`` from the repository root.
 ``--dry-run`` validates the whole experiment (every key, name and type) and exits.
+
+Exit codes: 0 done, 1 a bug (traceback), 2 a bad option or file, 3 the run diverged, 4 bad
+data, 5 a bad checkpoint, 6 the system refused (disk full, no permission), 130 Ctrl-C.
+``--debug`` prints the traceback of any error.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import sys
 # Python puts this file's folder (codebase/) first on sys.path, so `python codebase/train.py`
 # from the repository root imports the same packages as `python train.py` from codebase/.
 from trainer.config import load_experiment_cli
-from trainer.extensible_trainer import ExtensibleTrainer, NonFiniteStreak
+from trainer.extensible_trainer import ExtensibleTrainer
 from trainer.run_summary import run_summary
+from utils.errors import run_command
 from utils.options import experiment_parser
-from utils.schema import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train (or validate, or evaluate) one experiment. Errors are raised, and printed by the
+    boundary :func:`utils.errors.run_command` with their exit code."""
     args = parse_args(argv)
     exp = load_experiment_cli(args)
-    if exp is None:
-        return 2
     if args.dry_run:
         print(
             f"{exp.file}: OK ({len(exp.networks)} network(s), {len(exp.steps)} "
@@ -45,23 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    try:
-        trainer = ExtensibleTrainer(exp)
-    except ConfigError as e:  # start-up checks that need data (state keys)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    trainer = ExtensibleTrainer(exp)
     if args.evaluate:
         trainer.evaluate()
     else:
-        try:
-            trainer.train()
-        except NonFiniteStreak as e:  # a diverged run: its own exit code, for schedulers
-            print(f"error: {e}", file=sys.stderr)
-            return 3
+        trainer.train()  # a diverged run raises NonFiniteStreak: exit 3, for schedulers
     if trainer.dist.is_main:
         print("\n" + run_summary(trainer), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

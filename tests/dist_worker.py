@@ -44,10 +44,12 @@ def train_until_killed(argv: list[str], kill_at: int) -> None:
 def main() -> int:
     import torch.distributed as dist
 
+    from utils.errors import run_command
+
     for run in json.loads(Path(sys.argv[1]).read_text()):
         if isinstance(run, dict):
             train_until_killed(run["argv"], run["kill_at"])
-        elif rc := train.main(run):
+        elif rc := run_command(train.main, run):
             return rc
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

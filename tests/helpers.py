@@ -235,3 +235,63 @@ def launch(
             f"{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
         )
     return out
+
+
+# ----------------------------------------------------------------------------- synthesis
+# Architecture of the random mel_rvq codec the model's codes belong to (16 kHz, 50 frames/s).
+CODEC_ARCH = {"n_levels": 2, "codebook_size": 16, "n_mels": 40, "hop_length": 320}
+TINY = {
+    "n_phonemes": 64,
+    "codebook_size": 16,
+    "n_levels": 2,
+    "d_model": 32,
+    "n_layers": 1,
+    "n_heads": 2,
+    "ff_mult": 2,
+    "dropout": 0.0,
+    "max_positions": 512,
+}
+SYNTH_OPTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def write_checkpoint(path, **extra_override):
+    """A tiny random VALL-E network file with the metadata synthesis reads; ``extra_override``
+    replaces metadata entries (None drops one)."""
+    from data.audio.phonemes import PhonemeVocab, Phonemizer
+    from models.audio.tts.valle import VALLE
+    from utils.io import save_network
+
+    torch.manual_seed(0)
+    model = VALLE(**TINY)
+    phonemizer = Phonemizer()
+    vocab = PhonemeVocab.build(phonemizer.phonemize_symbols(TEXTS))
+    extra = {
+        "phoneme_vocab": vocab.to_json(),
+        "phonemizer": json.dumps(phonemizer.config()),
+        # a fitted codec file that is not on this machine: tests override `pretrained`
+        "codec": json.dumps(
+            {
+                "name": "mel_rvq",
+                "checkpoint": str(path.parent / "gone.st"),
+                "pretrained": True,
+                **CODEC_ARCH,
+            }
+        ),
+    }
+    extra.update(extra_override)
+    save_network(
+        model,
+        path,
+        which_model="valle",
+        kwargs=TINY,
+        extra={k: v for k, v in extra.items() if v is not None},
+    )
+    return model
+
+
+def write_prompt(path, seconds=1.5, sr=22050):
+    """A harmonic tone at another rate than the codec's, so loading must resample."""
+    t = np.arange(int(sr * seconds)) / sr
+    wav = sum(np.sin(2 * math.pi * 150 * k * t) / k for k in range(1, 5))
+    sf.write(path, (0.2 * wav).astype(np.float32), sr)
+    return path

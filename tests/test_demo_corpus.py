@@ -20,7 +20,7 @@ from data.audio.demo_corpus import (
     make_sentences,
     plan,
 )
-from data.audio.espeak_synth import EspeakSynth, trim_silence
+from data.audio.espeak_synth import EspeakSynth, UnknownVoice, trim_silence
 from data.audio.fetchers import fetch
 
 SR = 16000
@@ -88,7 +88,7 @@ def test_breathy_voice_same_samples_later(synth):
 def test_unknown_variant_fails(synth):
     with pytest.raises(ValueError, match="did you mean 'klatt'"):
         synth.synthesize("Hello.", variant="klat")
-    with pytest.raises(RuntimeError, match="voice 'no-such-voice'"):
+    with pytest.raises(UnknownVoice, match="no voice 'no-such-voice'"):
         synth.synthesize("Hello.", voice="no-such-voice")
     assert synth.synthesize("Hello.").numel() > 0  # still usable afterwards
 

@@ -16,7 +16,7 @@ from trainer.checkpoint import CheckpointManager
 from trainer.component import TrainerEnv
 from trainer.extensible_trainer import NonFiniteStreak
 from trainer.injectors import Injector
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, run_command
 from utils.schema import ConfigError, Runtime
 
 
@@ -88,7 +88,7 @@ def test_max_nonfinite_streak_validated(tmp_path):
 
 def test_train_cli_exits_3(tmp_path, capsys):
     path = write_yaml(tmp_path, base={}, **run_sections(first=2))
-    assert train.main(["-opt", path]) == 3
+    assert run_command(train.main, ["-opt", path]) == 3
     err = capsys.readouterr().err
     assert err.startswith("error: stopping: 3 steps in a row") and "began at step 2" in err
     assert "no checkpoint was saved before it" in err

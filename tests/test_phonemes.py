@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.audio.phonemes import PhonemeVocab, Phonemizer, espeak_library, main, split_symbols
+from data.audio.phonemes import (
+    PhonemeVocab,
+    Phonemizer,
+    espeak_library,
+    foreign_characters,
+    main,
+    split_symbols,
+)
 from helpers import build
 from trainer.component import TrainerEnv
 from trainer.injectors import INJECTORS
@@ -284,3 +291,12 @@ def test_vocab_extended_keeps_ids():
     assert new.encode(["a", "b"]) == old.encode(["a", "b"])
     assert new.decode(new.encode(["aa", "c"], add_bos_eos=False)) == ["aa", "c"]
     assert len(new) == len(old) + 2
+
+
+def test_foreign_characters_by_script():
+    assert foreign_characters("hello 你好, мир! 你", "en-us") == ["你", "好", "м", "и", "р"]
+    assert foreign_characters("你好 hello", "cmn") == []  # Latin is read everywhere
+    assert foreign_characters("こんにちは 世界", "ja") == []
+    assert foreign_characters("мир", "ja") == ["м", "и", "р"]
+    assert foreign_characters("été, straße, 42 😀", "fr-fr") == []  # digits, symbols: not letters
+    assert foreign_characters("你好", "xx-unknown") == []  # a language not in the table

@@ -1,77 +1,29 @@
 """Synthesis from a checkpoint (Python API and CLI) and the tts_samples evaluator in training."""
 
-import json
 import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data.audio.phonemes import PhonemeVocab, Phonemizer
-from helpers import REPO, TEXTS, make_corpus, tb_scalars
+from helpers import (
+    CODEC_ARCH,
+    REPO,
+    SYNTH_OPTS,
+    TINY,
+    make_corpus,
+    tb_scalars,
+    write_checkpoint,
+    write_prompt,
+)
 from models.audio.codecs import CodecUnavailable
 from models.audio.tts.synthesis import Synthesizer, pad_batch  # registers `valle` too
 from trainer.evaluators.tts_samples import TtsSamplesEvaluator, mel_stft_loss  # registers it
-from utils.io import save_network
-
-# Architecture of the random mel_rvq codec the model's codes belong to (16 kHz, 50 frames/s).
-CODEC_ARCH = {"n_levels": 2, "codebook_size": 16, "n_mels": 40, "hop_length": 320}
-TINY = {
-    "n_phonemes": 64,
-    "codebook_size": 16,
-    "n_levels": 2,
-    "d_model": 32,
-    "n_layers": 1,
-    "n_heads": 2,
-    "ff_mult": 2,
-    "dropout": 0.0,
-    "max_positions": 512,
-}
-SYNTH_OPTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
-
-
-def write_checkpoint(path, **extra_override):
-    from models.audio.tts.valle import VALLE
-
-    torch.manual_seed(0)
-    model = VALLE(**TINY)
-    phonemizer = Phonemizer()
-    vocab = PhonemeVocab.build(phonemizer.phonemize_symbols(TEXTS))
-    extra = {
-        "phoneme_vocab": vocab.to_json(),
-        "phonemizer": json.dumps(phonemizer.config()),
-        # a fitted codec file that is not on this machine: tests override `pretrained`
-        "codec": json.dumps(
-            {
-                "name": "mel_rvq",
-                "checkpoint": str(path.parent / "gone.st"),
-                "pretrained": True,
-                **CODEC_ARCH,
-            }
-        ),
-    }
-    extra.update(extra_override)
-    save_network(
-        model,
-        path,
-        which_model="valle",
-        kwargs=TINY,
-        extra={k: v for k, v in extra.items() if v is not None},
-    )
-    return model
-
-
-def write_prompt(path, seconds=1.5, sr=22050):
-    """A harmonic tone at another rate than the codec's, so loading must resample."""
-    t = np.arange(int(sr * seconds)) / sr
-    wav = sum(np.sin(2 * math.pi * 150 * k * t) / k for k in range(1, 5))
-    sf.write(path, (0.2 * wav).astype(np.float32), sr)
-    return path
+from utils.errors import run_command
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +133,8 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
     path, _, ref = checkpoint
     texts = tmp_path / "texts.txt"
     texts.write_text("the cat sat down\n\nopen the door slowly\n", encoding="utf-8")
-    rc = synthesize.main(
+    rc = run_command(
+        synthesize.main,
         [
             "--model",
             str(path),
@@ -199,7 +152,7 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
             "cpu",
             "--codec-option",
             "pretrained=false",
-        ]
+        ],
     )
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0.wav", "1.wav"]
@@ -207,7 +160,8 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
 
     bare = tmp_path / "bare.safetensors"
     write_checkpoint(bare, codec=None)
-    rc = synthesize.main(
+    rc = run_command(
+        synthesize.main,
         [
             "--model",
             str(bare),
@@ -217,14 +171,14 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
             str(ref),
             "--out",
             str(tmp_path / "x.wav"),
-        ]
+        ],
     )
-    assert rc == 2 and "no 'codec' metadata" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        synthesize.main(["--model", str(path), "--prompt", str(ref)])  # no text
-    assert "at least one --text" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        synthesize.main(
+    assert rc == 5 and "no 'codec' metadata" in capsys.readouterr().err
+    rc = run_command(synthesize.main, ["--model", str(path), "--prompt", str(ref)])  # no text
+    assert rc == 2 and "at least one --text" in capsys.readouterr().err
+    assert (
+        run_command(
+            synthesize.main,
             [
                 "--model",
                 str(path),
@@ -234,8 +188,10 @@ def test_cli_text_file_out_dir_and_errors(checkpoint, tmp_path, capsys):
                 "a",
                 "--codec-option",
                 "pretrained",
-            ]
+            ],
         )
+        == 2
+    )
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 

@@ -9,7 +9,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from utils.errors import UserError
 from utils.seed import generator
+
+
+class TooFewItems(UserError, ValueError):
+    """The dataset has fewer items than one batch needs (lower batch_size, or add data)."""
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -41,7 +46,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         per_rank = num_items // world_size if drop_last else math.ceil(num_items / world_size)
         self.per_rank = max(per_rank, 1)
         if drop_last and self.per_rank < batch_size:
-            raise ValueError(
+            raise TooFewItems(
                 f"batch_size {batch_size} is larger than the {self.per_rank} items "
                 f"each of {world_size} rank(s) gets; lower batch_size"
             )
@@ -115,7 +120,9 @@ class TrainLoader:
                 self._iter = None
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 if len(self.batch_sampler) == 0:
-                    raise RuntimeError("the training dataset yields no batches") from None
+                    raise TooFewItems(
+                        "the training dataset yields no batches; lower batch_size or add items"
+                    ) from None
                 continue
             self.batches_done += 1
             return batch

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data import DATASETS
+from utils.errors import DataError, UserError
 from utils.options import import_plugins
 from utils.schema import (
     ConfigError,
@@ -93,12 +94,28 @@ def validate_datasets(opt: dict) -> dict[str, DatasetSpec]:
     return specs  # type: ignore[return-value]  # no None left once there are no problems
 
 
+class EmptyDataset(DataError, ValueError):
+    """A dataset section that yields no items (a wrong path, or every item screened out)."""
+
+
 def build_dataset(spec: DatasetSpec, phase: str) -> Any:
     """The dataset of a validated section; its ``Runtime`` argument ``phase`` is the section's
-    ``phase`` option or name. An empty dataset is an error naming the section."""
-    dataset = construct(spec.cls, spec.kwargs, {"phase": spec.phase or phase}, f"datasets.{phase}")
+    ``phase`` option or name. An empty dataset is an error naming the section; a ValueError
+    of the dataset's constructor becomes a ``ConfigError`` at ``datasets.<phase>``."""
+    where = f"datasets.{phase}"
+    try:
+        dataset = construct(spec.cls, spec.kwargs, {"phase": spec.phase or phase}, where)
+    except UserError:
+        raise
+    except ValueError as e:  # the dataset's own checks of its options and files
+        raise ConfigError([(where, str(e))]) from e
     if len(dataset) == 0:
-        raise ValueError(f"datasets.{phase}: the dataset ({spec.cls.__name__}) has no items")
+        counts = getattr(dataset, "skip_counts", None)
+        skipped = f"; skipped items per reason: {counts()}" if callable(counts) and counts() else ""
+        raise EmptyDataset(
+            f"datasets.{phase}: the dataset ({spec.cls.__name__}) has no items{skipped}; check "
+            f"its path and screening options"
+        )
     return dataset
 
 

@@ -15,8 +15,9 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from utils.errors import UserError
 from utils.registry import Registry, component_name
-from utils.schema import Problems, bind_options, construct
+from utils.schema import ConfigError, Problems, bind_options, construct
 
 
 @dataclass
@@ -89,9 +90,16 @@ class Component:
 
 
 def build_component(spec: ComponentSpec, provided: Mapping[str, Any]) -> Any:
-    """Construct a validated component with the runtime objects it declares."""
-    obj = _construct(spec, provided)
-    obj.configure(spec)
+    """Construct a validated component with the runtime objects it declares. A ValueError its
+    constructor raises (its own checks of its options, e.g. a file it reads) becomes a
+    ``ConfigError`` at its YAML path, as the network checks at validation do."""
+    try:
+        obj = _construct(spec, provided)
+        obj.configure(spec)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise ConfigError([(spec.path, str(e))]) from e
     obj.component_name = spec.name
     obj.path = spec.path
     return obj

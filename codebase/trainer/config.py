@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
+from safetensors import safe_open
 
 from data.spec import DatasetSpec, validate_dataset
 from models import MODELS
@@ -175,9 +176,9 @@ class Experiment:
         return self.path.root or (self.base_dir / self.name)
 
 
-def load_experiment_cli(args: Any) -> Experiment | None:
-    """The validated experiment of a CLI's ``-opt``/``-o`` arguments, or None after printing
-    the error (see :func:`utils.options.load_cli`)."""
+def load_experiment_cli(args: Any) -> Experiment:
+    """The validated experiment of a CLI's ``-opt``/``-o`` arguments; a bad file or option
+    raises ``ConfigError`` (see :func:`utils.options.load_cli`)."""
     return load_cli(args, validate_experiment)
 
 
@@ -355,6 +356,40 @@ def _check_pretrained(exp: Experiment, problems: Problems) -> None:
                 f"{path} holds a {saved!r} network, but networks.{net} is a "
                 f"{spec.which_model!r}; point it at a {spec.which_model!r} checkpoint",
             )
+        elif spec is not None and exp.path.strict_load:
+            differ = _shape_mismatches(spec, path)
+            if differ:
+                saved_kwargs = f" (it was saved with kwargs {meta['kwargs']})" if saved else ""
+                problems.add(
+                    where,
+                    f"{path} does not fit networks.{net}: {len(differ)} tensor(s) differ, e.g. "
+                    f"{'; '.join(differ[:3])}. Make networks.{net}.kwargs match the file"
+                    f"{saved_kwargs}, or set path.strict_load: false to load the tensors "
+                    f"that fit",
+                )
+
+
+def _shape_mismatches(spec: NetworkSpec, path: Path) -> list[str]:
+    """The tensors of a safetensors file whose shape differs from the network's, or that the
+    network lacks, read from the file's header against the network built on the meta device
+    (nothing is allocated). Empty when the network cannot be built there."""
+    if spec.factory is None:
+        return []
+    try:
+        with torch.device("meta"):
+            net = construct(spec.factory, spec.kwargs, {}, "")
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        with safe_open(str(path), framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # checked when the weights are loaded instead
+        log.debug("%s: shapes not checked on the meta device: %s", path, e)
+        return []
+    found = [
+        f"{k}: {list(have[k])} in the file, {list(want[k])} in the network"
+        for k in sorted(set(have) & set(want))
+        if have[k] != want[k]
+    ]
+    return found + [f"{k}: not in the network" for k in sorted(set(have) - set(want))]
 
 
 def _validate_eval(section: dict, problems: Problems, base: Path) -> EvalOptions:

@@ -15,12 +15,16 @@ import torch
 import torchaudio.functional as AF
 from torchaudio.transforms import MelSpectrogram
 
+from utils.errors import DataError
 from utils.io import atomic_write
 
 
-class AudioError(ValueError):
+class AudioError(DataError, ValueError):
     """An audio file that cannot be used. ``reason`` is a short category for skip counts
-    ("missing file", "unreadable", "empty audio", "non-finite samples")."""
+    ("missing file", "unreadable", "empty audio", "non-finite samples").
+
+    Datasets skip such items; a command that meets one (a synthesis prompt) exits with the
+    data error code 4."""
 
     def __init__(self, path: str | Path, reason: str, detail: str = "") -> None:
         self.path = str(path)

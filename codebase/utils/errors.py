@@ -10,11 +10,13 @@ Exit codes (scripts and schedulers may rely on them):
 ====  ==========================================================================
 0     success
 1     a bug: an unexpected exception (the traceback is printed)
-2     a bad option or experiment file (:class:`UserError`, ``ConfigError``, argparse)
+2     a bad option, experiment file or path (:class:`UserError`, ``ConfigError``, argparse,
+      a file or folder that does not exist)
 3     the run diverged: a streak of non-finite steps (``NonFiniteStreak``)
 4     bad data: a corpus, data file or audio file that cannot be used (:class:`DataError`)
 5     a checkpoint that is missing, corrupt or of the wrong kind (:class:`CheckpointError`)
-6     the system refused: disk full, no permission, read-only file system (``OSError``)
+6     the system refused: disk full, no permission, read-only file system (``OSError``),
+      out of memory
 130   interrupted (Ctrl-C)
 ====  ==========================================================================
 """
@@ -36,18 +38,26 @@ EXIT_SYSTEM = 6
 EXIT_INTERRUPTED = 130
 
 DEBUG_ENV = "CODEC_TTS_DEBUG"
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = f"on an error, print the full traceback (also {DEBUG_ENV}=1)"
 
 
 class UserError(Exception):
-    """A mistake the user can fix; the message says what is wrong and what to do."""
+    """A mistake the user can fix; the message says what is wrong and what to do.
+
+    ``shared`` says every rank of a distributed run hits it alike (a bad option, a missing
+    checkpoint), so only rank 0 prints it.
+    """
 
     exit_code = EXIT_USAGE
+    shared = True
 
 
 class DataError(UserError):
     """A corpus, data file or audio file that cannot be used as it is."""
 
     exit_code = EXIT_DATA
+    shared = False  # ranks read different items: the one that met it says so
 
 
 class CheckpointError(UserError):
@@ -56,36 +66,78 @@ class CheckpointError(UserError):
     exit_code = EXIT_CHECKPOINT
 
 
-# OSErrors that come from the system or the user's files rather than from a bug.
-_SYSTEM_ERRNOS = {
-    errno.ENOSPC: "the disk is full: free some space (or point the output elsewhere) and rerun",
-    errno.EDQUOT: "the disk quota is exhausted: free some space and rerun",
-    errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
-    errno.EPERM: "operation not permitted: check the file's owner and permissions",
-    errno.EROFS: "the file system is read-only: write somewhere else",
-    errno.ENOENT: "no such file or folder: check the path",
-    errno.EISDIR: "a folder was given where a file is expected",
-    errno.ENOTDIR: "a file was given where a folder is expected",
-    errno.EIO: "the storage reported an I/O error: check the disk",
+# OSErrors that come from the system or the user's files rather than from a bug:
+# errno -> (exit code, what to do).
+_OS_ERRNOS = {
+    errno.ENOSPC: (
+        EXIT_SYSTEM,
+        "the disk is full: free some space (or point the output elsewhere) and rerun",
+    ),
+    errno.EDQUOT: (EXIT_SYSTEM, "the disk quota is exhausted: free some space and rerun"),
+    errno.EACCES: (
+        EXIT_SYSTEM,
+        "permission denied: choose a folder you can write to, or fix its permissions",
+    ),
+    errno.EPERM: (EXIT_SYSTEM, "operation not permitted: check the file's owner and permissions"),
+    errno.EROFS: (EXIT_SYSTEM, "the file system is read-only: write somewhere else"),
+    errno.EIO: (EXIT_SYSTEM, "the storage reported an I/O error: check the disk"),
+    errno.EMFILE: (EXIT_SYSTEM, "too many open files: raise `ulimit -n` or use fewer workers"),
+    errno.ENOENT: (EXIT_USAGE, "no such file or folder: check the path"),
+    errno.EISDIR: (EXIT_USAGE, "a folder was given where a file is expected"),
+    errno.ENOTDIR: (EXIT_USAGE, "a file was given where a folder is expected"),
 }
+# An OSError raised with only a message (``FileNotFoundError("checkpoint x does not exist")``)
+# has no errno; its class says which kind it is.
+_OS_CLASSES = (
+    (FileNotFoundError, errno.ENOENT),
+    (PermissionError, errno.EACCES),
+    (IsADirectoryError, errno.EISDIR),
+    (NotADirectoryError, errno.ENOTDIR),
+)
+
+
+def _os_errno(e: OSError) -> int | None:
+    if e.errno is not None:
+        return e.errno
+    return next((code for cls, code in _OS_CLASSES if isinstance(e, cls)), None)
 
 
 def describe_os_error(e: OSError) -> str | None:
     """``e`` as one readable sentence with what to do, or None when it looks like a bug."""
-    advice = _SYSTEM_ERRNOS.get(e.errno or -1)
-    if advice is None:
+    code = _os_errno(e)
+    if code not in _OS_ERRNOS:
         return None
+    if e.errno is None:  # raised by our code with its own message, which says what to do
+        return str(e)
     where = f"{e.filename}: " if e.filename else ""
-    return f"{where}{e.strerror or e}; {advice}"
+    return f"{where}{e.strerror or e}; {_OS_ERRNOS[code][1]}"
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    # torch.OutOfMemoryError / torch.cuda.OutOfMemoryError, without importing torch here
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+
+
+def _describe_out_of_memory(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "CPU"
+    return (
+        f"out of {where} memory ({first}); lower the batch size (or raise mega_batch_factor), "
+        f"shorten the items (max_wav_length), or use a smaller model"
+    )
 
 
 def is_debug(argv: Sequence[str] | None) -> bool:
+    """Whether tracebacks are wanted: ``--debug`` among the arguments, or CODEC_TTS_DEBUG set."""
     args = sys.argv[1:] if argv is None else argv
-    return "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def report(message: str, *, shared: bool = True) -> None:
@@ -103,29 +155,42 @@ def exit_code_for(e: BaseException) -> int | None:
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     code = getattr(e, "exit_code", None)
-    if isinstance(code, int):
+    if isinstance(code, int) and not isinstance(code, bool):
         return code
     if isinstance(e, UserError):
         return EXIT_USAGE
     if isinstance(e, OSError) and describe_os_error(e) is not None:
+        return _OS_ERRNOS[_os_errno(e)][0]
+    if _is_out_of_memory(e):
         return EXIT_SYSTEM
     return None
+
+
+def _exit_status(e: SystemExit) -> int:
+    """What the interpreter would exit with for ``sys.exit(code)`` (a message is printed)."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return EXIT_BUG
 
 
 def run_command(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI's ``main(argv)`` inside the error boundary and return its exit code.
 
     Use as ``sys.exit(run_command(main))``. A ``--debug`` argument is recognised here and
-    removed before ``main`` sees it.
+    removed before ``main`` sees it. ``SystemExit`` (argparse's usage errors, exit 2) becomes
+    its exit code, so a caller in the same process gets a code for every outcome.
     """
     debug = is_debug(argv)
     if argv is None:
         argv = sys.argv[1:]
-    argv = [a for a in argv if a != "--debug"]
+    argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         return int(main(argv) or 0)
-    except SystemExit:
-        raise  # argparse's own usage errors (exit 2) and explicit exits
+    except SystemExit as e:
+        return _exit_status(e)
     except BaseException as e:  # noqa: BLE001 - this is the boundary
         code = exit_code_for(e)
         if code is None:
@@ -134,6 +199,7 @@ def run_command(main: Callable[[list[str] | None], int], argv: list[str] | None 
                 "\nThis looks like a bug (an unexpected error, not a problem with your options "
                 "or data). Please report it with the traceback above.",
                 file=sys.stderr,
+                flush=True,
             )
             return EXIT_BUG
         if debug:
@@ -142,7 +208,8 @@ def run_command(main: Callable[[list[str] | None], int], argv: list[str] | None 
             report("interrupted")
         elif isinstance(e, OSError) and not isinstance(e, UserError):
             report(describe_os_error(e) or str(e), shared=False)
+        elif _is_out_of_memory(e):
+            report(_describe_out_of_memory(e), shared=False)
         else:
-            # Option errors are the same on every rank; anything else may be rank-specific.
-            report(str(e), shared=code == EXIT_USAGE)
+            report(str(e), shared=bool(getattr(e, "shared", True)))
         return code

@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
+from utils.errors import DEBUG_FLAG, DEBUG_HELP
 from utils.schema import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +85,8 @@ def _duplicate_keys(
 
 
 def experiment_parser(description: str | None) -> argparse.ArgumentParser:
-    """A parser with the options every experiment CLI takes: ``-opt FILE`` and ``-o KEY=VALUE``."""
+    """A parser with the options every experiment CLI takes: ``-opt FILE``, ``-o KEY=VALUE``
+    and ``--debug``."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -100,22 +102,25 @@ def experiment_parser(description: str | None) -> argparse.ArgumentParser:
     # The `deepspeed` launcher appends --local_rank=N; the LOCAL_RANK variable it also sets is
     # what the trainer reads.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_debug_flag(p)
     return p
+
+
+def add_debug_flag(p: argparse.ArgumentParser) -> None:
+    """Document ``--debug`` in a CLI's help (:func:`utils.errors.run_command` acts on it)."""
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
 
 
 T = TypeVar("T")
 
 
-def load_cli(args: argparse.Namespace, validate: Callable[[dict], T]) -> T | None:
+def load_cli(args: argparse.Namespace, validate: Callable[[dict], T]) -> T:
     """``validate`` applied to the options of a CLI's ``-opt``/``-o`` arguments (see
-    :func:`experiment_parser`); on a bad file or option, print ``error: ...`` to stderr and
-    return None (the CLI exits with 2). Also sets up warning-level logging."""
+    :func:`experiment_parser`). A bad file or option raises (``ConfigError``, or
+    ``FileNotFoundError`` for a missing ``-opt`` file); the command's error boundary
+    (:func:`utils.errors.run_command`) prints it. Also sets up warning-level logging."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return validate(load_options(args.opt, args.override))
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+    return validate(load_options(args.opt, args.override))
 
 
 def find_options_file(path: str | Path) -> Path:

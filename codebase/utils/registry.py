@@ -10,11 +10,13 @@ import difflib
 import re
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from utils.errors import UserError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
-    """An unknown or duplicate component name."""
+class RegistryError(UserError, KeyError):
+    """An unknown or duplicate component name (a command exits with the usage code 2)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable
         return str(self.args[0]) if self.args else ""

@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from data.audio.espeak_synth import EspeakSynth
 from utils.audio import save_audio
+from utils.errors import UserError, run_command
 from utils.io import atomic_write
+from utils.options import add_debug_flag
 
 FORMAT_VERSION = 1  # bump when sentences, voices or layout change, so old corpora are rebuilt
 SAMPLE_RATE = 16000
@@ -370,10 +372,14 @@ class DemoCorpus:
     seconds: float  # total audio, train + held-out
 
 
+class DemoOptionError(UserError, ValueError):
+    """Demo corpus options that cannot work (too many speakers, too few utterances)."""
+
+
 def speaker_settings(speakers: int) -> dict[str, dict]:
     """``spk0``.. -> espeak settings from :data:`VOICES`."""
     if not 1 <= speakers <= len(VOICES):
-        raise ValueError(f"speakers={speakers}: the demo corpus has 1 to {len(VOICES)} voices")
+        raise DemoOptionError(f"speakers={speakers}: the demo corpus has 1 to {len(VOICES)} voices")
     return {
         f"spk{i}": dict(variant=v, pitch=p, pitch_range=r, rate=w)
         for i, (v, p, r, w) in enumerate(VOICES[:speakers])
@@ -419,7 +425,7 @@ def plan(utterances: int, speakers: int, seed: int) -> tuple[list[tuple], list[t
     held_utts = sum(1 if j % 2 == 0 or speakers == 1 else 2 for j in range(n_held))
     n_train = utterances - held_utts
     if n_train < speakers:
-        raise ValueError(
+        raise DemoOptionError(
             f"utterances={utterances}: {held_utts} go to the held-out set, which "
             f"leaves fewer than one training utterance per speaker ({speakers})"
         )
@@ -555,14 +561,18 @@ def _corpus(out: Path, meta: dict) -> DemoCorpus:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Build the demo corpus; errors are raised for :func:`run_command`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--utterances", type=int, default=5000)
-    p.add_argument("--speakers", type=int, default=8)
+    p.add_argument("--speakers", type=int, default=8, help=f"1 to {len(VOICES)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    add_debug_flag(p)
     a = p.parse_args(argv)
+    if a.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {a.workers}")
     start = time.perf_counter()
     corpus = build_demo_corpus(a.out, a.utterances, a.speakers, a.seed, a.workers)
     elapsed = time.perf_counter() - start
@@ -576,7 +586,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{n} utterances, {corpus.seconds / 3600:.2f} h of audio, {elapsed:.1f} s "
         f"({n / max(elapsed, 1e-9):.0f} utt/s; a near-zero time means it was already built)"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(run_command(main))

@@ -30,6 +30,8 @@ import torch
 import torchaudio.functional as AF
 
 from utils.audio import save_audio
+from utils.errors import UserError, run_command
+from utils.options import add_debug_flag
 from utils.registry import did_you_mean
 
 # speak_lib.h constants (espeak-ng 1.5x; the values are part of its stable ABI).
@@ -135,6 +137,10 @@ class _Espeak:
             raise RuntimeError(f"espeak: {what} failed with code {code}")
 
 
+class UnknownVoice(UserError, ValueError):
+    """An espeak voice or variant name that does not exist."""
+
+
 _instance: _Espeak | None = None
 
 
@@ -206,14 +212,18 @@ class EspeakSynth:
         es = _espeak()
         if variant is not None and variant not in variants():
             # espeak would silently speak the plain voice instead
-            raise ValueError(
+            raise UnknownVoice(
                 f"espeak variant {variant!r} does not exist"
                 f"{did_you_mean(variant, variants())}; choose from "
                 f"{', '.join(sorted(variants()))}"
             )
         es.reload()
         name = (f"{voice}+{variant}" if variant else voice).encode()
-        es.check(es.lib.espeak_SetVoiceByName(name), f"voice {name.decode()!r}")
+        if es.lib.espeak_SetVoiceByName(name) != EE_OK:
+            raise UnknownVoice(
+                f"espeak has no voice {voice!r}; list the voices (language codes) with "
+                f"`python -m data.audio.phonemes --list-languages` (from codebase/)"
+            )
         # After the voice: SetVoiceByName resets pitch and range to the variant's own.
         for param, value in (
             (ESPEAK_RATE, rate),
@@ -242,22 +252,31 @@ class EspeakSynth:
         return trim_silence(wav, self.sample_rate_out).contiguous()
 
 
-def main(argv: list[str] | None = None) -> None:
-
+def main(argv: list[str] | None = None) -> int:
+    """Speak one text into a WAV file; errors are raised for :func:`run_command`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("text")
     p.add_argument("--out", type=Path, required=True, help="WAV file to write")
     p.add_argument("--voice", default="en-us")
     p.add_argument("--variant", default=None, help="m1..m8, f1..f5, klatt ...")
-    p.add_argument("--rate", type=int, default=175)
-    p.add_argument("--pitch", type=int, default=50)
+    p.add_argument("--rate", type=int, default=175, help="words per minute, 80-450")
+    p.add_argument("--pitch", type=int, default=50, help="0-100")
     p.add_argument("--sample-rate", type=int, default=16000)
+    add_debug_flag(p)
     a = p.parse_args(argv)
+    for flag, value, lo, hi in (("--rate", a.rate, 80, 450), ("--pitch", a.pitch, 0, 100)):
+        if not lo <= value <= hi:
+            raise UserError(f"{flag} must be in {lo}..{hi}, got {value}")
+    if a.sample_rate < 1:
+        raise UserError(f"--sample-rate must be >= 1 Hz, got {a.sample_rate}")
     synth = EspeakSynth(a.sample_rate)
     wav = synth.synthesize(a.text, a.voice, a.variant, rate=a.rate, pitch=a.pitch)
     save_audio(a.out, wav, synth.sample_rate_out)
     print(f"{a.out}: {wav.numel() / synth.sample_rate_out:.2f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(run_command(main))

@@ -14,10 +14,13 @@ import argparse
 import json
 import logging
 import os
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from utils.errors import DataError, UserError, run_command
+from utils.options import add_debug_flag
 from utils.registry import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,18 @@ STRESS_MARKS = "ˈˌ"  # primary, secondary: split off as symbols of their own
 WORD_BOUNDARY = " "
 _PHONE_SEP = "|"  # not a punctuation mark nor an IPA character, so splitting on it is exact
 _configured: tuple[str, str | None] | None = None  # (library, data path) given to phonemizer
+
+
+class EspeakUnavailable(UserError, RuntimeError):
+    """No working espeak-ng library: the message says what to install or set."""
+
+
+class UnknownLanguage(UserError, ValueError):
+    """An espeak language code that does not exist (the message lists the closest ones)."""
+
+
+class UnreadableVocab(DataError, ValueError):
+    """A phoneme vocab file that is not a vocab this code reads."""
 
 
 def espeak_library() -> str:
@@ -46,7 +61,7 @@ def espeak_library() -> str:
     env_lib = os.environ.get("PHONEMIZER_ESPEAK_LIBRARY")
     if env_lib:
         if not (Path(env_lib).is_file() and os.access(env_lib, os.R_OK)):
-            raise RuntimeError(
+            raise EspeakUnavailable(
                 f"PHONEMIZER_ESPEAK_LIBRARY={env_lib} is not a readable file; "
                 "point it at libespeak-ng.so, or unset it to use the library "
                 "bundled by `pip install espeakng-loader`"
@@ -56,14 +71,14 @@ def espeak_library() -> str:
         try:
             import espeakng_loader
         except ImportError as e:
-            raise RuntimeError(
+            raise EspeakUnavailable(
                 "no espeak-ng library: `pip install espeakng-loader` (bundles "
                 "espeak-ng), or set PHONEMIZER_ESPEAK_LIBRARY to a "
                 "libespeak-ng shared library"
             ) from e
         library = espeakng_loader.get_library_path()
         if not Path(library).is_file():
-            raise RuntimeError(
+            raise EspeakUnavailable(
                 f"espeakng-loader's library {library} is missing; reinstall it "
                 "(`pip install --force-reinstall espeakng-loader`) or set "
                 "PHONEMIZER_ESPEAK_LIBRARY"
@@ -117,6 +132,62 @@ def split_symbols(phonemized: str, punctuation_marks: str) -> list[str]:
     return symbols
 
 
+# The scripts whose letters espeak reads as words of a language (by base code); Latin is
+# allowed everywhere because espeak switches to English for Latin-script words. A letter of a
+# script listed here but not for the language is read out by its name ("Chinese letter") or
+# spelled, which is not speech in that language. Languages not listed are not checked.
+_LANGUAGES_BY_SCRIPTS: dict[tuple[str, ...], str] = {
+    (): "af an az bs ca cs cy da de en eo es et eu fi fr ga gd hr ht hu ia id is it la lt lv "
+    "mi ms mt nb nl no pl pt qu ro sk sl sq sv sw tn tr uz vi",
+    ("CYRILLIC",): "ru uk be bg mk kk ky tt ba cv",
+    ("GREEK",): "el grc",
+    ("ARABIC",): "ar fa ur ps sd",
+    ("HEBREW",): "he",
+    ("DEVANAGARI",): "hi mr ne sa",
+    ("CJK",): "cmn yue hak zh",
+    ("CJK", "HIRAGANA", "KATAKANA"): "ja",
+    ("HANGUL",): "ko",
+    ("THAI",): "th",
+    ("GEORGIAN",): "ka",
+    ("ARMENIAN",): "hy hyw",
+    ("BENGALI",): "bn as",
+    ("TAMIL",): "ta",
+    ("TELUGU",): "te",
+    ("KANNADA",): "kn",
+    ("MALAYALAM",): "ml",
+    ("GUJARATI",): "gu",
+    ("GURMUKHI",): "pa",
+    ("SINHALA",): "si",
+    ("ETHIOPIC",): "am",
+    ("MYANMAR",): "my",
+}
+_SCRIPTS = {c: scripts for scripts, codes in _LANGUAGES_BY_SCRIPTS.items() for c in codes.split()}
+_KNOWN_SCRIPTS = {"LATIN"}.union(*_LANGUAGES_BY_SCRIPTS)
+
+
+def _script(ch: str) -> str | None:
+    """The script of a letter as unicodedata names it (``LATIN``, ``CJK``, ``KATAKANA`` ...)."""
+    if not unicodedata.category(ch).startswith("L"):
+        return None
+    word = unicodedata.name(ch, "").split(" ", 1)[0]
+    return next((s for s in _KNOWN_SCRIPTS if word == s or word.startswith(s + "-")), None)
+
+
+def foreign_characters(text: str, language: str) -> list[str]:
+    """The distinct letters of ``text`` (in order) from a script that the espeak ``language``
+    does not read as its own, e.g. Chinese characters for ``en-us``, which espeak speaks as
+    "Chinese letter". Empty for languages whose scripts are not known here."""
+    allowed = _SCRIPTS.get(language.lower().split("-")[0])
+    if allowed is None:
+        return []
+    found: dict[str, None] = {}
+    for ch in text:
+        script = _script(ch)
+        if script is not None and script != "LATIN" and script not in allowed:
+            found[ch] = None
+    return list(found)
+
+
 class Phonemizer:
     """Texts -> IPA with phonemizer's espeak backend (built once, reused for every call).
 
@@ -166,11 +237,11 @@ class Phonemizer:
             )
         except RuntimeError as e:
             if "not supported" not in str(e):
-                raise RuntimeError(
+                raise EspeakUnavailable(
                     f"espeak-ng failed to start ({e}); set "
                     "PHONEMIZER_ESPEAK_LIBRARY to a working libespeak-ng"
                 ) from e
-            raise ValueError(
+            raise UnknownLanguage(
                 f"unknown espeak language {self.language!r}"
                 f"{did_you_mean(self.language, supported_languages())}; list the supported ones "
                 "with `python -m data.audio.phonemes --list-languages` (from codebase/)"
@@ -365,10 +436,10 @@ class PhonemeVocab:
         try:
             return cls.from_json(path.read_text(encoding="utf-8"))
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise UnreadableVocab(f"{path}: {e}") from e
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Print the phoneme symbols of a text (and their ids with ``--vocab``)."""
     p = argparse.ArgumentParser(prog="python -m data.audio.phonemes", description=main.__doc__)
     p.add_argument("text", nargs="?", help="text to phonemize")
@@ -377,19 +448,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-punctuation", action="store_true", help="drop punctuation")
     p.add_argument("--vocab", type=Path, help="a PhonemeVocab JSON file: also print ids")
     p.add_argument("--list-languages", action="store_true", help="list espeak languages")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if args.list_languages:
         for code, name in sorted(supported_languages().items()):
             print(f"{code}\t{name}")
-        return
+        return 0
     if args.text is None:
         p.error("give a text to phonemize, or --list-languages")
-    try:
-        ph = Phonemizer(
-            args.language, preserve_punctuation=not args.no_punctuation, with_stress=args.stress
-        )
-    except (ValueError, RuntimeError) as e:
-        p.error(str(e))
+    # an unknown language or a missing espeak raises a UserError: run_command prints it
+    ph = Phonemizer(
+        args.language, preserve_punctuation=not args.no_punctuation, with_stress=args.stress
+    )
     symbols = ph.phonemize_symbols([args.text])[0]
     print(ph(args.text))
     print(" ".join("␣" if s == WORD_BOUNDARY else s for s in symbols))
@@ -398,7 +468,10 @@ def main(argv: list[str] | None = None) -> None:
         print(vocab.encode(symbols))
         if vocab.unknown_symbols:
             print(f"not in the vocab: {dict(vocab.unknown_symbols)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(run_command(main))

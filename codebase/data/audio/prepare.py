@@ -15,13 +15,13 @@ import sys
 from data.audio.corpus_to_h5 import prepare
 from data.audio.hdf5_dataset import Hdf5CodesDataset
 from data.spec import validate_datasets
+from utils.errors import run_command
 from utils.options import experiment_parser, load_cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Prepare every dataset that asks for it; errors are raised for :func:`run_command`."""
     specs = load_cli(experiment_parser(__doc__).parse_args(argv), validate_datasets)
-    if specs is None:
-        return 2
     done = set()
     for phase, spec in specs.items():
         opts = spec.kwargs.get("prepare") if issubclass(spec.cls, Hdf5CodesDataset) else None
@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

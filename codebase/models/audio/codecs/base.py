@@ -9,16 +9,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from utils.errors import UserError
 from utils.registry import Registry
 
 CODECS: Registry = Registry("codec")
 
 
-class CodecUnavailable(RuntimeError):
+class CodecUnavailable(UserError, RuntimeError):
     """A codec cannot be built here: a missing package or missing pretrained weights.
 
     The message says what is missing and how to fix it (which file, where to put it, or which
-    ``pip install``).
+    ``pip install``). A command that meets it exits with the usage error code 2.
     """
 
 

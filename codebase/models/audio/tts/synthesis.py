@@ -24,17 +24,62 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from data.audio.phonemes import PhonemeVocab, Phonemizer
+from data.audio.phonemes import PhonemeVocab, Phonemizer, foreign_characters
 from data.loader import pad_batch
 from models import MODELS, build_network
-from models.audio.codecs import build_codec
+from models.audio.codecs import CODECS, build_codec
 from utils.audio import load_audio
 from utils.distributed import resolve_device
+from utils.errors import CheckpointError, DataError, UserError
 from utils.io import load_module, read_network_metadata
+from utils.schema import ConfigError, Problems, bind_options
 
 REQUIRED_METADATA = ("phoneme_vocab", "phonemizer", "codec")
+# Longest output per text: 10 minutes. An autoregressive model this long is far beyond what it
+# was trained on, and the buffers grow with it (1e9 s asked for ~200 GB at once).
+MAX_DURATION_CAP = 600.0
 # Networks synthesis knows how to drive; imported on demand so that they are registered.
 _NETWORK_MODULES = {"valle": "models.audio.tts.valle"}
+
+
+class SynthesisError(UserError, ValueError):
+    """Inputs synthesis cannot use: a text, a prompt or an option; the message says which."""
+
+
+class NotASynthesisCheckpoint(CheckpointError, ValueError):
+    """A network file synthesis cannot use: missing, corrupt, or not a VALL-E saved here."""
+
+
+class EmptyPrompt(DataError, ValueError):
+    """A voice prompt with no audio in it."""
+
+
+def sampling_problems(
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    nar_temperature: float = 0.0,
+    max_duration: float = 20.0,
+) -> list[tuple[str, str]]:
+    """``(option, what is wrong)`` for each sampling option out of its range (empty: all fine).
+
+    NaN fails every range, so it is reported too."""
+    checks = [
+        ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
+        ("top_k", top_k, top_k >= 0, ">= 0 (0: off)"),
+        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1: off)"),
+        ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0 (1: off)"),
+        ("nar_temperature", nar_temperature, nar_temperature >= 0, ">= 0 (0: greedy)"),
+        (
+            "max_duration",
+            max_duration,
+            0 < max_duration <= MAX_DURATION_CAP,
+            f"in (0, {MAX_DURATION_CAP:g}] seconds",
+        ),
+    ]
+    return [(name, f"must be {rule}, got {value}") for name, value, ok, rule in checks if not ok]
 
 
 # ----------------------------------------------------------------------------- batch helpers
@@ -115,15 +160,30 @@ def build_codec_from_config(
     config: dict[str, Any], overrides: dict[str, Any] | None = None, where: str = "the checkpoint"
 ) -> nn.Module:
     """A codec from its saved config (``{"name": ..., **options}``) with ``overrides`` applied."""
+    name, options = check_codec_options(config, overrides, where)
+    return build_codec(name, **options)
 
+
+def check_codec_options(
+    config: dict[str, Any], overrides: dict[str, Any] | None = None, where: str = "the checkpoint"
+) -> tuple[str, dict[str, Any]]:
+    """``(codec name, options)`` of a saved codec config with ``overrides`` applied, checked
+    against the codec's constructor: an unknown name or option raises ``ConfigError`` with the
+    closest valid ones, before anything is built."""
     options = {**config, **(overrides or {})}
     name = options.pop("name", None)
     if not name:
-        raise ValueError(
+        raise NotASynthesisCheckpoint(
             f"the codec config of {where} has no 'name' ({config}); pass "
             f"codec_options={{'name': ...}}"
         )
-    return build_codec(name, **options)
+    target = CODECS.get(name)  # an unknown name: RegistryError listing the closest
+    problems = Problems()
+    bind_options(target, options, "", problems)
+    if problems:
+        overridden = f" with the overrides {sorted(overrides)}" if overrides else ""
+        raise ConfigError(problems.items, f"the {name!r} codec options of {where}{overridden}")
+    return name, options
 
 
 # ----------------------------------------------------------------------------- synthesizer
@@ -155,7 +215,7 @@ class Synthesizer:
         self.codec = codec.to(self.device).eval()
         self.n_levels = int(getattr(model, "n_levels", codec.n_levels))
         if self.n_levels > codec.n_levels:
-            raise ValueError(
+            raise SynthesisError(
                 f"the model predicts {self.n_levels} codebook levels but the codec "
                 f"{type(codec).__name__} has only {codec.n_levels}; build the codec "
                 f"with at least {self.n_levels} (e.g. encodec `bandwidth`)"
@@ -175,34 +235,48 @@ class Synthesizer:
         """
 
         path = Path(path)
-        meta = read_network_metadata(path)
+        if not path.is_file():
+            raise NotASynthesisCheckpoint(
+                f"model file {path} does not exist; pass a network file the trainer wrote "
+                f"(<run folder>/models/<step>_<net>[_ema].safetensors)"
+            )
+        try:
+            meta = read_network_metadata(path)
+        except ValueError as e:  # utils.io names the file and what is wrong with it
+            raise NotASynthesisCheckpoint(str(e)) from e
         missing = [k for k in REQUIRED_METADATA if k not in meta]
         if missing:
-            raise ValueError(
+            raise NotASynthesisCheckpoint(
                 f"{path} has no {', '.join(repr(k) for k in missing)} metadata, so its text "
                 f"front end or codec is unknown; synthesis needs a VALL-E checkpoint saved by this "
                 f"trainer from a prepared data.h5 (hdf5_codes dataset), which stores "
                 f"{list(REQUIRED_METADATA)} in every network file"
             )
+        try:
+            vocab = PhonemeVocab.from_json(meta["phoneme_vocab"])
+            phonemizer_config = json.loads(meta["phonemizer"])
+            codec_config = json.loads(meta["codec"])
+        except (ValueError, TypeError) as e:
+            raise NotASynthesisCheckpoint(
+                f"{path}: unreadable synthesis metadata ({e}); re-save the "
+                f"checkpoint with this trainer"
+            ) from e
+        # the cheap checks first: a misspelled codec option fails before the model loads
+        check_codec_options(codec_config, codec_options, where=str(path))
+        phonemizer = Phonemizer(**phonemizer_config)
         which = meta["which_model"]
         if which in _NETWORK_MODULES and which not in MODELS.names():
             importlib.import_module(_NETWORK_MODULES[which])
         model = build_network(which, meta["kwargs"])
         if not callable(getattr(model, "generate", None)):
-            raise ValueError(
+            raise NotASynthesisCheckpoint(
                 f"{path} holds a {which!r} network, which has no generate(); "
                 f"synthesis needs a VALL-E checkpoint"
             )
-        load_module(model, path, strict=True)
         try:
-            vocab = PhonemeVocab.from_json(meta["phoneme_vocab"])
-            phonemizer = Phonemizer(**json.loads(meta["phonemizer"]))
-            codec_config = json.loads(meta["codec"])
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"{path}: unreadable synthesis metadata ({e}); re-save the "
-                f"checkpoint with this trainer"
-            ) from e
+            load_module(model, path, strict=True)
+        except ValueError as e:  # weights that do not fit the stored kwargs, or a corrupt file
+            raise NotASynthesisCheckpoint(str(e)) from e
         codec = build_codec_from_config(codec_config, codec_options, where=str(path))
         return cls(model, vocab, phonemizer, codec, device=device)
 
@@ -237,7 +311,7 @@ class Synthesizer:
             if wav.dim() == 2:  # [C, T]
                 wav = wav.mean(0)
             if wav.dim() != 1:
-                raise ValueError(
+                raise SynthesisError(
                     f"encode_prompt: expected a waveform [T] or [C, T], got shape "
                     f"{tuple(audio.shape)}"
                 )
@@ -248,10 +322,11 @@ class Synthesizer:
                 wav = AF.resample(wav, rate, self.sample_rate)
         if seconds is not None:
             if seconds <= 0:
-                raise ValueError(f"encode_prompt: seconds must be > 0 (or None), got {seconds}")
+                raise SynthesisError(f"encode_prompt: seconds must be > 0 (or None), got {seconds}")
             wav = wav[: int(round(seconds * self.sample_rate))]
         if wav.numel() == 0:
-            raise ValueError("encode_prompt: the prompt audio is empty")
+            where = f" {audio}" if isinstance(audio, (str, Path)) else ""
+            raise EmptyPrompt(f"the prompt audio{where} is empty; give a recording of the voice")
         codes = self.codec.encode(wav.to(self.device)).cpu()  # [codec levels, frames]
         return codes[: self.n_levels]
 
@@ -260,15 +335,63 @@ class Synthesizer:
         symbols = self.phonemizer.phonemize_symbols(list(texts))
         empty = [i for i, s in enumerate(symbols) if not s]
         if empty:
-            raise ValueError(
+            raise SynthesisError(
                 f"text {empty[0]} ({texts[empty[0]]!r}) gives no phonemes; give words to speak"
             )
         return [torch.tensor(self.vocab.encode(s, add_bos_eos=True)) for s in symbols]
+
+    def text_warnings(self, texts: Sequence[str]) -> list[str]:
+        """What this model cannot say in each text, as messages naming the characters and the
+        text: letters of a script the phonemizer's language does not read (Chinese characters
+        for an English voice are spoken as "Chinese letter"), and phonemes outside the model's
+        vocab (spoken as ``<unk>``)."""
+        language = self.phonemizer.language
+        out = []
+        symbols = self.phonemizer.phonemize_symbols(list(texts))
+        for text, syms in zip(texts, symbols):
+            foreign = foreign_characters(text, language)
+            if foreign:
+                out.append(
+                    f"{''.join(foreign)!r} in {text!r} cannot be spoken in {language!r} (the "
+                    f"model's language): espeak reads such characters out by name or spells "
+                    f"them; write the text in that language"
+                )
+            unknown = sorted({s for s in syms if s not in self.vocab})
+            if unknown:
+                out.append(
+                    f"phonemes {unknown} of {text!r} are not in the model's vocab and become "
+                    f"<unk>; the training data never had them"
+                )
+        return out
+
+    def max_frames(self, max_duration: float) -> int:
+        """Code frames in ``max_duration`` seconds (at least 1), checked against the cap."""
+        if not 0 < max_duration <= MAX_DURATION_CAP:
+            raise SynthesisError(
+                f"max_duration must be in (0, {MAX_DURATION_CAP:g}] seconds, got {max_duration}"
+            )
+        return max(1, math.floor(max_duration * self.frame_rate))
 
     # ------------------------------------------------------------------------- synthesis
 
     @torch.no_grad()
     def synthesize(
+        self,
+        texts: Sequence[str],
+        prompt: torch.Tensor | Sequence[torch.Tensor],
+        **options: Any,
+    ) -> list[torch.Tensor]:
+        """Speak each text in the prompt's voice: one waveform [T] (CPU, ``sample_rate``) per
+        text, all generated as one batch. ``options`` are those of :meth:`generate`."""
+        return self.decode(self.generate(texts, prompt, **options))
+
+    @torch.no_grad()
+    def decode(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Codes [levels, n_i] per item (from :meth:`generate`) -> waveform [T_i] per item."""
+        return decode_codes(self.codec, codes)
+
+    @torch.no_grad()
+    def generate(
         self,
         texts: Sequence[str],
         prompt: torch.Tensor | Sequence[torch.Tensor],
@@ -281,12 +404,12 @@ class Synthesizer:
         seed: int | None = None,
         nar_temperature: float = 0.0,
     ) -> list[torch.Tensor]:
-        """Speak each text in the prompt's voice: one waveform [T] (CPU, ``sample_rate``) per
-        text, all generated as one batch.
+        """The codes [levels, n_i] (CPU) of each text spoken in the prompt's voice, all
+        generated as one batch.
 
         ``prompt`` is codes [levels, frames] for every text (see :meth:`encode_prompt`), or one
-        per text. ``max_duration`` caps each output in seconds. ``seed`` makes sampling
-        repeatable.
+        per text. ``max_duration`` caps each output in seconds: an output of
+        ``max_frames(max_duration)`` frames was cut there. ``seed`` makes sampling repeatable.
         """
         if isinstance(texts, str):
             raise TypeError("synthesize takes a list of texts; wrap one text in a list")
@@ -294,18 +417,26 @@ class Synthesizer:
             return []
         prompts = [prompt] * len(texts) if isinstance(prompt, torch.Tensor) else list(prompt)
         if len(prompts) != len(texts):
-            raise ValueError(f"synthesize: {len(texts)} texts but {len(prompts)} prompts")
+            raise SynthesisError(f"synthesize: {len(texts)} texts but {len(prompts)} prompts")
         for i, p in enumerate(prompts):
             if p.dim() != 2 or p.shape[0] < self.n_levels:
-                raise ValueError(
+                raise SynthesisError(
                     f"synthesize: prompt {i} must be codes [levels >= "
                     f"{self.n_levels}, frames], got shape {tuple(p.shape)}"
                 )
         prompts = [p[: self.n_levels] for p in prompts]
-        if max_duration <= 0:
-            raise ValueError(f"synthesize: max_duration must be > 0 seconds, got {max_duration}")
-        max_frames = max(1, math.floor(max_duration * self.frame_rate))
-        codes = generate_codes(
+        problems = sampling_problems(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            nar_temperature=nar_temperature,
+            max_duration=max_duration,
+        )
+        if problems:
+            raise SynthesisError("; ".join(f"{name} {msg}" for name, msg in problems))
+        max_frames = self.max_frames(max_duration)
+        return generate_codes(
             self.model,
             self.phoneme_ids(texts),
             prompts,
@@ -318,4 +449,3 @@ class Synthesizer:
             nar_temperature=nar_temperature,
             seed=seed,
         )
-        return decode_codes(self.codec, codes)
