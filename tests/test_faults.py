@@ -168,6 +168,18 @@ def test_resume_auto_refuses_when_no_checkpoint_is_intact(tmp_path):
     assert after == before  # nothing of the old run was touched
 
 
+def test_train_cli_exits_5_naming_the_damaged_files(tmp_path, capsys):
+    make_trainer(tmp_path, **SAVES).train()
+    for step in (2, 4):
+        flip_bit(tmp_path / "toy" / "models" / f"{step}_mlp.safetensors")
+    path = write_yaml(tmp_path, base={}, **SAVES, path={"resume_state": "auto"})
+    assert run_command(train.main, ["-opt", path]) == 5
+    err = capsys.readouterr().err
+    assert err.startswith("error: resume_state is 'auto' but none of the 2 checkpoint(s)")
+    assert "2_mlp.safetensors is corrupt" in err and "4_mlp.safetensors is corrupt" in err
+    assert "Traceback" not in err
+
+
 def test_corrupt_pretrained_file_is_refused(tmp_path):
     make_trainer(tmp_path / "a", train={"niter": 2}, logger={"save_checkpoint_freq": 2}).train()
     pretrained = tmp_path / "a" / "toy" / "models" / "2_mlp.safetensors"

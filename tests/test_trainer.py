@@ -11,8 +11,7 @@ from models import load_network
 from trainer.component import TrainerEnv
 from trainer.evaluators import Evaluator
 from trainer.injectors import Injector
-from utils.errors import CheckpointError
-from utils.schema import Runtime
+from utils.schema import ConfigError, Runtime
 
 
 def test_trains_and_writes_run_folder(tmp_path):
@@ -158,7 +157,7 @@ def test_pretrained_initialisation(tmp_path):
     second = make_trainer(tmp_path / "b", path={"pretrain_model_mlp": str(weights)})
     for k, v in first.raw_networks["mlp"].state_dict().items():
         assert torch.equal(second.raw_networks["mlp"].state_dict()[k], v)
-    with pytest.raises(CheckpointError) as e:  # a wider network does not fit
+    with pytest.raises(ConfigError) as e:  # a wider network does not fit (found at validation)
         make_trainer(
             tmp_path / "c",
             path={"pretrain_model_mlp": str(weights)},

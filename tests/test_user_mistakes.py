@@ -222,22 +222,15 @@ def catalogue() -> list[Mistake]:
             "missing resume_state",
             t,
             ["-opt", "@toy", "-o", "path.resume_state={root}/9.state"],
-            EXIT_USAGE,
+            EXIT_CHECKPOINT,
             ("9.state", "does not exist", "'auto'"),
         ),
-        pytest.param(
-            Mistake(
-                "resume_state that is not a training state",
-                t,
-                ["-opt", "@toy", "-o", "path.resume_state={root}/junk.state"],
-                EXIT_CHECKPOINT,
-                ("junk.state", "not a training state"),
-            ),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="trainer/checkpoint.py raises ValueError (a traceback): it should raise "
-                "CheckpointError; that file belongs to the checkpoint-checksum work",
-            ),
+        Mistake(
+            "resume_state that is not a training state",
+            t,
+            ["-opt", "@toy", "-o", "path.resume_state={root}/junk.state"],
+            EXIT_CHECKPOINT,
+            ("junk.state", "not a training state"),
         ),
         Mistake(
             "an injector that refuses its options when built",
@@ -554,9 +547,7 @@ def test_catalogue_counts(capsys):
         print(f"\nuser-mistake catalogue: {len(SEEN)} of {n} run, {len(tracebacks)} traceback(s)")
         for name in tracebacks:
             print(f"  traceback: {name}")
-    # only the mistakes marked xfail (waiting on files another change owns) may still do so
-    pending = {p.values[0].name for p in catalogue() if hasattr(p, "marks") and p.marks}
-    assert set(tracebacks) <= pending, tracebacks
+    assert not tracebacks, tracebacks
 
 
 # ----------------------------------------------------------------------------- warnings
