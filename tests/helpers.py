@@ -199,10 +199,12 @@ def launch(
     nproc: int | None,
     timeout: float = 120,
     env: dict[str, str] | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run each of ``runs`` (train.py argument lists, or ``{"argv": [...], "kill_at": N}``; see
     dist_worker.py) in ``nproc`` processes under torchrun, or in one plain ``python`` process
-    (no launcher) when ``nproc`` is None. Sets PYTHONPATH so that ``codebase/`` is importable."""
+    (no launcher) when ``nproc`` is None. Sets PYTHONPATH so that ``codebase/`` is importable.
+    A failed launch raises with its output, unless ``check`` is false."""
     spec = workdir / "runs.json"
     spec.write_text(json.dumps(runs))
     launcher = (
@@ -229,7 +231,7 @@ def launch(
     out = subprocess.run(
         cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout
     )
-    if out.returncode != 0:
+    if check and out.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({out.returncode}):\n"
             f"{out.stdout[-4000:]}\n{out.stderr[-6000:]}"

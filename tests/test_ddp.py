@@ -79,3 +79,16 @@ def test_global_batch_must_divide_by_world_size(tmp_path):
         match="batch_size: 7 is the global batch and must be divisible by the 2 ranks",
     ):
         launch([["-opt", bad]], tmp_path, nproc=2)
+
+
+def test_a_mistake_under_torchrun_is_reported_once_and_is_the_root_cause(tmp_path):
+    bad = write_yaml(tmp_path, train={"niter": 5, "warmup_iter": 10})
+    out = launch([["-opt", bad]], tmp_path, nproc=2, check=False)
+    assert out.returncode != 0
+    message = "train.warmup_iter: is 10, not fewer than train.niter (5)"
+    assert out.stderr.count(message) == 2  # printed by rank 0, and in torchrun's summary
+    assert out.stderr.count("error: 1 problem in") == 2
+    summary = out.stderr[out.stderr.index("Root Cause") :]
+    assert "error: 1 problem in" in summary and message in summary
+    # the one traceback is torchrun's own ChildFailedError; none comes from the ranks
+    assert out.stderr.count("Traceback (most recent call last)") == 1

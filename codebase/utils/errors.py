@@ -24,8 +24,10 @@ Exit codes (scripts and schedulers may rely on them):
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
+import time
 import traceback
 from typing import Callable, Sequence
 
@@ -148,6 +150,27 @@ def report(message: str, *, shared: bool = True) -> None:
         return
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and not shared else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    _record_for_torchrun(f"error: {message}")
+
+
+def _record_for_torchrun(message: str) -> None:
+    """Under torchrun, also leave the message where its failure summary looks for it (the
+    file ``TORCHELASTIC_ERROR_FILE`` names; the format of torch's ``@record``), so the
+    summary's root cause shows this message instead of ``<N/A>``."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))},
+        }
+    }
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the message was printed; the summary is a convenience
 
 
 def exit_code_for(e: BaseException) -> int | None:
