@@ -29,7 +29,7 @@ from utils.schema import ConfigError
 
 @pytest.fixture(autouse=True)
 def _single_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", DEBUG_ENV):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE", DEBUG_ENV):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -152,3 +152,15 @@ def test_a_real_command_exits_with_the_code(tmp_path):
     assert "Traceback" not in r.stderr
     r = subprocess.run([*cmd, "--debug"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == EXIT_USAGE and "Traceback" in r.stderr
+
+
+def test_error_is_left_for_torchruns_failure_summary(monkeypatch, tmp_path, capsys):
+    import json
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    code = run_command(raising(ConfigError([("train.niter", "must be >= 1")])), [])
+    assert code == 2
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded["extraInfo"]["py_callstack"] == capsys.readouterr().err.strip()
+    assert "train.niter: must be >= 1" in recorded["message"]
