@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from data import register_dataset
 from models import register_model
 from trainer.injectors import Injector
-from utils.schema import Runtime
+from utils.schema import Fraction, PositiveInt, Runtime
 
 
 @register_dataset("toy_regression")
@@ -49,11 +49,11 @@ class ToyMLP(nn.Module):
 
     def __init__(
         self,
-        in_dim: int = 16,
-        hidden: int = 64,
-        out_dim: int = 4,
-        depth: int = 2,
-        dropout: float = 0.0,
+        in_dim: PositiveInt = 16,
+        hidden: PositiveInt = 64,
+        out_dim: PositiveInt = 4,
+        depth: PositiveInt = 2,
+        dropout: Fraction = 0.0,
         checkpointing: Runtime[bool] = False,
     ) -> None:
         super().__init__()
