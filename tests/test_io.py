@@ -329,3 +329,38 @@ def test_content_digest_depends_on_content_not_order() -> None:
         assert content_digest(changed) != content_digest(a)
     bad = {**a, "x": torch.tensor([0.0, 1.0, 2.0, 3.0000002])}
     assert content_digest(bad) != content_digest(a)
+
+
+# --------------------------------------------------------------------------- torch files
+
+
+def test_pth_state_dicts_load_unwrapped(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = Tiny()
+    plain, wrapped = tmp_path / "plain.pth", tmp_path / "wrapped.pth"
+    torch.save(src.state_dict(), plain)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, wrapped)
+    for path in (plain, wrapped):
+        dst = Tiny()
+        assert load_module(dst, path).ok
+        _assert_same_state(src, dst)
+    torch.save({"step": 3}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        load_module(Tiny(), tmp_path / "other.pth")
+
+
+class Legacy(Tiny):
+    def adapt_checkpoint(self, state: dict) -> dict:
+        return {k: v for k, v in state.items() if not k.endswith(".old_buffer")}
+
+
+def test_a_module_adapts_older_files_and_stays_strict(tmp_path: Path) -> None:
+    src = Tiny()
+    path = tmp_path / "old.pth"
+    torch.save({**src.state_dict(), "lin.old_buffer": torch.zeros(1)}, path)
+    assert load_module(Legacy(), path).ok
+    with pytest.raises(CheckpointError, match="lin.old_buffer"):
+        load_module(Tiny(), path)  # no adapter: the extra key is an error
+    torch.save({**src.state_dict(), "lin.other": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="lin.other"):
+        load_module(Legacy(), path)  # the adapter drops only what it knows

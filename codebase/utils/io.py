@@ -354,14 +354,45 @@ def _truncate(keys: list[str], limit: int | None) -> list[str]:
     return list(keys[:limit]) + [f"... and {len(keys) - limit} more"]
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: safetensors (checksum verified), or a torch pickle
+    (``.pth`` ...; loaded with ``weights_only=True``, so it cannot run code) holding a state
+    dict, possibly wrapped as ``{"state_dict": ...}`` / ``{"model": ...}`` and with the
+    ``module.`` prefix DataParallel/DDP leave on every key."""
+    path = Path(path)
+    if path.suffix not in TORCH_SUFFIXES:
+        return read_safetensors(path)[0]
+    obj = load_torch(path)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a dict of tensors, possibly under "
+            f"'state_dict'); point to a weights file"
+        )
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
 def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadReport:
-    """Load a safetensors file into ``module``; mismatched shapes are reported and skipped.
+    """Load a weights file (see :func:`read_weights`) into ``module``; mismatched shapes are
+    reported and skipped.
 
     With ``strict`` any mismatch raises before the module is touched; otherwise whatever
-    matches is loaded and the report says what did not.
+    matches is loaded and the report says what did not. A module may define
+    ``adapt_checkpoint(state) -> state`` to read older files of its kind (e.g. drop buffers
+    a library no longer keeps); it sees the file's tensors before they are compared.
     """
     path = Path(path)
-    loaded, _ = read_safetensors(path)  # checksum verified
+    loaded = read_weights(path)
+    adapt = getattr(module, "adapt_checkpoint", None)
+    if callable(adapt):
+        loaded = adapt(loaded)
 
     model_sd = module.state_dict()
     # A tied tensor is stored under one name; its other names are filled through the tie.
