@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from helpers import REPO, make_experiment, make_trainer
+from helpers import REPO, make_experiment, make_trainer, toy_options
 from trainer.config import validate_experiment
-from utils.options import load_options
+from utils.options import load_options, options_from_dict
 from utils.schema import ConfigError
 
 
@@ -222,7 +222,7 @@ def test_dlas_spellings(tmp_path, caplog):
         "warmup_iter": -1,
     }
     assert any("'scale' has no effect" in r.message for r in caplog.records)
-    assert any("'visuals' has no effect" in r.message for r in caplog.records)
+    assert exp.logger.visuals == ["gen"]
 
 
 def test_relative_paths_resolve_against_yaml_folder(tmp_path):
@@ -334,3 +334,36 @@ def test_pretrained_files_are_checked(tmp_path):
         "holds a 'linear' network, but networks.mlp is a 'toy_mlp'"
         in problems["path.pretrain_model_mlp"]
     )
+
+
+def test_dlas_eval_keys_and_ema_enabled(tmp_path, caplog):
+    exp = make_experiment(
+        tmp_path,
+        train={"ema_enabled": True},
+        eval={"output_state": "gen", "injectors": {"x": {"type": "generator"}}, "pure": True},
+    )
+    assert exp.train.ema_rate == 0.999  # DLAS's rate when only ema_enabled is given
+    for key in ("output_state", "injectors", "pure"):
+        assert any(f"eval.{key}: DLAS option" in r.message for r in caplog.records), key
+    assert make_experiment(tmp_path, train={"ema_enabled": False}).train.ema_rate is None
+    with pytest.raises(ConfigError) as e:
+        make_experiment(tmp_path, train={"ema_enabled": False, "ema_rate": 0.99})
+    assert "disagree" in dict(e.value.problems)["train.ema_enabled"]
+
+
+def test_gpu_ids_without_a_gpu_says_how_to_use_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    options = toy_options(gpu_ids=[0])
+    options.pop("device")
+    with pytest.raises(ConfigError) as e:
+        validate_experiment(options_from_dict(options, tmp_path))
+    assert "-o device=cpu" in dict(e.value.problems)["gpu_ids"]
+    options["device"] = "cpu"  # -o device=cpu wins over gpu_ids
+    assert validate_experiment(options_from_dict(options, tmp_path)).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    options.pop("device")
+    options["gpu_ids"] = [3]
+    with pytest.raises(ConfigError) as e:
+        validate_experiment(options_from_dict(options, tmp_path))
+    assert "has 1 GPU(s)" in dict(e.value.problems)["gpu_ids"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.logger import TrainingLogger, format_console_line, format_number
+from trainer.logger import TrainingLogger, format_console_line, format_number, visual_image
 
 
 def _events(run_dir: Path) -> EventAccumulator:
@@ -202,3 +202,29 @@ def test_wandb_offline_writes_run_folder(tmp_path: Path, monkeypatch: pytest.Mon
     # The audio went through our own WAV writer (no soundfile needed) and was copied by wandb.
     assert list(runs[0].glob("files/media/audio/**/*.wav"))
     assert list(runs[0].glob("files/media/images/**/*.png"))
+
+
+def test_visual_image_shapes() -> None:
+    mel = torch.randn(2, 80, 30)
+    img = visual_image(mel, is_mel=True)
+    assert img.shape == (80, 30, 3) and float(img.min()) >= 0 and float(img.max()) <= 1
+    rgb = visual_image(torch.rand(2, 3, 8, 9) * 5, is_mel=False)
+    assert rgb.shape == (8, 9, 3) and float(rgb.max()) == pytest.approx(1.0)
+    assert visual_image(torch.randn(4, 16), is_mel=False) is None  # a vector per item
+    assert visual_image(torch.ones(2, 5, dtype=torch.long), is_mel=True) is None
+
+
+def test_dlas_visuals_are_drawn_every_visual_debug_rate(tmp_path: Path, caplog) -> None:
+    from helpers import make_trainer
+
+    logger = {"visuals": ["mel", "gen"], "visual_debug_rate": 2, "is_mel_spectrogram": True}
+    trainer = make_trainer(tmp_path, logger=logger, train={"niter": 4})
+    assert "no step produces state key 'gen'" in caplog.text
+    for step in (1, 2, 3, 4):
+        trainer.step = step
+        trainer._draw_visuals({"mel": torch.randn(2, 80, 12), "x": torch.randn(2, 16)})
+    trainer.logger.flush()
+    acc = EventAccumulator(str(tmp_path / "toy" / "tb_logger"))
+    acc.Reload()
+    assert acc.Tags()["images"] == ["visuals/mel"]
+    assert [e.step for e in acc.Images("visuals/mel")] == [2, 4]

@@ -53,11 +53,21 @@ Rate = Annotated[float, Range(0, 1, min_open=True, max_open=True)]  # strictly b
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
-# DLAS keys that have no effect here: accepted (so DLAS files load) with a warning.
-DLAS_NO_EFFECT = {
-    "": {"scale", "start_step", "distortion", "dist"},
-    "logger": {"visuals", "visual_debug_rate", "is_mel_spectrogram", "disable_state_saving"},
-    "steps.*": {"loss_log_buffer"},
+# DLAS keys that have no effect here: accepted (so DLAS files load) with a warning saying why.
+DLAS_NO_EFFECT: dict[str, dict[str, str]] = {
+    "": {
+        "scale": "an image-model option",
+        "start_step": "the step comes from the checkpoint (path.resume_state)",
+        "distortion": "an image-model option",
+        "dist": "distributed training follows torchrun (see the README)",
+    },
+    "logger": {"disable_state_saving": "checkpoints always hold the training state"},
+    "eval": {
+        "output_state": "validation runs the steps' own injectors and losses on datasets.val",
+        "injectors": "validation runs the steps' own injectors and losses on datasets.val",
+        "pure": "validation always runs on datasets.val when train.val_freq is set",
+    },
+    "steps.*": {"loss_log_buffer": "losses are averaged over logger.print_freq steps"},
 }
 SECTIONS = ("datasets", "networks", "steps", "path", "train", "eval", "logger", "deepspeed")
 DLAS_SPELLINGS = {"fp16": bool | None, "gpu_ids": list[int] | None}
@@ -72,6 +82,7 @@ class TrainOptions:
     val_freq: PositiveInt | None = None  # validate every N steps (needs datasets.val)
     default_lr_scheme: str = "Constant"  # MultiStepLR | CosineAnnealing | Constant
     ema_rate: Rate | None = None  # e.g. 0.999; keeps an EMA copy of every trainable network
+    ema_enabled: bool | None = None  # DLAS: true without ema_rate means ema_rate 0.999
     max_nonfinite_streak: PositiveInt | None = (
         100  # stop after N steps in a row skipped (None: never)
     )
@@ -91,6 +102,10 @@ class LoggerOptions:
     stdin_commands: bool = True  # `save`, `eval`, `quit` + Enter while training
     wandb_project: str | None = None  # default: the experiment name
     wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: wandb's default
+    # DLAS: state keys drawn to TensorBoard (images/visuals/<key>) every visual_debug_rate steps
+    visuals: list[str] = field(default_factory=list)
+    visual_debug_rate: PositiveInt | None = None  # default: print_freq
+    is_mel_spectrogram: bool = False  # draw the visuals as mel spectrograms
 
 
 @dataclass
@@ -225,12 +240,30 @@ def _apply_dlas_spellings(exp: Experiment, options: dict, problems: Problems) ->
             f"is {str(fp16).lower()} but precision is {exp.precision!r}: they disagree; keep "
             "one of them (precision: fp32 | bf16 | fp16)",
         )
-    if (
-        values.get("gpu_ids") not in (None, _MISSING)
-        and values["gpu_ids"]
-        and ("device" not in options)
-    ):
-        exp.device = f"cuda:{values['gpu_ids'][0]}"
+    gpu_ids = values.get("gpu_ids")
+    if gpu_ids not in (None, _MISSING) and gpu_ids and ("device" not in options):
+        exp.device = f"cuda:{gpu_ids[0]}"
+    _check_device(exp.device, "gpu_ids" if "device" not in options else "device", problems)
+
+
+def _check_device(device: str, key: str, problems: Problems) -> None:
+    """A CUDA device this machine has (checked before anything is built)."""
+    try:
+        dev = torch.device(device) if device != "auto" else None
+    except (RuntimeError, ValueError):
+        problems.add(key, f"{device!r} is not a device; use cpu, cuda, cuda:N or auto")
+        return
+    if dev is None or dev.type != "cuda":
+        return
+    cpu_hint = "to train on the CPU, add `-o device=cpu` (or set `device: cpu` / `auto`)"
+    if not torch.cuda.is_available():
+        problems.add(key, f"asks for {device} but this machine has no CUDA GPU; {cpu_hint}")
+    elif dev.index is not None and dev.index >= torch.cuda.device_count():
+        problems.add(
+            key,
+            f"asks for {device} but this machine has {torch.cuda.device_count()} GPU(s) "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); pick one of them, or {cpu_hint}",
+        )
 
 
 def _section(options: dict, name: str, problems: Problems) -> dict:
@@ -299,6 +332,14 @@ def _validate_train(train: dict, problems: Problems, base: Path) -> TrainOptions
         opts, kwargs = bind_shared_section(TrainOptions, sched, train, "train", problems, base)
         if opts is not None:
             opts.scheduler_kwargs = kwargs
+    if opts is not None and opts.ema_enabled is not None:
+        if opts.ema_enabled and opts.ema_rate is None:
+            opts.ema_rate = 0.999  # DLAS's default rate
+        elif not opts.ema_enabled and opts.ema_rate is not None:
+            problems.add(
+                "train.ema_enabled",
+                f"is false but train.ema_rate is {opts.ema_rate}: they disagree; keep one of them",
+            )
     warmup = opts.scheduler_kwargs.get("warmup_iter") if opts is not None else None
     if isinstance(warmup, int) and warmup >= opts.niter:
         problems.add(
@@ -393,6 +434,8 @@ def _shape_mismatches(spec: NetworkSpec, path: Path) -> list[str]:
 
 
 def _validate_eval(section: dict, problems: Problems, base: Path) -> EvalOptions:
+    _warn_dlas(section, "eval")  # DLAS's eval injectors: validation here runs the steps' losses
+    section = _without(section, "eval")
     opts = (
         build_dataclass(EvalOptions, section, "eval", problems, base, handled=("evaluators",))
         or EvalOptions()
@@ -589,10 +632,11 @@ def _without(options: dict, section: str) -> dict:
 
 
 def _warn_dlas(options: dict, section: str, path: str | None = None) -> None:
-    for key in DLAS_NO_EFFECT.get(section, ()):
+    for key, why in DLAS_NO_EFFECT.get(section, {}).items():
         if key in options:
             log.warning(
-                "%s: DLAS option %r has no effect in this trainer; remove it",
+                "%s: DLAS option %r has no effect here (%s); remove it",
                 join(path if path is not None else section, key),
                 key,
+                why,
             )

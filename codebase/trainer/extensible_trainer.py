@@ -28,7 +28,7 @@ from trainer.commands import CommandListener, GracefulInterrupt
 from trainer.component import TrainerEnv, build_component
 from trainer.config import Experiment
 from trainer.engines import build_engine
-from trainer.logger import TrainingLogger
+from trainer.logger import TrainingLogger, visual_image
 from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
 from trainer.optimizers import build_optimizer
@@ -119,6 +119,16 @@ class ExtensibleTrainer:
         problems = Problems()
         check_state_keys(self.exp.steps, keys, problems)
         problems.raise_if_any(self.exp.file)
+        produced = set(keys) | {
+            k for s in self.exp.steps.values() for inj in s.injectors for k in inj.outputs
+        }
+        for key in self.exp.logger.visuals:
+            if key not in produced:
+                log.warning(
+                    "logger.visuals: no step produces state key %r (in a DLAS file it may come "
+                    "from eval.injectors, which do not run here); it is not drawn",
+                    key,
+                )
 
     def _build_networks(self) -> None:
         """The engine, then every network on the device (unwrapped: the engine wraps the
@@ -439,6 +449,7 @@ class ExtensibleTrainer:
             if skipped:
                 self.counters.skipped_steps += 1
                 self._window_skips[name] = self._window_skips.get(name, 0) + 1
+        self._draw_visuals(chunks[0])
         if total is not None:
             logs["loss/total"] = total
         with warnings.catch_warnings():
@@ -506,6 +517,18 @@ class ExtensibleTrainer:
         self.logger.progress(self.step)
         for callback in self.step_callbacks:
             callback(self.step, logs)
+
+    def _draw_visuals(self, state: dict[str, Any]) -> None:
+        """DLAS's ``logger.visuals``: the first item of those state keys as images in
+        TensorBoard (``visuals/<key>``) every ``visual_debug_rate`` steps."""
+        opts = self.exp.logger
+        every = opts.visual_debug_rate or opts.print_freq
+        if not opts.visuals or self.step % every or not self.dist.is_main:
+            return
+        for key in opts.visuals:
+            image = visual_image(state[key], opts.is_mel_spectrogram) if key in state else None
+            if image is not None:
+                self.logger.log_image(f"visuals/{key}", image, self.step)
 
     def _track_streak(self, skipped: bool) -> None:
         """Count steps in a row with a skipped update; stop at ``train.max_nonfinite_streak``.

@@ -110,6 +110,35 @@ def _image_to_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return arr
 
 
+def mel_image(mel: torch.Tensor) -> torch.Tensor:
+    """Log-mel [n_mels, frames] -> HWC float image in [0, 1] (viridis, low bins at the bottom)."""
+    import matplotlib
+
+    mel = mel.detach().float().cpu()
+    lo, hi = float(mel.min()), float(mel.max())
+    norm = (mel - lo) / max(hi - lo, 1e-5)
+    rgba = matplotlib.colormaps["viridis"](norm.flip(0).numpy())
+    return torch.from_numpy(rgba[..., :3]).float()
+
+
+def visual_image(value: torch.Tensor, is_mel: bool) -> torch.Tensor | None:
+    """A state tensor's first item as an HWC image in [0, 1] (DLAS ``logger.visuals``), or None
+    when it has no picture: mels [C, T] as spectrograms (``is_mel``: low bins at the bottom),
+    images [3, H, W] or [H, W] with their values stretched to [0, 1]."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or not value.is_floating_point():
+        return None
+    item = value[0].detach().float().cpu()  # [C, T] / [3, H, W] / [T]
+    if item.dim() == 3 and item.shape[0] == 1:
+        item = item[0]
+    if is_mel and item.dim() == 2:
+        return mel_image(item)
+    lo, hi = float(item.min()), float(item.max())
+    item = (item - lo) / max(hi - lo, 1e-5)
+    if item.dim() == 3 and item.shape[0] in (3, 4):
+        return item[:3].permute(1, 2, 0)
+    return item if item.dim() == 2 else None
+
+
 class TrainingLogger:
     """Writes a run's scalars, media and messages to TensorBoard, wandb and the console."""
 

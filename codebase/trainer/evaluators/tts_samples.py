@@ -52,6 +52,7 @@ from trainer.evaluators.speech_metrics import (
     teacher_forced_metrics,
     teacher_forced_sums,
 )
+from trainer.logger import mel_image
 from utils.audio import mel_spectrogram, save_audio, save_mel_png
 from utils.schema import Runtime
 
@@ -371,16 +372,6 @@ def _plot_mel(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
     # mel_spectrogram's centred STFT needs more than half an FFT of samples.
     wav = torch.nn.functional.pad(wav, (0, max(0, 1025 - wav.numel())))
     return mel_spectrogram(wav, sample_rate)  # [n_mels, frames]
-
-
-def mel_image(mel: torch.Tensor) -> torch.Tensor:
-    """Log-mel [n_mels, frames] -> HWC float image in [0, 1] (viridis, low bins at the bottom)."""
-    import matplotlib
-
-    lo, hi = float(mel.min()), float(mel.max())
-    norm = (mel - lo) / max(hi - lo, 1e-5)
-    rgba = matplotlib.colormaps["viridis"](norm.flip(0).numpy())
-    return torch.from_numpy(rgba[..., :3]).float()
 
 
 def _codec_config(data: Any, phase: str) -> dict[str, Any]:
