@@ -233,4 +233,3 @@ def _train(args: argparse.Namespace) -> int:
     if cleaners != "english":
         print(f"and text_cleaners: {cleaners}")
     return 0
-
