@@ -13,6 +13,9 @@ setup(
     description="A DLAS-style training framework for neural-codec text-to-speech",
     python_requires=">=3.10",
     packages=[],
+    # codebase/ is not installed, so there is no package_data: Tortoise's vocabulary
+    # (codebase/data/audio/tortoise_tokenizer.json) is read next to its module; MANIFEST.in
+    # puts it in a source distribution.
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",
@@ -32,6 +35,10 @@ setup(
         "auraloss",
         "scipy",
         "dtw-python",  # DTW-aligned mel distance of the tts_samples evaluator
+        # BPE text tokens for Tortoise's GPT (data/audio/bpe_tokenizer.py) and its cleaners
+        "tokenizers>=0.15",
+        "unidecode",
+        "inflect>=7",
     ],
     extras_require={
         "wandb": ["wandb"],

@@ -8,6 +8,7 @@ reason, whichever way the corpus is read.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -22,8 +23,12 @@ def screen(
     max_text_length: int | None = None,
     min_duration: float | None = None,
     max_duration: float | None = None,
+    text_check: Callable[[str], str | None] | None = None,
 ) -> tuple[list[Utterance], list[float], Skipped]:
     """Keep the items whose id, text and audio header are usable: ``(kept, seconds, skipped)``.
+
+    ``text_check(text)`` adds the reader's own reason to skip a transcript, or None (the BPE
+    tokenizer: characters it lacks, too many tokens); it runs after :func:`text_problem`.
 
     A repeated id keeps its first item (the id names the audio file in ``lj`` and ``tsv``
     corpora, so a later line would pair that audio with another transcript). Reads only
@@ -35,6 +40,8 @@ def screen(
     for item in tqdm(items, desc="screening audio", disable=len(items) < 5000, leave=False):
         text = item.text.strip()
         reason = text_problem(text, max_text_length)
+        if reason is None and text_check is not None:
+            reason = text_check(text)
         if reason is None:
             reason, seconds = _audio_problem(item, sample_rate, max_wav_length)
         if reason is None:

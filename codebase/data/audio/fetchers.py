@@ -64,17 +64,30 @@ def not_utf8(data: bytes, e: UnicodeDecodeError) -> str:
     return f"not valid UTF-8: byte 0x{data[e.start]:02x} at {where}"
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+
+
 @FETCHERS.register("lj")
 def fetch_lj(root: Path) -> tuple[list[Utterance], Skipped]:
-    """LJSpeech: ``root/metadata.csv`` with ``id|text|normalized text`` lines and audio in
-    ``root/wavs/<id>.wav``; ``root`` may also be the ``metadata.csv`` itself. One speaker,
-    named after the corpus folder."""
+    """LJSpeech ``metadata.csv`` or a DLAS / ai-voice-cloning filelist, told apart per file.
+
+    - LJSpeech: ``root/metadata.csv`` (or that file itself) with ``id|text|normalized text``
+      lines and audio in ``<its folder>/wavs/<id>.wav``; the normalized text is preferred.
+    - Filelist (DLAS's ``lj`` reading, e.g. ai-voice-cloning's ``train.txt``): ``audio
+      path|text[|type]`` lines, the audio path relative to the list's folder (or absolute).
+      A file is a filelist when the first column of its first line ends in an audio suffix.
+
+    One speaker per file, named after the file's folder.
+    """
     root = Path(root)
-    csv = root if root.is_file() or root.suffix == ".csv" else root / "metadata.csv"
+    csv = root if root.is_file() or root.suffix in (".csv", ".txt") else root / "metadata.csv"
+    lines, skipped = _read_lines(csv)
+    first = next((line for _, line in lines if line.strip()), "")
+    if Path(first.split("|", 1)[0].strip()).suffix.lower() in AUDIO_SUFFIXES:
+        return _filelist_items(csv, lines, skipped)
     folder = csv.parent
     speaker = folder.resolve().name or "lj"
     items = []
-    lines, skipped = _read_lines(csv)
     for number, line in lines:
         if not line.strip():
             continue
@@ -93,6 +106,30 @@ def fetch_lj(root: Path) -> tuple[list[Utterance], Skipped]:
         text = normalized or fields[1].strip()  # empty texts are left for the dataset to count
         wav = folder / "wavs" / f"{uid}.wav"
         items.append(Utterance(wav, text, speaker, uid, f"{csv}:{number}"))
+    return items, skipped
+
+
+def _filelist_items(
+    file: Path, lines: list[tuple[int, str]], skipped: Skipped
+) -> tuple[list[Utterance], Skipped]:
+    """Items of a ``path|text[|type]`` filelist (the third column, DLAS's type, is ignored)."""
+    speaker = file.parent.resolve().name or "filelist"
+    items = []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        rel = fields[0].strip()
+        if len(fields) not in (2, 3) or not rel:
+            problem = "an empty audio path" if len(fields) in (2, 3) else f"{len(fields)} field(s)"
+            skipped.append(
+                (f"{file}:{number}", f"malformed line: expected audio path|text, got {problem}")
+            )
+            continue
+        audio = Path(rel).expanduser()
+        audio = audio if audio.is_absolute() else file.parent / audio
+        uid = str(Path(rel).with_suffix("")).replace("\\", "/")
+        items.append(Utterance(audio, fields[1].strip(), speaker, uid, f"{file}:{number}"))
     return items, skipped
 
 

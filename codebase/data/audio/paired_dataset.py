@@ -29,15 +29,17 @@ import sys
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data import register_dataset
+from data.audio.bpe_tokenizer import BpeTokenizer, VocabError, load_vocab
 from data.audio.corpus import reason_category, screen, split_fraction
 from data.audio.fetchers import fetch
+from data.audio.text_cleaners import Cleaners
 from data.loader import pad_batch
 from data.spec import build_dataset, require_phase, validate_datasets
 from utils.audio import (
@@ -48,7 +50,7 @@ from utils.audio import (
     save_mel_png,
 )
 from utils.options import experiment_parser, load_cli
-from utils.schema import ConfigError, Runtime
+from utils.schema import ConfigError, PositiveInt, Problems, Runtime
 from utils.seed import generator
 
 log = logging.getLogger(__name__)
@@ -58,17 +60,33 @@ log = logging.getLogger(__name__)
 class PairedVoiceAudioDataset(Dataset):
     """Audio + transcript + speaker from LJSpeech, LibriTTS or TSV corpora (DLAS options).
 
+    With ``use_bpe_tokenizer`` the transcripts are also BPE tokens, batched under DLAS's keys
+    (``padded_text``, ``text_lengths``, ``real_text``, ``filenames``,
+    ``conditioning_contains_self``) for Tortoise's GPT; items whose text has characters the
+    vocabulary lacks ([UNK]) or nothing left after cleaning are skipped with a reason.
+
     Args:
         path: corpus folder or index file, or a list of them (relative: to the YAML's folder).
-        fetcher_mode: how to read each path: ``lj``, ``libritts``, ``tsv`` (or a list).
+        fetcher_mode: how to read each path: ``lj`` (LJSpeech metadata.csv or a DLAS
+            ``path|text`` filelist), ``libritts``, ``tsv`` (or a list).
         sample_rate: every clip is resampled to this rate.
         max_wav_length: longest clip kept, in samples at ``sample_rate`` (None: no limit).
         min_duration: shortest clip kept, in seconds (None: no limit); a blip of a few
             milliseconds is no utterance (``prepare`` has its own, 0.3 s by default).
-        max_text_length: longest transcript kept, in characters (None: no limit).
-        load_conditioning: also return ``conditioning`` clips from the same speaker.
+        max_text_length: longest transcript kept, in characters, or in BPE tokens when
+            ``use_bpe_tokenizer`` (None: no limit).
+        use_bpe_tokenizer: also encode the text with a BPE vocabulary (DLAS keys, above).
+        tokenizer_vocab: a ``tokenizers`` JSON vocabulary (None: Tortoise's, English only;
+            train another with ``python -m data.audio.bpe_tokenizer train``).
+        text_cleaners: text cleaning before BPE: ``english`` (Tortoise's) or ``basic``
+            (lowercase only, for a vocabulary trained on another language).
+        load_aligned_codes: DLAS's precomputed aligned codes; not supported (must be false).
+        load_conditioning: also return ``conditioning`` clips.
         num_conditioning_candidates: clips per item (N).
         conditioning_length: samples per clip (cropped or zero-padded).
+        conditioning_source: ``speaker``: crops of other clips of the same speaker (the clip
+            itself only when the speaker has no other), so the model cannot copy its target;
+            ``self``: crops of the clip itself, as DLAS does without ``similarities.pth``.
         phase: ``train`` or ``val``; with ``val_fraction`` it picks the side of the split.
         val_fraction: share of items (by hashed id, independent of ``seed``) held out for val.
         seed: seeds the conditioning choice and crops (with the item index).
@@ -80,11 +98,16 @@ class PairedVoiceAudioDataset(Dataset):
         fetcher_mode: str | list[str] = "lj",
         sample_rate: int = 22050,
         max_wav_length: int | None = None,
-        max_text_length: int | None = None,
+        max_text_length: PositiveInt | None = None,
         min_duration: float | None = 0.1,
+        use_bpe_tokenizer: bool = False,
+        tokenizer_vocab: Path | None = None,
+        text_cleaners: Cleaners = "english",
+        load_aligned_codes: bool = False,
         load_conditioning: bool = False,
         num_conditioning_candidates: int = 1,
         conditioning_length: int = 44000,
+        conditioning_source: Literal["speaker", "self"] = "speaker",
         phase: Runtime[str] = "train",
         val_fraction: float = 0.0,
         seed: int = 0,
@@ -103,8 +126,12 @@ class PairedVoiceAudioDataset(Dataset):
                 "paired_voice_audio: num_conditioning_candidates and "
                 "conditioning_length must be >= 1"
             )
+        if load_aligned_codes:
+            raise ValueError(ALIGNED_CODES_UNSUPPORTED)
         self.sample_rate, self.max_wav_length = sample_rate, max_wav_length
         self.load_conditioning = load_conditioning
+        self.conditioning_source = conditioning_source
+        self.tokenizer = BpeTokenizer(tokenizer_vocab, text_cleaners) if use_bpe_tokenizer else None
         self.num_conditioning = num_conditioning_candidates
         self.conditioning_length = conditioning_length
         self.phase, self.seed = phase, seed
@@ -113,8 +140,14 @@ class PairedVoiceAudioDataset(Dataset):
         if val_fraction > 0:  # split before screening: only this phase's audio is opened
             want_val = phase == "val"
             fetched = [u for u in fetched if (split_fraction(u.id) < val_fraction) == want_val]
+        tokenizer = self.tokenizer
         self.items, self._durations, bad = screen(
-            fetched, sample_rate, max_wav_length, max_text_length, min_duration=min_duration
+            fetched,
+            sample_rate,
+            max_wav_length,
+            None if tokenizer else max_text_length,
+            min_duration=min_duration,
+            text_check=(lambda t: tokenizer.problem(t, max_text_length)) if tokenizer else None,
         )
         self.skipped += bad
         self._bad: set[int] = set()  # indices whose audio failed to decode in __getitem__
@@ -156,8 +189,10 @@ class PairedVoiceAudioDataset(Dataset):
                 "speaker": item.speaker,
                 "path": str(item.path),
             }
+            if self.tokenizer is not None:
+                out["tokens"] = torch.tensor(self.tokenizer.encode(item.text), dtype=torch.long)
             if self.load_conditioning:
-                out["conditioning"] = self._conditioning(i, wav)
+                out["conditioning"], out["conditioning_contains_self"] = self._conditioning(i, wav)
             return i, out
         raise RuntimeError(
             f"paired_voice_audio ({self.phase}): none of the {len(self.items)} "
@@ -178,19 +213,23 @@ class PairedVoiceAudioDataset(Dataset):
             wav = wav[: self.max_wav_length]  # resampling may round one sample past the screen
         return wav
 
-    def _conditioning(self, index: int, wav: torch.Tensor) -> torch.Tensor:
-        """[N, conditioning_length] clips from other utterances of the same speaker (this one
-        when the speaker has no other), chosen and cropped by a generator seeded by
-        (seed, index) so that an item always gets the same clips."""
+    def _conditioning(self, index: int, wav: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``([N, conditioning_length] clips, whether any is cropped from the item itself)``.
+        Clips come from other utterances of the same speaker (this one when the speaker has
+        no other, or with ``conditioning_source: self``), chosen and cropped by a generator
+        seeded by (seed, index) so that an item always gets the same clips."""
         g = generator(self.seed, index)
-        pool = self._by_speaker[self.items[index].speaker]
-        order = torch.randperm(len(pool), generator=g).tolist()
-        others = [pool[k] for k in order if pool[k] != index and pool[k] not in self._bad]
-        clips = []
+        others: list[int] = []
+        if self.conditioning_source == "speaker":
+            pool = self._by_speaker[self.items[index].speaker]
+            order = torch.randperm(len(pool), generator=g).tolist()
+            others = [pool[k] for k in order if pool[k] != index and pool[k] not in self._bad]
+        clips, contains_self = [], False
         for n in range(self.num_conditioning):
             source = self._load_wav(others[n % len(others)]) if others else None
+            contains_self |= source is None
             clips.append(self._crop(wav if source is None else source, g))
-        return torch.stack(clips)
+        return torch.stack(clips), contains_self
 
     def _crop(self, wav: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         size = self.conditioning_length
@@ -203,11 +242,18 @@ class PairedVoiceAudioDataset(Dataset):
     @property
     def batch_keys(self) -> tuple[str, ...]:
         keys = ("wav", "wav_lengths", "text", "speaker", "path")
-        return keys + ("conditioning",) if self.load_conditioning else keys
+        if self.tokenizer is not None:
+            keys += ("padded_text", "text_lengths", "real_text", "filenames")
+        if self.load_conditioning:
+            keys += ("conditioning", "conditioning_contains_self")
+        return keys
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Zero-pad ``wav`` to the longest item: ``wav`` [B, T], ``wav_lengths`` [B] long,
-        ``conditioning`` [B, N, L]; text/speaker/path as lists."""
+        ``conditioning`` [B, N, L], ``conditioning_contains_self`` [B] bool; text/speaker/path
+        as lists. With BPE: ``padded_text`` [B, L] long token ids, 0-padded ([STOP]) to the
+        longest item, ``text_lengths`` [B] long, and DLAS's ``real_text`` (= ``text``) and
+        ``filenames`` (= ``path``) lists."""
         wav, lengths = pad_batch([it["wav"] for it in items])
         batch: dict[str, Any] = {
             "wav": wav,
@@ -216,9 +262,29 @@ class PairedVoiceAudioDataset(Dataset):
             "speaker": [it["speaker"] for it in items],
             "path": [it["path"] for it in items],
         }
+        if "tokens" in items[0]:
+            batch["padded_text"], batch["text_lengths"] = pad_batch([it["tokens"] for it in items])
+            batch["real_text"], batch["filenames"] = batch["text"], batch["path"]
         if "conditioning" in items[0]:
             batch["conditioning"] = torch.stack([it["conditioning"] for it in items])
+            batch["conditioning_contains_self"] = torch.tensor(
+                [it["conditioning_contains_self"] for it in items], dtype=torch.bool
+            )
         return batch
+
+    @classmethod
+    def check_options(cls, options: dict, path: str, problems: Problems) -> None:
+        """Validation-time checks: aligned codes, and the vocabulary file (loaded)."""
+        if options.get("load_aligned_codes"):
+            problems.add(f"{path}.load_aligned_codes", ALIGNED_CODES_UNSUPPORTED)
+        vocab = options.get("tokenizer_vocab")
+        if vocab is not None and not options.get("use_bpe_tokenizer"):
+            log.warning("%s.tokenizer_vocab has no effect without use_bpe_tokenizer: true", path)
+        elif vocab is not None:
+            try:
+                load_vocab(Path(vocab))
+            except VocabError as e:
+                problems.add(f"{path}.tokenizer_vocab", str(e))
 
     # ---------------------------------------------------------------------------- summaries
     def durations(self) -> list[float]:
@@ -232,6 +298,13 @@ class PairedVoiceAudioDataset(Dataset):
     def skip_counts(self) -> dict[str, int]:
         """Skipped items per reason category, most frequent first."""
         return dict(Counter(reason_category(r) for _, r in self.skipped).most_common())
+
+
+ALIGNED_CODES_UNSUPPORTED = (
+    "load_aligned_codes: true is not supported: DLAS reads precomputed aligned codes from a "
+    "third 'tsv' column, which here holds the speaker. Remove the option (or set it false); "
+    "Tortoise's GPT gets its codes from the wav through the discrete_token injector"
+)
 
 
 # ---------------------------------------------------------------------------------- the CLI
