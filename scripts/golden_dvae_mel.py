@@ -34,8 +34,8 @@ from utils.schema import Problems  # noqa: E402
 GOLDEN = REPO / "tests" / "golden" / "tortoise"
 FLOAT_TOL = 1e-5  # DVAE outputs (fp32, a few conv layers)
 # The log-mel near the 1e-5 floor amplifies FFT rounding (a different FFT build gives
-# relative differences ~1e-4 in the tiny bins); measured here: max 9.7e-5.
-MEL_TOL = 5e-4
+# relative differences ~1e-4 in the tiny bins); measured here: max 9.7e-5 (at -11.2).
+MEL_TOL = 2e-5
 
 
 @dataclass
