@@ -7,10 +7,8 @@ scripts/golden_dvae_mel.py, which prints the same comparisons as a table).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import torch
 import yaml
 
 import models.audio.tts  # noqa: F401 - registers lucidrains_dvae
-from helpers import REPO, build_from_yaml, make_trainer
+from helpers import REPO, build_from_yaml, load_script, make_trainer
 from models import build_network
 from trainer.injectors import INJECTORS, Injector
 from trainer.injectors.dvae import DiscreteTokenInjector
@@ -29,19 +27,7 @@ from utils.schema import ConfigError
 
 GOLDEN = REPO / "tests" / "golden" / "tortoise"
 
-def load_golden_script():
-    """scripts/golden_dvae_mel.py as a module (its comparisons are the tests' too)."""
-    if "golden_dvae_mel" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "golden_dvae_mel", REPO / "scripts" / "golden_dvae_mel.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["golden_dvae_mel"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["golden_dvae_mel"]
-
-
-golden = load_golden_script()
+golden = load_script("golden_dvae_mel")
 
 TINY = json.loads((GOLDEN / "dvae_tiny.json").read_text())["kwargs"]
 # networks.dvae.kwargs of DLAS's train_diffusion_vocoder_22k_level.yml (the seed's dvae_config)
