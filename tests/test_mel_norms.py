@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import yaml
 import torch
+import yaml
 
 from helpers import build_from_yaml, make_corpus
 from trainer.injectors import INJECTORS

@@ -101,8 +101,7 @@ class TorchMelSpectrogramInjector(Injector):
         super().__init__()
         if true_normalization and not log:
             raise ValueError(
-                "torch_mel_spectrogram: true_normalization rescales the log-mel; it needs "
-                "log: true"
+                "torch_mel_spectrogram: true_normalization rescales the log-mel; it needs log: true"
             )
         # a submodule, so moving the injector to a device moves the window and filterbank
         self.mel = mel_transform(

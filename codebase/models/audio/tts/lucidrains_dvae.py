@@ -254,8 +254,7 @@ class DiscreteVAE(nn.Module):
         and updates the codebook; eval decodes the codes themselves (what inference gets)."""
         mel = self.norm(mel)
         quantised, codes, commitment = self._encode(mel)
-        if self.training:
-            out = self.decoder(quantised.permute(0, 2, 1))
-        else:
-            out = self.decode(codes)[0]
+        # training: straight-through vectors [B, D, F']; eval: the codes' own vectors
+        x = quantised.permute(0, 2, 1)
+        out = self.decoder(x) if self.training else self.decode(codes)[0]
         return self.loss_fn(mel, out, reduction="none"), commitment, out
