@@ -8,6 +8,7 @@ Test modules import from here (``from helpers import ...``), never from each oth
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,16 @@ from utils.schema import Problems
 REPO = Path(__file__).resolve().parents[1]
 TOY_PLUGIN = str(REPO / "experiments" / "plugins" / "toy.py")
 DIST_WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` as a module (once), for tests of what a script computes."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 # ----------------------------------------------------------------------------- toy experiment

@@ -6,7 +6,7 @@ import torchaudio
 from safetensors.torch import save_file
 
 import trainer.injectors.audio  # noqa: F401 - registers the audio injectors
-from helpers import build_from_yaml
+from helpers import build_from_yaml, load_script
 from trainer.injectors import INJECTORS
 from utils.schema import Problems
 
@@ -181,3 +181,64 @@ def test_random_crop_bad_options():
     problems = Problems()
     INJECTORS.get("random_audio_crop").check_options({}, "p", problems, None)
     assert "p.crop_size" in dict(problems.items)
+
+
+# ------------------------------------------------------------- DLAS option names and golden
+DLAS_DEFAULTS = {
+    "filter_length": 1024,
+    "hop_length": 256,
+    "win_length": 1024,
+    "n_mel_channels": 80,
+    "mel_fmin": 0,
+    "mel_fmax": 8000,
+    "sampling_rate": 22050,
+    "normalize": False,
+    "true_normalization": False,
+}
+
+
+def test_mel_takes_dlas_option_names():
+    torch.manual_seed(2)
+    wav = torch.randn(2, 6000) * 0.1
+    dlas = build({"type": "torch_mel_spectrogram", "in": "w", "out": "m", **DLAS_DEFAULTS})
+    assert torch.allclose(dlas({"w": wav})["m"], reference_mel(wav), atol=1e-5)
+    small = {"n_mel_channels": 40, "sampling_rate": 16000, "filter_length": 512, "mel_fmax": 7000}
+    ours = {"n_mels": 40, "sample_rate": 16000, "n_fft": 512, "f_max": 7000}
+    a = build({"type": "torch_mel_spectrogram", "in": "w", "out": "m", **small})({"w": wav})
+    b = build({"type": "torch_mel_spectrogram", "in": "w", "out": "m", **ours})({"w": wav})
+    assert a["m"].shape == (2, 40, 6000 // 256 + 1) and torch.equal(a["m"], b["m"])
+
+    problems = Problems()
+    INJECTORS.get("torch_mel_spectrogram").check_options(
+        {"n_mels": 80, "n_mel_channels": 80}, "steps.s.injectors.mel", problems, None
+    )
+    found = dict(problems.items)
+    assert "DLAS's name for 'n_mels'" in found["steps.s.injectors.mel.n_mel_channels"]
+
+
+def test_mel_normalize_and_true_normalization():
+    torch.manual_seed(3)
+    wav = torch.randn(1, 6000) * 0.1
+    base = {"type": "torch_mel_spectrogram", "in": "w", "out": "m"}
+    plain = build(base)({"w": wav})["m"]
+    true = build({**base, "true_normalization": True})({"w": wav})["m"]
+    assert torch.allclose(true, 2 * (plain + 11.5129) / (4.82 + 11.5129) - 1, atol=1e-6)
+    normalized = build({**base, "normalize": True})({"w": wav})["m"]
+    window = torch.hann_window(1024)
+    # torchaudio's normalized STFT divides the magnitude by the window's L2 norm
+    # (power) -> log: a constant shift, wherever both stay above the 1e-5 floor
+    above = plain > -4.0
+    shift = normalized[above] - plain[above]
+    assert above.sum() > 100
+    assert torch.allclose(shift, -torch.log(window.pow(2).sum()).expand_as(shift), atol=1e-4)
+    with pytest.raises(ValueError, match="needs log: true"):
+        build({**base, "true_normalization": True, "log": False})
+
+
+def test_mel_golden_dlas_outputs():
+    """DLAS's TorchMelSpectrogramInjector outputs (tests/golden/tortoise/mel_io.safetensors),
+    with and without the golden mel_norms.pth; see scripts/golden_dvae_mel.py."""
+    golden = load_script("golden_dvae_mel")
+    rows = golden.mel_rows()
+    assert [r.name for r in rows] == ["mel_1s", "mel_2s", "mel_1s_nonorm", "mel_2s_nonorm"]
+    assert all(r.ok for r in rows), golden.table(rows)

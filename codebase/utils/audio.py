@@ -93,9 +93,11 @@ def mel_transform(
     win_length: int | None = None,
     f_min: float = 0.0,
     f_max: float | None = 8000.0,
+    normalized: bool = False,
 ) -> MelSpectrogram:
     """The power mel transform used everywhere (DLAS/Tortoise settings: slaney-normalised
-    filters, power 2). ``f_max`` above Nyquist is lowered to it."""
+    filters, power 2). ``f_max`` above Nyquist is lowered to it. ``normalized``: torchaudio's
+    STFT normalisation (by the window's norm; DLAS's ``normalize`` option)."""
     nyquist = sample_rate / 2
     return MelSpectrogram(
         sample_rate=sample_rate,
@@ -106,7 +108,7 @@ def mel_transform(
         f_max=min(f_max, nyquist) if f_max is not None else None,
         n_mels=n_mels,
         power=2.0,
-        normalized=False,
+        normalized=normalized,
         norm="slaney",
     )
 

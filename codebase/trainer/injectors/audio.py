@@ -11,6 +11,7 @@ from trainer.component import ComponentSpec
 from trainer.injectors.base import Injector
 from utils.audio import log_mel, mel_transform
 from utils.io import load_torch
+from utils.schema import PositiveInt, Problems
 
 
 def load_mel_norms(file: Path, n_mels: int) -> torch.Tensor:
@@ -48,36 +49,82 @@ def load_mel_norms(file: Path, n_mels: int) -> torch.Tensor:
     return norms
 
 
+# DLAS's option names (TorchMelSpectrogramInjector) -> ours; a DLAS YAML runs as written.
+DLAS_MEL_NAMES = {
+    "filter_length": "n_fft",
+    "n_mel_channels": "n_mels",
+    "mel_fmin": "f_min",
+    "mel_fmax": "f_max",
+    "sampling_rate": "sample_rate",
+}
+
+# true_normalization maps the log-mel range [log 1e-5, 4.82] (Tortoise's TacotronSTFT bounds)
+# to [-1, 1].
+TRUE_NORM_MIN = -11.5129
+TRUE_NORM_MAX = 4.82
+
+
 class TorchMelSpectrogramInjector(Injector):
     """wav [B, T] or [B, 1, T] -> log-mel [B, n_mels, frames] (DLAS/Tortoise settings:
     slaney mel filters, power 2, natural log floored at 1e-5, optionally / per-bin norms).
+
+    DLAS's option names are accepted as aliases: ``filter_length`` (n_fft), ``n_mel_channels``
+    (n_mels), ``mel_fmin`` (f_min), ``mel_fmax`` (f_max), ``sampling_rate`` (sample_rate);
+    giving both spellings of one option is an error.
 
     Args:
         sample_rate: rate of the input audio.
         n_mels, n_fft, hop_length, win_length, f_min, f_max: mel filterbank and STFT settings
             (``win_length`` None: ``n_fft``).
-        mel_norm_file: per-bin norms the mel is divided by (DLAS ``clips_mel_norms.pth``).
+        mel_norm_file: per-bin norms the mel is divided by (DLAS ``clips_mel_norms.pth``;
+            ``python -m trainer.mel_norms`` computes one for a dataset).
         log: take the log (false: the power mel).
+        normalize: torchaudio's STFT normalisation (``MelSpectrogram(normalized=True)``).
+        true_normalization: after the norms, map the log-mel range [-11.5129, 4.82] linearly
+            to [-1, 1] (DLAS ``normalize_torch_mel``).
     """
 
     def __init__(
         self,
-        sample_rate: int = 22050,
-        n_mels: int = 80,
-        n_fft: int = 1024,
-        hop_length: int = 256,
-        win_length: int | None = None,
+        sample_rate: PositiveInt = 22050,
+        n_mels: PositiveInt = 80,
+        n_fft: PositiveInt = 1024,
+        hop_length: PositiveInt = 256,
+        win_length: PositiveInt | None = None,
         f_min: float = 0.0,
         f_max: float | None = 8000.0,
         mel_norm_file: Path | None = None,
         log: bool = True,
+        normalize: bool = False,
+        true_normalization: bool = False,
     ) -> None:
         super().__init__()
+        if true_normalization and not log:
+            raise ValueError(
+                "torch_mel_spectrogram: true_normalization rescales the log-mel; it needs log: true"
+            )
         # a submodule, so moving the injector to a device moves the window and filterbank
-        self.mel = mel_transform(sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max)
+        self.mel = mel_transform(
+            sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max, normalize
+        )
         self.log = log
+        self.true_normalization = true_normalization
         norms = load_mel_norms(mel_norm_file, n_mels) if mel_norm_file is not None else None
         self.register_buffer("mel_norms", norms, persistent=False)
+
+    @classmethod
+    def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path) -> dict:
+        renamed = dict(options)
+        for dlas, ours in DLAS_MEL_NAMES.items():
+            if dlas not in options:
+                continue
+            if ours in options:
+                problems.add(
+                    f"{path}.{dlas}",
+                    f"is DLAS's name for {ours!r}, which is also given; keep one of the two",
+                )
+            renamed[ours] = renamed.pop(dlas)
+        return super().check_options(renamed, path, problems, base_dir)
 
     def forward(self, state: dict[str, Any]) -> dict[str, Any]:
         wav = state[self.input]
@@ -96,6 +143,8 @@ class TorchMelSpectrogramInjector(Injector):
                 mel = log_mel(mel)
             if self.mel_norms is not None:
                 mel = mel / self.mel_norms[None, :, None]
+            if self.true_normalization:
+                mel = 2 * (mel - TRUE_NORM_MIN) / (TRUE_NORM_MAX - TRUE_NORM_MIN) - 1
         return {self.output: mel}
 
 

@@ -1,3 +1,3 @@
-"""Text-to-speech networks over codec tokens. Importing this package registers them: valle."""
+"""Text-to-speech networks. Importing this package registers them: valle, lucidrains_dvae."""
 
-from models.audio.tts import valle  # noqa: F401 - registers the network
+from models.audio.tts import lucidrains_dvae, valle  # noqa: F401 - registers the networks

@@ -1,0 +1,265 @@
+"""lucidrains_dvae (DLAS's DiscreteVAE) and the discrete_token injector.
+
+Golden values: tests/golden/tortoise (made by the original DLAS code; see
+scripts/golden_dvae_mel.py, which prints the same comparisons as a table).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import models.audio.tts  # noqa: F401 - registers lucidrains_dvae
+from helpers import REPO, build_from_yaml, load_script, make_trainer
+from models import build_network
+from trainer.injectors import INJECTORS, Injector
+from trainer.injectors.dvae import DiscreteTokenInjector
+from utils.errors import CheckpointError
+from utils.io import load_module
+from utils.schema import ConfigError
+
+GOLDEN = REPO / "tests" / "golden" / "tortoise"
+
+golden = load_script("golden_dvae_mel")
+
+TINY = json.loads((GOLDEN / "dvae_tiny.json").read_text())["kwargs"]
+# networks.dvae.kwargs of DLAS's train_diffusion_vocoder_22k_level.yml (the seed's dvae_config)
+SEED = dict(
+    channels=80,
+    codebook_dim=512,
+    hidden_dim=512,
+    kernel_size=3,
+    num_layers=2,
+    num_resnet_blocks=3,
+    num_tokens=8192,
+    positional_dims=1,
+    use_transposed_convs=False,
+)
+
+
+def tiny(**overrides: Any) -> torch.nn.Module:
+    return build_network("lucidrains_dvae", {**TINY, **overrides})
+
+
+# ----------------------------------------------------------------------------- the network
+def test_seed_config_has_the_keys_and_shapes_of_dvae_pth():
+    with torch.device("meta"):
+        net = build_network("lucidrains_dvae", SEED)
+    rows = [
+        line.split("\t")
+        for line in (GOLDEN / "dvae_seed_keys.tsv").read_text().splitlines()
+        if not line.startswith("#")
+    ]
+    want = [(key, json.loads(shape)) for key, shape, *_ in rows]
+    assert [(k, list(v.shape)) for k, v in net.state_dict().items()] == want
+    assert {k for k, _ in net.named_buffers()} == {
+        "codebook.embed",
+        "codebook.cluster_size",
+        "codebook.embed_avg",
+    }
+    assert sum(p.numel() for p in net.parameters()) == 51_567_184
+
+
+def test_golden_tiny_dvae_outputs():
+    rows = golden.dvae_rows(GOLDEN)
+    assert [r.name for r in rows if r.name.startswith("codes")] == ["codes", "codes36"]
+    bad = [r for r in rows if not r.ok]
+    assert not bad, golden.table(rows)
+
+
+def test_strict_load_rejects_another_config():
+    with pytest.raises(CheckpointError, match="codebook.embed"):
+        load_module(tiny(codebook_dim=16), GOLDEN / "dvae_tiny.pth", strict=True)
+
+
+@pytest.mark.parametrize("frames,codes", [(1, 1), (4, 1), (5, 2), (8, 2), (37, 10), (172, 43)])
+def test_one_code_per_four_frames(frames, codes):
+    assert tiny().get_codebook_indices(torch.randn(2, 80, frames)).shape == (2, codes)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"positional_dims": 2}, "positional_dims must be 1"),
+        ({"use_lr_quantizer": True}, "use_lr_quantizer"),
+        ({"lr_quantizer_args": {"decay": 0.8}}, "use_lr_quantizer"),
+    ],
+)
+def test_unsupported_options_fail_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+def test_variants_build_and_run():
+    """Transposed convs, encoder GroupNorm, silu, smooth L1, normalisation, no res blocks."""
+    net = tiny(
+        use_transposed_convs=True,
+        kernel_size=4,
+        encoder_norm=True,
+        activation="silu",
+        smooth_l1_loss=True,
+        num_resnet_blocks=0,
+        normalization=[[0.5] * 80, [2.0] * 80],
+        record_codes=True,
+    )
+    recon, commitment, out = net(torch.randn(2, 80, 16))
+    assert recon.shape == out.shape == (2, 80, 16) and commitment.ndim == 0
+    assert int(net.code_counts.sum()) == 2 * 4 and "code_counts" not in net.state_dict()
+
+
+def test_training_lowers_the_loss_and_moves_the_codebook():
+    torch.manual_seed(0)
+    net = tiny(num_tokens=16, codebook_dim=8)
+    # log-mel-like: a per-channel level plus moving harmonics, a little noise
+    c, t = torch.arange(80.0)[None, :, None], torch.arange(32.0)[None, None, :]
+    phase = torch.rand(4, 1, 1) * 6
+    mels = -6 + 2 * torch.sin(c / 9 + t / 5 + phase) + 0.1 * torch.randn(4, 80, 32)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    embed0 = net.codebook.embed.clone()
+    net.eval()
+    with torch.no_grad():
+        net(mels)
+    assert torch.equal(net.codebook.embed, embed0)  # eval: no EMA update
+    net.train()
+    losses = []
+    for _ in range(30):
+        recon, commitment, _ = net(mels)
+        loss = recon.mean() + 0.25 * commitment
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(recon.mean().detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert not torch.allclose(net.codebook.embed, embed0)
+    assert net.codebook.cluster_size.sum() > 0
+    # the EMA relation: embed = embed_avg / smoothed cluster size
+    cs = net.codebook.cluster_size
+    smoothed = (cs + 1e-5) / (cs.sum() + 16 * 1e-5) * cs.sum()
+    assert torch.allclose(net.codebook.embed, net.codebook.embed_avg / smoothed, atol=1e-5)
+    assert net.encoder[0][0].weight.grad is not None  # straight-through reaches the encoder
+
+
+# ----------------------------------------------------------------------------- discrete_token
+def dvae_files(root: Path, net: torch.nn.Module | None = None, kwargs: dict = TINY) -> Path:
+    """A random-weight DVAE saved as .pth and its DLAS network YAML ``root/experiments/
+    dvae.yml`` (weights path relative to the YAML, as DLAS's seed writes it)."""
+    net = net or tiny()
+    (root / "experiments").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), root / "dvae.pth")
+    config = {
+        "path": {"pretrain_model_dvae": "../dvae.pth", "strict_load": True},
+        "networks": {
+            "dvae": {"type": "generator", "which_model_G": "lucidrains_dvae", "kwargs": kwargs}
+        },
+    }
+    path = root / "experiments" / "dvae.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def token_options(config: str = "experiments/dvae.yml", **extra: Any) -> dict:
+    return {"type": "discrete_token", "dvae_config": config, "in": "mel", "out": "codes", **extra}
+
+
+def test_discrete_token_gives_the_dvaes_codes_and_holds_no_state(tmp_path):
+    torch.manual_seed(1)
+    net = tiny()
+    dvae_files(tmp_path, net)
+    inj = build_from_yaml(INJECTORS, token_options(), base_dir=tmp_path)
+    mel = torch.randn(3, 80, 37)
+    codes = inj({"mel": mel})["codes"]
+    assert codes.dtype == torch.long and codes.shape == (3, 10)
+    assert torch.equal(codes, net.eval().get_codebook_indices(mel))
+    assert not inj.state_dict() and not list(inj.parameters())  # kept out of the module tree
+    assert not inj.dvae.training and not any(p.requires_grad for p in inj.dvae.parameters())
+    inj.train()
+    assert not inj.dvae.training
+
+
+def test_discrete_token_picks_the_named_network(tmp_path):
+    path = dvae_files(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["networks"] = {"other": config["networks"]["dvae"]}
+    config["path"] = {"pretrain_model_other": "../dvae.pth"}
+    path.write_text(yaml.safe_dump(config))
+    inj = build_from_yaml(INJECTORS, token_options(), base_dir=tmp_path)  # the only one
+    assert inj({"mel": torch.randn(1, 80, 8)})["codes"].shape == (1, 2)
+    with pytest.raises(AssertionError, match="no network 'dvae'"):
+        build_from_yaml(INJECTORS, token_options(dvae_name="dvae"), base_dir=tmp_path)
+
+
+def _problems(tmp_path: Path, options: dict) -> str:
+    with pytest.raises(AssertionError) as e:
+        build_from_yaml(INJECTORS, options, base_dir=tmp_path, path="steps.gpt.injectors.codes")
+    return str(e.value)
+
+
+def test_discrete_token_file_errors_are_validation_problems(tmp_path):
+    msg = _problems(tmp_path, token_options("nowhere.yml"))
+    assert "steps.gpt.injectors.codes.dvae_config" in msg and "does not exist" in msg
+
+    dvae_files(tmp_path)
+    (tmp_path / "dvae.pth").unlink()
+    msg = _problems(tmp_path, token_options())
+    assert "pretrain_model_dvae" in msg and "do not exist" in msg
+
+    dvae_files(tmp_path, tiny(hidden_dim=16))  # file from another config
+    msg = _problems(tmp_path, token_options())
+    assert "do not match networks.dvae" in msg and "encoder.0.0.weight" in msg
+
+    dvae_files(tmp_path, kwargs={**TINY, "num_tokenz": 3})
+    msg = _problems(tmp_path, token_options())
+    assert "networks.dvae.kwargs.num_tokenz" in msg and "did you mean 'num_tokens'" in msg
+
+
+class MelViewInjector(Injector):
+    """Test helper: the toy features [B, 16] viewed as a 4-bin "mel" [B, 4, 4]."""
+
+    def forward(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {self.output: state[self.input].view(-1, 4, 4)}
+
+
+def test_dvae_never_reaches_the_runs_checkpoint(tmp_path):
+    small = {**TINY, "channels": 4, "hidden_dim": 8, "codebook_dim": 8, "num_tokens": 8}
+    dvae_files(tmp_path, tiny(**{k: small[k] for k in ("channels", "hidden_dim")},
+                              codebook_dim=8, num_tokens=8), kwargs=small)  # fmt: skip
+    injectors = {
+        "view": {"type": "mel_view", "in": "x", "out": "mel"},
+        "codes": token_options(),
+        "pred": {"type": "generator", "generator": "mlp", "in": "x", "out": "pred"},
+    }
+    trainer = make_trainer(
+        tmp_path,
+        steps={"fit": {"injectors": {**injectors, "_replace": True}}},
+        train={"niter": 2},
+        logger={"save_checkpoint_freq": 2},
+    )
+    trainer.train()
+    inj = trainer.steps["fit"].injectors[1]
+    assert isinstance(inj, DiscreteTokenInjector) and inj.dvae.codebook.embed.shape == (8, 8)
+    files = [p for p in (tmp_path / "toy").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".state" for p in files)
+    # tensor names are readable in the saved files (the trained network's are there) ...
+    assert any(b"head.weight" in p.read_bytes() for p in files)
+    for p in files:  # ... and none of the DVAE's
+        assert b"codebook.embed" not in p.read_bytes(), p
+
+
+def test_missing_dvae_fails_the_experiments_validation(tmp_path):
+    injectors = {"codes": token_options("missing.yml", **{"in": "x"})}
+    with pytest.raises(ConfigError, match=r"steps\.fit\.injectors\.codes\.dvae_config"):
+        make_trainer(tmp_path, steps={"fit": {"injectors": copy.deepcopy(injectors)}})
+
+
+def test_golden_table_script_runs(tmp_path):
+    shutil.copytree(GOLDEN, tmp_path / "g")
+    rows = golden.dvae_rows(tmp_path / "g") + golden.mel_rows(tmp_path / "g")
+    text = golden.table(rows)
+    assert "codes36" in text and "mel_2s_nonorm" in text and "NO" not in text
