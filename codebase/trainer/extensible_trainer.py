@@ -142,7 +142,10 @@ class ExtensibleTrainer:
             net = construct(
                 spec.factory,
                 spec.kwargs,
-                {"checkpointing": self.exp.checkpointing_enabled},
+                {
+                    "checkpointing": self.exp.checkpointing_enabled,
+                    "checkpointing_enabled": self.exp.checkpointing_enabled,  # DLAS's name
+                },
                 f"networks.{name}",
             )
             if not isinstance(net, nn.Module):
