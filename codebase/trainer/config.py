@@ -57,7 +57,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 DLAS_NO_EFFECT: dict[str, dict[str, str]] = {
     "": {
         "scale": "an image-model option",
-        "start_step": "the step comes from the checkpoint (path.resume_state)",
+        "start_step": "the step comes from the checkpoint that path.resume_state names",
         "distortion": "an image-model option",
         "dist": "distributed training follows torchrun (see the README)",
     },
