@@ -246,6 +246,20 @@ def wheels_rows(log: str) -> list[Row]:
     return [("wheels installed", str(len(names)), "", ", ".join(names) or "none needed")]
 
 
+def tortoise_gpt_rows(log: str) -> list[Row]:
+    """bench_unified_voice2.py: step time and peak memory, checkpointing off and on."""
+    head = _search(r"^unified_voice2 --size (\S+): ([\d,]+) parameters, (.*)$", log)
+    if not head:
+        return []
+    where = f"{head[1]} ({head[2]} parameters), {head[3]}"
+    rows = []
+    for m in re.finditer(r"^(on|off)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", log, re.M):
+        setting, step, _, peak = m.groups()
+        rows.append((f"unified_voice2 step, checkpointing {setting}", step, "s", where))
+        rows.append((f"unified_voice2 peak memory, checkpointing {setting}", peak, "GiB", where))
+    return rows
+
+
 def part_rows(part: str, log: str, args: argparse.Namespace) -> list[Row]:
     parsers: dict[str, Callable[[str], list[Row]]] = {
         "wheels": wheels_rows,
@@ -253,6 +267,7 @@ def part_rows(part: str, log: str, args: argparse.Namespace) -> list[Row]:
         "train_b32": lambda text: train_rows(text, "train (batch {batch})"),
         "inference": inference_rows,
         "engines": engines_rows,
+        "tortoise_gpt": tortoise_gpt_rows,
         "demo": lambda text: demo_rows(text, args.demo_run),
     }
     parse = parsers.get(part)
@@ -276,7 +291,14 @@ def table(logdir: Path, args: argparse.Namespace) -> str:
                 f"timed out after {limit} s" if rc in ("124", "137") else f"exit {rc}"
             ) + f": {last_error_line(log)}"
             rows.append((part, "FAILED", "", why[:200]))
-        elif not found and part in ("train", "train_b32", "inference", "engines", "demo"):
+        elif not found and part in (
+            "train",
+            "train_b32",
+            "inference",
+            "engines",
+            "tortoise_gpt",
+            "demo",
+        ):
             rows.append((part, "FAILED", "", "ran, but printed none of the expected figures"))
         rows += found
         rows.append((f"{part} wall time", wall, "s", f"limit {limit} s"))

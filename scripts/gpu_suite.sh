@@ -13,6 +13,8 @@
 #   train_b32  the same at batch 32 (batch 8 leaves a big GPU partly idle)
 #   inference  bench_inference.py --size reference, 5 s of audio: AR with KV cache vs recompute, RTF
 #   engines    bench_engines.py --size reference: local vs DeepSpeed ZeRO-1 and ZeRO-2
+#   tortoise_gpt  bench_unified_voice2.py --size seed, bf16, the seed gpt.yml's micro-batch
+#              (32): step time and peak memory with gradient checkpointing off and on
 #   demo_data  only when the demo's data files were not carried: corpus + data.h5 (~2 min)
 #   demo       experiments/valle_demo.yml on the GPU for GPU_SUITE_DEMO_STEPS (400) steps:
 #              steps/s and the rows of its learning report (from a copy of the YAML in the
@@ -138,6 +140,7 @@ if ((SMOKE)); then
     --frame-rate 25
   run_part engines 180 "$PY" scripts/bench_engines.py --size tiny "${TINY[@]}" \
     --engines local,deepspeed --zero-stages 1,2
+  run_part tortoise_gpt 120 "$PY" scripts/bench_unified_voice2.py --size tiny --steps 1
 else
   run_part train 120 "$PY" scripts/bench_train.py --size reference --precision bf16 --steps 30
   run_part train_b32 90 "$PY" scripts/bench_train.py --size reference --precision bf16 \
@@ -145,6 +148,9 @@ else
   run_part inference 150 "$PY" scripts/bench_inference.py --size reference --seconds 5
   run_part engines 210 "$PY" scripts/bench_engines.py --size reference --precision bf16 \
     --engines local,deepspeed --zero-stages 1,2
+  # the seed gpt.yml's micro-batch: batch_size 128 / mega_batch_factor 4
+  run_part tortoise_gpt 180 "$PY" scripts/bench_unified_voice2.py --size seed --device cuda \
+    --precision bf16 --batch 32 --text 200 --codes 250 --steps 3
 fi
 
 # --- the demo -------------------------------------------------------------------------------------

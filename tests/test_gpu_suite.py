@@ -54,6 +54,15 @@ def write_part(logdir, tag, log, **status):
     (logdir / f"{tag}.status").write_text("".join(f"{k}={v}\n" for k, v in status.items()))
 
 
+TORTOISE_GPT = """unified_voice2 --size seed: 421,526,786 parameters, batch 32 (text 200, mel 250, \
+2 clips x 87 frames), cuda bf16, 16 threads
+checkpointing  step (s)  first step (s)  peak GPU memory (GiB)
+off                1.21            3.40     61.30
+on                 1.52            3.90     30.10
+time ratio on/off: 1.26
+"""
+
+
 def make_table(logdir):
     return gpu_suite.table(logdir, argparse.Namespace(demo_run=None))
 
@@ -69,8 +78,12 @@ def test_table_rows_of_every_part(tmp_path):
     write_part(tmp_path, "02_train_b32", TRAIN, rc=0, wall=30, limit=120)
     write_part(tmp_path, "02_inference", INFERENCE, rc=0, wall=25, limit=150)
     write_part(tmp_path, "03_engines", ENGINES, rc=0, wall=60, limit=210)
+    write_part(tmp_path, "03_tortoise_gpt", TORTOISE_GPT, rc=0, wall=90, limit=180)
     write_part(tmp_path, "04_demo", DEMO, rc=0, wall=200, limit=330)
     got = rows(make_table(tmp_path))
+    assert got["unified_voice2 step, checkpointing on"][:2] == ["1.52", "s"]
+    assert got["unified_voice2 peak memory, checkpointing off"][:2] == ["61.30", "GiB"]
+    assert "421,526,786 parameters" in got["unified_voice2 step, checkpointing off"][2]
     assert got["train tokens/s"][:2] == ["32,800", "tokens/s"]
     assert got["train MFU"][0] == "3.1"
     assert "989 TFLOP/s (dense bf16 peak of H200)" in got["train MFU"][2]
