@@ -11,15 +11,22 @@ that is a single symbol such as ``@`` emptied.
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
-import inflect
 from unidecode import unidecode
 
 Cleaners = Literal["english", "basic"]
 
-_inflect = inflect.engine()
+
+@functools.cache
+def _engine() -> Any:
+    """inflect's engine, imported on first use: importing inflect takes seconds."""
+    import inflect
+
+    return inflect.engine()
+
 
 # ------------------------------------------------------------------------------- numbers
 _COMMA_NUMBER = re.compile(r"([0-9][0-9,]+[0-9])")
@@ -57,12 +64,12 @@ def _cardinal(m: re.Match) -> str:
         if n == 2000:
             return "two thousand"
         if 2000 < n < 2010:
-            return "two thousand " + _inflect.number_to_words(n % 100)
+            return "two thousand " + _engine().number_to_words(n % 100)
         if n % 100 == 0:
-            return _inflect.number_to_words(n // 100) + " hundred"
-        words = _inflect.number_to_words(n, andword="", zero="oh", group=2)
+            return _engine().number_to_words(n // 100) + " hundred"
+        words = _engine().number_to_words(n, andword="", zero="oh", group=2)
         return words.replace(", ", " ")
-    return _inflect.number_to_words(n, andword="")
+    return _engine().number_to_words(n, andword="")
 
 
 def expand_numbers(text: str) -> str:
@@ -72,7 +79,7 @@ def expand_numbers(text: str) -> str:
     text = _POUNDS.sub(r"\1 pounds", text)
     text = _DOLLARS.sub(_dollars, text)
     text = _DECIMAL.sub(lambda m: m.group(1).replace(".", " point "), text)
-    text = _ORDINAL.sub(lambda m: _inflect.number_to_words(m.group(0)), text)
+    text = _ORDINAL.sub(lambda m: _engine().number_to_words(m.group(0)), text)
     return _NUMBER.sub(_cardinal, text)
 
 
