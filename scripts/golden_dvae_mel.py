@@ -1,6 +1,6 @@
 """Compare our ``lucidrains_dvae`` and ``torch_mel_spectrogram`` with the outputs of the
 original DLAS/Tortoise code (tests/golden/tortoise, copied from the reference fixtures; see
-/work/shared/golden/tortoise/README.md for how they were made).
+shared/golden/tortoise/README.md beside the repository for how they were made).
 
     python scripts/golden_dvae_mel.py [--golden tests/golden/tortoise]
 

@@ -2,7 +2,7 @@
 
     python scripts/golden_tortoise.py
 
-Fixtures: /work/shared/golden/tortoise, or the folder in $TORTOISE_GOLDEN.
+Fixtures: shared/golden/tortoise beside the repository, or the folder in $TORTOISE_GOLDEN.
 
 The comparisons are the ones tests/test_unified_voice2.py asserts (tests/tortoise_golden.py);
 exit status 1 if any is over the tolerance.

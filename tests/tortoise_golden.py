@@ -1,6 +1,7 @@
 """Our unified_voice2 against the outputs of the original Tortoise and DLAS code.
 
-Fixtures: ``/work/shared/golden/tortoise`` (or ``$TORTOISE_GOLDEN``), see its README. Shared by
+Fixtures: ``shared/golden/tortoise`` beside the repository (or ``$TORTOISE_GOLDEN``), see its
+README. Shared by
 tests/test_unified_voice2.py (asserts every difference is within tolerance) and
 scripts/golden_tortoise.py (prints the table).
 """
@@ -18,7 +19,8 @@ from safetensors.torch import load_file
 from models.audio.tts.unified_voice2 import UnifiedVoice2
 from utils.io import load_module
 
-GOLDEN = Path(os.environ.get("TORTOISE_GOLDEN", "/work/shared/golden/tortoise"))
+SHARED_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "tortoise"
+GOLDEN = Path(os.environ.get("TORTOISE_GOLDEN", SHARED_GOLDEN))
 TOLERANCE = 1e-5
 
 
