@@ -1,8 +1,8 @@
 """Compare our ``lucidrains_dvae`` and ``torch_mel_spectrogram`` with the outputs of the
-original DLAS/Tortoise code (tests/golden/tortoise, copied from the reference fixtures; see
-shared/golden/tortoise/README.md beside the repository for how they were made).
+original DLAS/Tortoise code (shared/golden/tortoise beside the repository; see its
+README.md for how they were made).
 
-    python scripts/golden_dvae_mel.py [--golden tests/golden/tortoise]
+    python scripts/golden_dvae_mel.py [--golden ../shared/golden/tortoise]
 
 prints one row per compared tensor: its max |ours - golden| and the tolerance the tests use.
 tests/test_dvae.py and tests/test_audio_injectors.py call the same functions.
@@ -31,7 +31,7 @@ from trainer.injectors import INJECTORS  # noqa: E402
 from utils.io import load_module  # noqa: E402
 from utils.schema import Problems  # noqa: E402
 
-GOLDEN = REPO / "tests" / "golden" / "tortoise"
+GOLDEN = REPO.parent / "shared" / "golden" / "tortoise"  # beside the repository
 FLOAT_TOL = 1e-5  # DVAE outputs (fp32, a few conv layers)
 # The log-mel near the 1e-5 floor amplifies FFT rounding (a different FFT build gives
 # relative differences ~1e-4 in the tiny bins); measured here: max 9.7e-5 (at -11.2).

@@ -236,7 +236,7 @@ def test_mel_normalize_and_true_normalization():
 
 
 def test_mel_golden_dlas_outputs():
-    """DLAS's TorchMelSpectrogramInjector outputs (tests/golden/tortoise/mel_io.safetensors),
+    """DLAS's TorchMelSpectrogramInjector outputs (shared/golden/tortoise/mel_io.safetensors),
     with and without the golden mel_norms.pth; see scripts/golden_dvae_mel.py."""
     golden = load_script("golden_dvae_mel")
     rows = golden.mel_rows()

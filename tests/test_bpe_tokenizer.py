@@ -23,7 +23,8 @@ from data.spec import validate_datasets
 from utils.errors import run_command
 from utils.schema import ConfigError
 
-GOLDEN = Path(__file__).parent / "golden" / "tortoise" / "tokenizer_vectors.jsonl"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside the repository
+GOLDEN = SHARED / "golden" / "tortoise" / "tokenizer_vectors.jsonl"
 VECTORS = [json.loads(line) for line in GOLDEN.read_text(encoding="utf-8").splitlines()]
 
 

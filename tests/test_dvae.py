@@ -1,6 +1,6 @@
 """lucidrains_dvae (DLAS's DiscreteVAE) and the discrete_token injector.
 
-Golden values: tests/golden/tortoise (made by the original DLAS code; see
+Golden values: shared/golden/tortoise beside the repository (made by the original DLAS code; see
 scripts/golden_dvae_mel.py, which prints the same comparisons as a table).
 """
 
@@ -25,7 +25,7 @@ from utils.errors import CheckpointError
 from utils.io import load_module
 from utils.schema import ConfigError
 
-GOLDEN = REPO / "tests" / "golden" / "tortoise"
+GOLDEN = REPO.parent / "shared" / "golden" / "tortoise"  # beside the repository
 
 golden = load_script("golden_dvae_mel")
 

@@ -21,7 +21,7 @@ from models import build_network
 from utils.errors import run_command
 
 SEED = REPO.parent / "shared" / "seeds" / "002_c6a6c1747f6b883e.txt"
-MEL_NORMS = REPO / "tests" / "golden" / "tortoise" / "mel_norms.pth"
+MEL_NORMS = REPO.parent / "shared" / "golden" / "tortoise" / "mel_norms.pth"
 TINY_GPT = {"layers": 2, "model_dim": 32, "heads": 2}
 TINY_DVAE = {
     "channels": 80,
