@@ -379,21 +379,35 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadReport:
-    """Load a weights file (see :func:`read_weights`) into ``module``; mismatched shapes are
-    reported and skipped.
-
-    With ``strict`` any mismatch raises before the module is touched; otherwise whatever
-    matches is loaded and the report says what did not. A module may define
-    ``adapt_checkpoint(state) -> state`` to read older files of its kind (e.g. drop buffers
-    a library no longer keeps); it sees the file's tensors before they are compared.
-    """
+def weight_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The names and shapes of a weights file's tensors, as meta tensors (no data): read from
+    a safetensors header, or from a torch pickle mapped lazily. For checking a file against a
+    network (:func:`compare_weights`) without loading it."""
     path = Path(path)
-    loaded = read_weights(path)
-    adapt = getattr(module, "adapt_checkpoint", None)
-    if callable(adapt):
-        loaded = adapt(loaded)
+    if path.suffix in TORCH_SUFFIXES:
+        return {k: torch.empty(v.shape, device="meta") for k, v in read_weights(path).items()}
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {
+                k: torch.empty(f.get_slice(k).get_shape(), device="meta")
+                for k in f.keys()  # noqa: SIM118 - safe_open has no __iter__
+            }
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from e
 
+
+def adapted(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` through the module's ``adapt_checkpoint`` hook, if it has one: a network
+    reads older files of its kind this way (e.g. drops buffers a library no longer keeps)."""
+    adapt = getattr(module, "adapt_checkpoint", None)
+    return adapt(state) if callable(adapt) else state
+
+
+def compare_weights(module: nn.Module, loaded: dict[str, torch.Tensor]) -> LoadReport:
+    """What does not line up between ``module``'s state dict and a file's (adapted) tensors.
+    Works for a module on the meta device and for :func:`weight_shapes`' meta tensors."""
     model_sd = module.state_dict()
     # A tied tensor is stored under one name; its other names are filled through the tie.
     duplicates = _duplicate_names(model_sd, preferred=loaded.keys())
@@ -405,13 +419,28 @@ def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadRepor
             continue
         report.missing.append(name)
     report.unexpected = sorted(k for k in loaded if k not in model_sd)
-    for name in sorted(set(loaded) & set(model_sd)):
-        have, want = tuple(loaded[name].shape), tuple(model_sd[name].shape)
+    for name, tensor in model_sd.items():
+        if name not in loaded:
+            continue
+        have, want = tuple(loaded[name].shape), tuple(tensor.shape)
         if have != want:
             report.mismatched.append(
                 f"{name}: checkpoint shape {list(have)} vs model shape {list(want)}"
             )
+    return report
 
+
+def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadReport:
+    """Load a weights file (see :func:`read_weights`) into ``module``; mismatched shapes are
+    reported and skipped.
+
+    With ``strict`` any mismatch raises before the module is touched; otherwise whatever
+    matches is loaded and the report says what did not. The file's tensors go through the
+    module's ``adapt_checkpoint`` (see :func:`adapted`) before they are compared.
+    """
+    path = Path(path)
+    loaded = adapted(module, read_weights(path))
+    report = compare_weights(module, loaded)
     if strict and not report.ok:
         raise CheckpointError(
             f"checkpoint {path} does not match {type(module).__name__}:\n"
@@ -419,8 +448,8 @@ def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadRepor
             f"Fix the model options to match the checkpoint, or set `path.strict_load: false` "
             f"to load the matching keys anyway."
         )
-    bad_shapes = {m.split(": ", 1)[0] for m in report.mismatched}
-    usable = {k: v for k, v in loaded.items() if k in model_sd and k not in bad_shapes}
+    skip = set(report.unexpected) | {m.split(": ", 1)[0] for m in report.mismatched}
+    usable = {k: v for k, v in loaded.items() if k not in skip}
     module.load_state_dict(usable, strict=False)
     return report
 

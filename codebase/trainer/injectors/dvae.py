@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 import models.audio.tts  # noqa: F401 - registers lucidrains_dvae
@@ -25,7 +24,8 @@ from models import MODELS
 from trainer.component import ComponentSpec, TrainerEnv
 from trainer.injectors.base import Injector
 from utils.errors import UserError
-from utils.io import LoadReport, load_module, read_weights
+from utils.io import adapted, compare_weights, load_module, weight_shapes
+from utils.options import parse_yaml
 from utils.registry import did_you_mean
 from utils.schema import Problems, Runtime, bind_options
 
@@ -52,10 +52,7 @@ def read_dvae_config(config: Path, name: str | None) -> DvaeSource:
             f"DVAE config {config} does not exist; point dvae_config at a DLAS network YAML "
             f"(networks.<name> and path.pretrain_model_<name>), relative to the experiment"
         )
-    try:
-        doc = yaml.safe_load(config.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"DVAE config {config} is not valid YAML: {e}") from e
+    doc = parse_yaml(config.read_text(), str(config))  # ConfigError names the file and key
     networks = (doc or {}).get("networks") if isinstance(doc, dict) else None
     if not isinstance(networks, dict) or not networks:
         raise ValueError(f"DVAE config {config} has no `networks` section")
@@ -106,22 +103,9 @@ def check_dvae_weights(source: DvaeSource) -> None:
     with torch.device("meta"):
         net = MODELS.get(source.which_model)(**source.kwargs)
     try:
-        loaded = read_weights(source.weights)
+        report = compare_weights(net, adapted(net, weight_shapes(source.weights)))
     except UserError as e:
         raise ValueError(str(e)) from e
-    adapt = getattr(net, "adapt_checkpoint", None)
-    if callable(adapt):
-        loaded = adapt(loaded)
-    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    report = LoadReport(
-        missing=[k for k in want if k not in loaded],
-        unexpected=sorted(k for k in loaded if k not in want),
-        mismatched=[
-            f"{k}: file shape {list(loaded[k].shape)} vs model shape {list(shape)}"
-            for k, shape in want.items()
-            if k in loaded and tuple(loaded[k].shape) != shape
-        ],
-    )
     if not report.ok:
         raise ValueError(
             f"DVAE weights {source.weights} do not match networks.{source.name} "
