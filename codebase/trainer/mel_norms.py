@@ -23,7 +23,7 @@ from data.spec import build_dataset, require_phase, validate_datasets
 from trainer.injectors.audio import TorchMelSpectrogramInjector
 from utils.audio import log_mel
 from utils.errors import DataError, run_command
-from utils.io import atomic_write
+from utils.io import save_torch
 from utils.options import experiment_parser, load_cli
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.sample_rate or getattr(dataset, "sample_rate", None) or 22050
     mel = TorchMelSpectrogramInjector(sample_rate=rate, n_mels=args.n_mels)
     norms, frames = mel_norms(dataset, mel, args.items, args.key)
-    atomic_write(args.out, lambda tmp: torch.save(norms, tmp))
+    save_torch(norms, args.out)
     print(
         f"wrote {args.out}: mean log-mel of {min(args.items, len(dataset))} items ({frames} "
         f"frames, {rate} Hz, {args.n_mels} mels); range {norms.min():.3f} .. {norms.max():.3f}"
