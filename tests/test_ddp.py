@@ -86,8 +86,15 @@ def test_a_mistake_under_torchrun_is_reported_once_and_is_the_root_cause(tmp_pat
     out = launch([["-opt", bad]], tmp_path, nproc=2, check=False)
     assert out.returncode != 0
     message = "train.warmup_iter: is 10, not fewer than train.niter (5)"
-    assert out.stderr.count(message) == 2  # printed by rank 0, and in torchrun's summary
-    assert out.stderr.count("error: 1 problem in") == 2
+    # Printed by rank 0 only, never by the other ranks (torchrun's summary lines indent). When
+    # another rank exits first, torchrun may stop rank 0 before it prints: the summary's root
+    # cause still carries the message, since every rank leaves it for torchrun.
+    lines = out.stderr.splitlines()
+    assert [line for line in lines if line.startswith("error: ")] in (
+        [],
+        [f"error: 1 problem in {bad}:"],
+    )
+    assert sum(line.startswith(f"  - {message}") for line in lines) <= 1
     summary = out.stderr[out.stderr.index("Root Cause") :]
     assert "error: 1 problem in" in summary and message in summary
     # the one traceback is torchrun's own ChildFailedError; none comes from the ranks

@@ -40,6 +40,7 @@ EXIT_SYSTEM = 6
 EXIT_INTERRUPTED = 130
 
 DEBUG_ENV = "CODEC_TTS_DEBUG"
+_SHARED_ERROR_GRACE_S = 2.0  # how long ranks > 0 wait before exiting on an error rank 0 prints
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = f"on an error, print the full traceback (also {DEBUG_ENV}=1)"
 
@@ -146,11 +147,16 @@ def report(message: str, *, shared: bool = True) -> None:
     """Print ``error: message`` once: a ``shared`` error (every rank hits it, such as a bad
     option) only on rank 0; others on every rank, prefixed with the rank under torchrun."""
     rank = _rank()
+    # Every rank leaves it for torchrun's summary: whichever rank torchrun sees fail first
+    # is the summary's root cause, and rank 0 may be stopped before it gets that far.
+    _record_for_torchrun(f"error: {message}")
     if shared and rank != 0:
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            # torchrun stops the other ranks when one exits: give rank 0 the time to print
+            time.sleep(_SHARED_ERROR_GRACE_S)
         return
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and not shared else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-    _record_for_torchrun(f"error: {message}")
 
 
 def _record_for_torchrun(message: str) -> None:
