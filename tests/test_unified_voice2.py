@@ -204,6 +204,75 @@ def test_sampling_is_seeded_and_the_same_with_and_without_cache():
     assert torch.equal(out[0], out[1]) and out[0].shape == (2, 6)
 
 
+def ragged_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three items whose texts (right-padded with junk) have lengths 7, 3 and 5."""
+    g = torch.Generator().manual_seed(4)
+    cond = torch.randn(3, 2, 80, 12, generator=g)
+    text = torch.randint(1, 49, (3, 7), generator=g)
+    return cond, text, torch.tensor([7, 3, 5])
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_ragged_text_batch_generates_what_each_item_gets_alone(kv_cache):
+    model = small()
+    cond, text, lengths = ragged_batch()
+    codes, logits = model.generate(cond, text, 8, kv_cache=kv_cache, text_lengths=lengths)
+    assert codes.shape[0] == 3 and logits.shape[:2] == codes.shape
+    for i, n in enumerate(lengths.tolist()):
+        alone, alone_logits = model.generate(cond[i : i + 1], text[i : i + 1, :n], 8)
+        steps = alone.shape[1]
+        assert torch.equal(codes[i, :steps], alone[0])
+        assert (codes[i, steps:] == 99).all()  # stopped alone earlier: stop tokens after
+        assert torch.allclose(logits[i, :steps], alone_logits[0], atol=1e-5)
+
+
+def test_full_text_lengths_are_the_unpadded_generation():
+    model = small()
+    cond, text, *_ = batch()
+    plain = model.generate(cond, text, 5)
+    full = model.generate(cond, text, 5, text_lengths=torch.tensor([9, 9]))
+    assert all(torch.equal(a, b) for a, b in zip(plain, full))
+    with pytest.raises(ValueError, match="text_lengths"):
+        model.generate(cond, text, 5, text_lengths=torch.tensor([10, 9]))
+
+
+def test_gpt2_all_true_key_mask_equals_the_causal_paths():
+    gpt = small().gpt
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
+    ones = torch.ones(2, 11, dtype=torch.bool)
+    h, past = gpt(x[:, :4], use_cache=True)  # no cache yet: is_causal
+    h_m, past_m = gpt(x[:, :4], use_cache=True, key_mask=ones[:, :4])
+    assert torch.allclose(h, h_m, atol=1e-6)
+    h, past = gpt(x[:, 4:6], past=past, use_cache=True)  # several tokens after a cache
+    h_m, past_m = gpt(x[:, 4:6], past=past_m, use_cache=True, key_mask=ones[:, :6])
+    assert torch.allclose(h, h_m, atol=1e-6)
+    h, _ = gpt(x[:, 6:], past=past, use_cache=True)  # one token after a cache
+    h_m, _ = gpt(x[:, 6:], past=past_m, use_cache=True, key_mask=ones[:, :7])
+    assert torch.allclose(h, h_m, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_an_item_that_stops_early_keeps_stop_tokens_while_the_others_go_on(kv_cache):
+    model = small()
+    with torch.no_grad():
+        model.mel_head.bias[99] -= 1e3  # nobody stops on their own
+    cond, text, lengths = ragged_batch()
+    codes, logits = model.generate(cond, text, 8, kv_cache=kv_cache, text_lengths=lengths)
+    assert codes.shape[1] == 8 and not (codes == 99).any()
+    # raise the stop logit just past the smallest gap to the greedy choice before the last
+    # step: that item stops there, every other choice stays the same
+    gap = logits.max(dim=2).values - logits[..., 99]  # [B, S]
+    first, step = divmod(int(gap[:, :-1].argmin()), 7)
+    with torch.no_grad():
+        model.mel_head.bias[99] += gap[first, step] + 1e-3
+    forced, _ = model.generate(cond, text, 8, kv_cache=kv_cache, text_lengths=lengths)
+    assert forced.shape == codes.shape
+    assert torch.equal(forced[first, :step], codes[first, :step])
+    assert (forced[first, step:] == 99).all()
+    others = [i for i in range(3) if i != first]
+    assert torch.equal(forced[others], codes[others])
+
+
 # ----------------------------------------------------------------------------- options
 def test_options_are_checked_with_clear_errors():
     with pytest.raises(ValueError, match="divisible by heads"):

@@ -8,7 +8,8 @@ tables (the caller adds its own embeddings) and takes ``inputs_embeds`` only.
 
 Pre-LN blocks, tanh GELU (``gelu_new``), LayerNorm eps 1e-5, dropout on the input, on the
 attention weights and on both residual branches. Attention is
-``scaled_dot_product_attention``; an optional key/value cache serves generation.
+``scaled_dot_product_attention``; an optional key/value cache and an optional key padding
+mask serve (batched) generation.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)
@@ -59,7 +63,11 @@ class Attention(nn.Module):
             v = torch.cat([past[1], v], dim=2)
         s = k.shape[2]
         p = self.dropout if self.training else 0.0
-        if s == t:  # no cache: plain causal attention
+        if key_mask is not None:  # causal (after the cache) and only real keys: [B, 1, T, S]
+            causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(s - t)
+            mask = causal & key_mask[:, None, None, :].to(torch.bool)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        elif s == t:  # no cache: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         elif t == 1:  # one new token sees everything before it
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
@@ -94,9 +102,12 @@ class Block(nn.Module):
         self.mlp = MLP(dim, inner, dropout, proj_std)
 
     def forward(
-        self, h: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        h: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, present = self.attn(self.ln_1(h), past)
+        a, present = self.attn(self.ln_1(h), past, key_mask)
         h = h + a
         return h + self.mlp(self.ln_2(h)), present
 
@@ -139,19 +150,27 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(dim, eps=eps)
 
     def forward(
-        self, inputs_embeds: torch.Tensor, past: PastKV | None = None, use_cache: bool = False
+        self,
+        inputs_embeds: torch.Tensor,
+        past: PastKV | None = None,
+        use_cache: bool = False,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PastKV | None]:
         """Returns (ln_f of the last block's output [B, T, D], each layer's keys/values when
-        ``use_cache``). With ``past``, ``inputs_embeds`` are the tokens that follow it."""
+        ``use_cache``). With ``past``, ``inputs_embeds`` are the tokens that follow it.
+
+        ``key_mask`` (bool [B, S_past + T], True = a real token) hides padding from every
+        query, on top of the causal mask; each query must still see at least one real key
+        (else its row is NaN). None keeps the plain causal fast paths (training)."""
         h = self.drop(inputs_embeds)
         presents: PastKV = []
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
             layer_past = past[i] if past is not None else None
             if recompute and layer_past is None:
-                h, kv = checkpoint(block, h, use_reentrant=False)
+                h, kv = checkpoint(block, h, None, key_mask, use_reentrant=False)
             else:
-                h, kv = block(h, layer_past)
+                h, kv = block(h, layer_past, key_mask)
             if use_cache:
                 presents.append(kv)
         return self.ln_f(h), (presents if use_cache else None)

@@ -290,28 +290,34 @@ class UnifiedVoice2(nn.Module):
         top_p: float = 1.0,
         kv_cache: bool = True,
         generator: torch.Generator | None = None,
+        text_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mel codes for ``text`` [B, L] (ids without start/stop, same length per batch) in the
-        voice ``conditioning`` (mels or a latent, as in ``forward``).
+        """Mel codes for ``text`` [B, L] (ids without start/stop, right-padded) in the voice
+        ``conditioning`` (mels or a latent, as in ``forward``).
+
+        ``text_lengths`` [B] are the rows' true lengths (None: all L). Each item reads
+        [conditioning | start_text, its text, stop_text | start_mel, codes] with text
+        positions 0..len + 1, as in training; shorter texts are padded on the left of their
+        text segment (after the conditioning) and the padding is masked out of attention,
+        so an item's logits are those it gets alone (and its greedy codes the same).
 
         Returns (codes [B, S], the logits each was chosen from [B, S, V]); an item's codes
-        after its stop token are stop tokens. temperature 0 is greedy, else sampling with
+        after its stop token are stop tokens, and generation ends when every item has
+        stopped (or after ``max_mel_tokens``). temperature 0 is greedy, else sampling with
         ``top_k`` / ``top_p``. The code fed at step s sits at mel position s, as in
         training, with or without ``kv_cache`` (Tortoise's cache puts it at s + 1).
         """
         limit = min(max_mel_tokens or self.max_mel_tokens, self.max_mel_tokens)
         b = text.shape[0]
         conds = self.conditioning_tokens(conditioning)
-        text_in = F.pad(F.pad(text.long(), (0, 1), value=self.stop_text_token), (1, 0))
-        text_in[:, 0] = self.start_text_token
-        self._check_lengths(conds.shape[1], text_in.shape[1], limit + 1)
-        prefix = torch.cat(
-            [
-                conds.to(self.text_embedding.weight.dtype),
-                self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1]),
-            ],
-            dim=1,
-        )  # [B, N + Lt, D]
+        text_emb, text_mask = self._text_prefix(text, text_lengths)  # [B, Lt, D], [B, Lt]
+        self._check_lengths(conds.shape[1], text_emb.shape[1], limit + 1)
+        prefix = torch.cat([conds.to(text_emb.dtype), text_emb], dim=1)  # [B, N + Lt, D]
+        key_mask = None  # only when some text is padded; else the plain causal paths
+        if not bool(text_mask.all()):  # [B, N + Lt + limit + 1]: conditioning, codes are real
+            n = conds.shape[1]
+            key_mask = text_mask.new_ones(b, prefix.shape[1] + limit + 1)
+            key_mask[:, n : n + text_mask.shape[1]] = text_mask
         mel_in = torch.full((b, 1), self.start_mel_token, device=text.device)
         done = torch.zeros(b, dtype=torch.bool, device=text.device)
         past: PastKV | None = None
@@ -322,7 +328,10 @@ class UnifiedVoice2(nn.Module):
             else:
                 mel = self.mel_embedding(mel_in) + self.mel_pos_embedding(mel_in.shape[1])
                 x = torch.cat([prefix, mel], dim=1)
-            h, past = self.gpt(x, past=past if kv_cache else None, use_cache=kv_cache)
+            mask = None if key_mask is None else key_mask[:, : prefix.shape[1] + mel_in.shape[1]]
+            h, past = self.gpt(
+                x, past=past if kv_cache else None, use_cache=kv_cache, key_mask=mask
+            )
             logits = self.mel_head(self.final_norm(h[:, -1]))  # [B, V]
             token = sample(logits, temperature, top_k, top_p, generator)
             token = token.masked_fill(done, self.stop_mel_token)
@@ -332,6 +341,33 @@ class UnifiedVoice2(nn.Module):
             if bool(done.all()):
                 break
         return mel_in[:, 1:], torch.stack(all_logits, dim=1)
+
+    def _text_prefix(
+        self, text: torch.Tensor, text_lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedded [start_text, text, stop_text] [B, n + 2, D], real-slot mask [B, n + 2])
+        with n = the longest length: item b's slots are right-aligned, at text positions
+        0..len_b + 1; the n - len_b slots in front of them are zero and masked."""
+        b, width = text.shape
+        if text_lengths is None:
+            lengths = torch.full((b,), width, dtype=torch.long, device=text.device)
+        else:
+            lengths = text_lengths.to(device=text.device, dtype=torch.long)
+            if lengths.shape != (b,) or bool((lengths < 0).any() | (lengths > width).any()):
+                raise ValueError(
+                    f"text_lengths must be [B] = [{b}] values in 0..{width} (the width of "
+                    f"text), got {text_lengths.tolist()}"
+                )
+        n = int(lengths.max()) if b else 0
+        # item b, unpadded: [start, text[:len_b], stop]; columns past len_b + 1 are never read
+        seq = F.pad(F.pad(text[:, :n].long(), (1, 0), value=self.start_text_token), (0, 1))
+        seq.scatter_(1, lengths[:, None] + 1, self.stop_text_token)
+        pos = torch.arange(n + 2, device=text.device)[None] - (n - lengths)[:, None]  # [B, n+2]
+        real = pos >= 0
+        pos = pos.clamp(min=0)
+        tokens = seq.gather(1, pos)
+        emb = self.text_embedding(tokens) + self.text_pos_embedding.emb(pos)
+        return emb * real[..., None].to(emb.dtype), real
 
 
 def _check_options(
