@@ -13,7 +13,8 @@ from the behaviour DLAS documents (see the README's DVAE section), not copied.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import register_model
-from utils.schema import NonNegativeInt, PositiveInt
+from utils.schema import NonNegativeInt, PositiveInt, Range
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
+_LIVE_FLOOR = 1e-3  # EMA count below which a code counts as dead when re-seeding is off
+
+
+def code_usage(counts: torch.Tensor) -> dict[str, float]:
+    """Usage figures of a codebook from a histogram of code counts [n] (or EMA counts).
+
+    ``codes_used``: codes with count > 0; ``dead_codes``: n - used; ``perplexity``: exp of the
+    entropy of the normalised histogram (n when uniform, 1 when one code takes everything, 0
+    for an empty histogram); ``usage_fraction``: used / n.
+    """
+    counts = counts.detach().double().flatten()
+    n = counts.numel()
+    used = int((counts > 0).sum())
+    total = float(counts.sum())
+    if total > 0:
+        p = counts[counts > 0] / total
+        perplexity = math.exp(float(-(p * p.log()).sum()))
+    else:
+        perplexity = 0.0
+    return {
+        "codes_used": float(used),
+        "dead_codes": float(n - used),
+        "perplexity": perplexity,
+        "usage_fraction": used / n if n else 0.0,
+    }
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ResBlock(nn.Module):
@@ -63,11 +93,24 @@ class Quantize(nn.Module):
     Buffers: ``embed`` [dim, n] (column j is code j), ``cluster_size`` [n] (EMA of how many
     vectors chose each code), ``embed_avg`` [dim, n] (EMA of their sum). In train mode every
     call updates them and sets ``embed = embed_avg / smoothed cluster_size``.
+
+    With ``dead_code_threshold`` > 0, each train call then re-seeds every code whose
+    ``cluster_size`` is below it with a random vector of the batch (see DiscreteVAE).
+    ``reseeded`` counts the codes re-seeded so far (a plain attribute, not saved).
     """
 
-    def __init__(self, dim: int, n_embed: int, decay: float = 0.99, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_embed: int,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_threshold: float = 0.0,
+    ) -> None:
         super().__init__()
         self.dim, self.n_embed, self.decay, self.eps = dim, n_embed, decay, eps
+        self.dead_code_threshold = dead_code_threshold
+        self.reseeded = 0
         embed = torch.randn(dim, n_embed)
         self.register_buffer("embed", embed)
         self.register_buffer("cluster_size", torch.zeros(n_embed))
@@ -87,6 +130,8 @@ class Quantize(nn.Module):
         quantised = self.embed_code(codes).view_as(x)
         if self.training:
             self._ema_update(flat.detach(), codes)
+            if self.dead_code_threshold > 0:
+                self._reseed_dead_codes(flat.detach())
         commitment = (quantised.detach() - x).pow(2).mean()
         quantised = x + (quantised - x).detach()  # forward: the code vectors; backward: identity
         return quantised, codes.view(x.shape[:-1]), commitment
@@ -96,7 +141,7 @@ class Quantize(nn.Module):
         onehot = F.one_hot(codes, self.n_embed).type(flat.dtype)  # [N, n]
         counts = onehot.sum(0)  # [n]
         sums = flat.transpose(0, 1) @ onehot  # [dim, n]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -105,6 +150,33 @@ class Quantize(nn.Module):
         # Laplace smoothing keeps unused codes from dividing by zero
         smoothed = (self.cluster_size + self.eps) / (total + self.n_embed * self.eps) * total
         self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
+
+    @torch.no_grad()
+    def _reseed_dead_codes(self, flat: torch.Tensor) -> None:
+        """Give every code with ``cluster_size`` < threshold a random vector of ``flat``
+        [N, dim] (distinct ones while the batch has enough) and an EMA state of ``threshold``
+        choices of it, so it is not re-seeded again at once. The indices come from torch's
+        global CPU generator (seeded runs repeat; a resumed run restores it). Under
+        torch.distributed rank 0's vectors are broadcast: the dead mask is already the same on
+        every rank, since ``cluster_size`` was all-reduced."""
+        dead = self.cluster_size < self.dead_code_threshold  # [n]
+        n_dead = int(dead.sum())
+        n = flat.shape[0]
+        if n_dead == 0 or (n == 0 and not _distributed()):
+            return
+        if n == 0:  # an empty batch on this rank: it still joins the broadcast
+            vectors = self.embed.new_zeros(n_dead, self.dim)
+        else:
+            # distinct vectors while the batch has enough, else draws with repeats
+            picks = torch.randperm(n)[:n_dead] if n >= n_dead else torch.randint(0, n, (n_dead,))
+            vectors = flat[picks.to(flat.device)].to(self.embed.dtype)  # [n_dead, dim]
+        if _distributed():
+            dist.broadcast(vectors, src=0)
+        columns = vectors.transpose(0, 1)  # [dim, n_dead]
+        self.embed[:, dead] = columns
+        self.embed_avg[:, dead] = columns * self.dead_code_threshold
+        self.cluster_size[dead] = self.dead_code_threshold
+        self.reseeded += n_dead
 
     def embed_code(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [...] -> their vectors [..., dim]."""
@@ -132,6 +204,13 @@ class DiscreteVAE(nn.Module):
             gradient straight through, so it changes nothing.
         normalization: optional (means, stds) per channel applied to the input first.
         record_codes: count how often each code is chosen (``code_counts``, not saved).
+        dead_code_threshold: re-seed dead codes (0: off, DLAS's behaviour). A code that no
+            input picks gets no EMA update, so it never moves towards the data and stays
+            unused (a known DVAE failure: a few codes take every frame). With a threshold > 0,
+            each training step gives every code whose EMA count (``cluster_size``, vectors
+            per batch choosing it) is below the threshold a random encoder output of the batch
+            as its vector, as vector-quantize-pytorch's ``threshold_ema_dead_code`` does; 1 or
+            2 is typical. ``codebook_usage()`` reports live and re-seeded codes.
         use_lr_quantizer: DLAS's lucidrains VectorQuantize; only false is supported.
         lr_quantizer_args: that quantiser's options; must stay empty.
     """
@@ -156,6 +235,7 @@ class DiscreteVAE(nn.Module):
         record_codes: bool = False,
         use_lr_quantizer: bool = False,
         lr_quantizer_args: dict[str, Any] | None = None,
+        dead_code_threshold: Annotated[float, Range(0)] = 0.0,
     ) -> None:
         super().__init__()
         if positional_dims != 1:
@@ -206,11 +286,26 @@ class DiscreteVAE(nn.Module):
         dec.append(nn.Conv1d(dec_out, channels, 1))
         self.encoder = nn.Sequential(*enc)
         self.decoder = nn.Sequential(*dec)
-        self.codebook = Quantize(codebook_dim, num_tokens)
+        self.codebook = Quantize(codebook_dim, num_tokens, dead_code_threshold=dead_code_threshold)
 
         self.normalization = normalization
         self.record_codes = record_codes
         self.code_counts = torch.zeros(num_tokens, dtype=torch.long)  # plain attribute: not saved
+
+    def codebook_usage(self) -> dict[str, float]:
+        """Codebook usage from the EMA state: ``live_codes`` (``cluster_size`` >= the
+        re-seeding threshold, or 1e-3 when off), ``dead_codes``, ``perplexity`` of the EMA
+        counts (see :func:`code_usage`) and ``reseeded_total`` (codes re-seeded since this
+        object was built; not saved)."""
+        threshold = self.codebook.dead_code_threshold
+        floor = threshold if threshold > 0 else _LIVE_FLOOR
+        live = int((self.codebook.cluster_size >= floor).sum())
+        return {
+            "live_codes": float(live),
+            "dead_codes": float(self.num_tokens - live),
+            "perplexity": code_usage(self.codebook.cluster_size)["perplexity"],
+            "reseeded_total": float(self.codebook.reseeded),
+        }
 
     def norm(self, mel: torch.Tensor) -> torch.Tensor:
         """Apply ``normalization`` (per-channel (x - mean) / std) if set."""
