@@ -1,10 +1,11 @@
-"""Speak text in a reference voice with a trained VALL-E checkpoint.
+"""Speak text in a reference voice with a trained VALL-E or Tortoise GPT checkpoint.
 
     python synthesize.py --model ../experiments/valle/models/50000_valle_ema.safetensors \\
         --text "Hello there." --prompt ref.wav --out hello.wav
 
 Runs from ``codebase/`` or as ``python codebase/synthesize.py`` from the repository root. The
-checkpoint carries the phoneme vocab, phonemizer and codec it was trained with, so no YAML is
+checkpoint carries the phoneme vocab, phonemizer and codec it was trained with (a Tortoise GPT:
+its BPE tokenizer, mel features and DVAE, and ``--prompt`` may be repeated), so no YAML is
 needed; ``--codec-option checkpoint=/new/path.safetensors`` points a moved mel_rvq codec to its
 file. Several texts (``--text`` again, or ``--text-file`` with one per line) are written as
 ``out_0.wav``, ``out_1.wav`` ... next to ``--out``, or as ``0.wav`` ... in ``--out-dir``.
@@ -46,7 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--text", action="append", default=[], help="text to speak (repeatable)")
     p.add_argument("--text-file", type=Path, help="a UTF-8 file with one text per line")
-    p.add_argument("--prompt", required=True, type=Path, help="reference audio whose voice is used")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        type=Path,
+        action="append",
+        help="reference audio whose voice is used (a Tortoise GPT takes several: repeat it)",
+    )
     p.add_argument(
         "--prompt-seconds",
         type=float,
@@ -99,8 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.text:
         raise UserError("give at least one --text or a --text-file")
     check_numbers(args)
-    if not args.prompt.is_file():
-        raise UserError(f"--prompt {args.prompt} does not exist; give a recording of the voice")
+    for prompt in args.prompt:
+        if not prompt.is_file():
+            raise UserError(f"--prompt {prompt} does not exist; give a recording of the voice")
     args.codec_options = parse_codec_options(args.codec_option)
     return args
 
@@ -183,10 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     synth = Synthesizer.from_checkpoint(
         args.model, device=args.device, codec_options=args.codec_options
     )
-    prompt = synth.encode_prompt(args.prompt, seconds=args.prompt_seconds or None)
+    if len(args.prompt) > 1 and isinstance(synth, Synthesizer):
+        raise UserError(
+            f"{args.model} is a VALL-E, which takes one --prompt (got {len(args.prompt)}); give "
+            f"one recording of the voice"
+        )
+    clips = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    prompt = synth.encode_prompt(clips, seconds=args.prompt_seconds or None)
     print(
         f"loaded {args.model} on {synth.device} in {time.perf_counter() - t0:.1f} s; prompt "
-        f"{prompt.shape[-1] / synth.frame_rate:.2f} s from {args.prompt}"
+        f"{synth.prompt_seconds(prompt):.2f} s from {', '.join(map(str, args.prompt))}"
     )
     for message in synth.text_warnings(args.text):
         warn(message)

@@ -13,7 +13,7 @@ from trainer.evaluators.speech_metrics import (
     teacher_forced_metrics,
     teacher_forced_sums,
 )
-from trainer.evaluators.tts_samples import _round_robin
+from trainer.evaluators.speech_samples import round_robin
 
 
 class OracleLM(torch.nn.Module):
@@ -110,5 +110,5 @@ def test_closest_reference_finds_own_references_and_reports_chance():
 
 
 def test_round_robin_takes_speakers_in_turn():
-    assert _round_robin(["a", "a", "a", "b", "c", "c"], 5) == [0, 3, 4, 1, 5]
-    assert _round_robin(["a", "a"], 2) == [0, 1]
+    assert round_robin(["a", "a", "a", "b", "c", "c"], 5) == [0, 3, 4, 1, 5]
+    assert round_robin(["a", "a"], 2) == [0, 1]

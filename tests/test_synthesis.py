@@ -22,7 +22,8 @@ from helpers import (
 )
 from models.audio.codecs import CodecUnavailable
 from models.audio.tts.synthesis import Synthesizer, pad_batch  # registers `valle` too
-from trainer.evaluators.tts_samples import TtsSamplesEvaluator, mel_stft_loss  # registers it
+from trainer.evaluators.speech_samples import mel_stft_loss
+from trainer.evaluators.tts_samples import TtsSamplesEvaluator  # registers it
 from utils.errors import run_command
 
 

@@ -122,14 +122,15 @@ def root(tmp_path_factory):
 
 
 def _synth(*extra: str) -> list[str]:
-    """A synthesize.py command line that would work, plus ``extra`` (later flags win)."""
+    """A synthesize.py command line that would work, plus ``extra`` (later flags win; a
+    ``--prompt`` in ``extra`` replaces the working one, since prompts add up)."""
+    prompt = [] if "--prompt" in extra else ["--prompt", "{root}/ref.wav"]
     return [
         "--model",
         "{root}/valle.safetensors",
         "--text",
         "the cat sat down",
-        "--prompt",
-        "{root}/ref.wav",
+        *prompt,
         "--out",
         "{root}/out/x.wav",
         "--device",
@@ -409,6 +410,13 @@ def catalogue() -> list[Mistake]:
             _synth("--prompt", "{root}/notaudio.wav"),
             EXIT_DATA,
             ("notaudio.wav", "unreadable"),
+        ),
+        Mistake(
+            "two prompts for a VALL-E",
+            synthesize.main,
+            _synth("--prompt", "{root}/ref.wav", "--prompt", "{root}/ref.wav"),
+            EXIT_USAGE,
+            ("is a VALL-E, which takes one --prompt (got 2)",),
         ),
         Mistake(
             "missing --text-file",

@@ -296,6 +296,7 @@ class ExtensibleTrainer:
                 losses,
                 self.engine,
             )
+        self._add_injector_metadata()
         self.schedulers = {
             name: build_scheduler(
                 exp.train.default_lr_scheme,
@@ -324,6 +325,24 @@ class ExtensibleTrainer:
             seed=derive_seed(self.seed, self.dist.rank),
         )
 
+    def _add_injector_metadata(self) -> None:
+        """What injectors know that inference needs (the mel features, the DVAE of Tortoise's
+        GPT recipe) joins the data's metadata in every network file; the first injector
+        giving a key wins, and a later different value is a warning."""
+        for step in self.steps.values():
+            for inj in step.injectors:
+                inj = getattr(inj, "sub", inj)  # for_each: its sub-injector
+                get = getattr(inj, "checkpoint_metadata", None)
+                for key, value in (get() if callable(get) else {}).items():
+                    known = self.checkpoint_metadata.setdefault(key, value)
+                    if known != value:
+                        log.warning(
+                            "%s gives checkpoint metadata %r unlike an earlier injector; "
+                            "checkpoints keep the first",
+                            inj.path,
+                            key,
+                        )
+
     def _build_logging(self, start_step: int) -> None:
         """The logger (TensorBoard, wandb, console) and the evaluators, which write to it."""
         exp = self.exp
@@ -346,6 +365,7 @@ class ExtensibleTrainer:
             "env": self.env,
             "datasets": self.datasets,
             "logger": self.logger,
+            "steps": self.steps,
         }
         self.evaluators = {
             spec.name: build_component(spec, provided) for spec in exp.eval.evaluators

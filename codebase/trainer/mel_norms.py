@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+import trainer.components  # noqa: F401 - registers the datasets
 from data.spec import build_dataset, require_phase, validate_datasets
 from trainer.injectors.audio import TorchMelSpectrogramInjector
 from utils.audio import log_mel

@@ -7,6 +7,7 @@ and resamples, so callers never see a file's own layout.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,162 @@ def mel_spectrogram(
     transform = _cached_mel(sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max)
     with torch.no_grad():
         return log_mel(transform(wav.detach().float().cpu()))
+
+
+def griffin_lim(
+    magnitude: torch.Tensor,
+    n_fft: int,
+    hop_length: int,
+    win_length: int | None = None,
+    n_iter: int = 32,
+) -> torch.Tensor:
+    """Magnitude spectrogram [B, n_fft // 2 + 1, frames] -> audio [B, frames * hop_length].
+
+    torchaudio's Griffin-Lim (momentum 0.99) from a fixed random phase, so the same spectrogram
+    always gives the same audio; the output is clamped to [-1, 1]. Used by every decoder here
+    that ends in a mel spectrogram (the ``mel_rvq`` codec, the inverse of
+    ``torch_mel_spectrogram``).
+    """
+    win_length = win_length or n_fft
+    frames = magnitude.shape[-1]
+    if frames == 0:
+        return magnitude.new_zeros(magnitude.shape[0], 0)
+    # Griffin-Lim re-analyses its output (reflect-padded by n_fft // 2) each iteration: a clip
+    # of 1-2 frames is too short for that, so silent frames lengthen it, cut after.
+    padded = max(frames, (n_fft // 2 + 1) // hop_length + 2)
+    spec = torch.nn.functional.pad(magnitude.float(), (0, padded - frames))
+    window = torch.hann_window(win_length, device=spec.device)
+    with (
+        torch.random.fork_rng(devices=[spec.device] if spec.is_cuda else []),
+        warnings.catch_warnings(),
+    ):
+        # istft zero-fills the last hop - 1 samples of that length, and says so: intended.
+        warnings.filterwarnings("ignore", message="The length of signal is shorter")
+        torch.manual_seed(0)
+        # The length must give back exactly `padded` centred frames: padded * hop - 1 samples;
+        # the result is cut/padded to frames * hop.
+        wav = AF.griffinlim(
+            spec,
+            window,
+            n_fft,
+            hop_length,
+            win_length,
+            power=1.0,
+            n_iter=n_iter,
+            momentum=0.99,
+            length=padded * hop_length - 1,
+            rand_init=True,
+        )
+    return torch.nn.functional.pad(wav, (0, 1))[:, : frames * hop_length].clamp(-1.0, 1.0)
+
+
+def invert_mel(
+    power_mel: torch.Tensor, transform: MelSpectrogram, n_iter: int = 32
+) -> torch.Tensor:
+    """Power mel [B, n_mels, frames] made by ``transform`` -> audio [B, frames * hop].
+
+    The linear spectrogram is the minimum-norm least-squares inverse of the transform's own
+    filterbank (its pseudo-inverse; negatives clipped, as torchaudio's ``InverseMelScale``
+    does, whose default CPU ``lstsq`` driver returns zeros for this rank-deficient system),
+    and the phase comes from :func:`griffin_lim`.
+    """
+    fb = transform.mel_scale.fb.to(power_mel.device, torch.float32)  # [freqs, n_mels]
+    mel = power_mel.float().clamp(min=0)
+    power = (torch.linalg.pinv(fb.t()) @ mel).clamp(min=0)  # [B, freqs, frames]
+    stft = transform.spectrogram
+    if stft.normalized:  # torchaudio divided the STFT by the window's norm
+        power = power * stft.window.pow(2).sum().to(power)
+    return griffin_lim(power.sqrt(), stft.n_fft, stft.hop_length, stft.win_length, n_iter)
+
+
+# true_normalization maps the log-mel range [log 1e-5, 4.82] (Tortoise's TacotronSTFT bounds)
+# to [-1, 1].
+TRUE_NORM_MIN = -11.5129
+TRUE_NORM_MAX = 4.82
+
+
+class DlasMel(torch.nn.Module):
+    """DLAS/Tortoise's mel features and their inverse: wav [B, T] -> mel [B, n_mels, frames]
+    (slaney filters, power 2, natural log floored at 1e-5, optionally divided by per-bin norms
+    and mapped to [-1, 1] with ``true_normalization``), and back to audio by Griffin-Lim.
+
+    ``config()`` is a JSON-able description (norms included) that ``from_config`` rebuilds,
+    so a checkpoint can carry the exact features a model was trained on.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 22050,
+        n_mels: int = 80,
+        n_fft: int = 1024,
+        hop_length: int = 256,
+        win_length: int | None = None,
+        f_min: float = 0.0,
+        f_max: float | None = 8000.0,
+        mel_norms: torch.Tensor | None = None,
+        log: bool = True,
+        normalize: bool = False,
+        true_normalization: bool = False,
+    ) -> None:
+        super().__init__()
+        if true_normalization and not log:
+            raise ValueError("true_normalization rescales the log-mel; it needs log: true")
+        self.mel = mel_transform(
+            sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max, normalize
+        )
+        self.log, self.normalize, self.true_normalization = log, normalize, true_normalization
+        norms = None if mel_norms is None else torch.as_tensor(mel_norms).reshape(-1).float()
+        self.register_buffer("mel_norms", norms, persistent=False)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.mel.sample_rate)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, T] -> mel [B, n_mels, T // hop + 1], in float32 even under autocast (the log
+        of tiny half-precision powers underflows to -inf)."""
+        with torch.autocast(device_type=wav.device.type, enabled=False):
+            mel = self.mel(wav.float())
+            if self.log:
+                mel = log_mel(mel)
+            if self.mel_norms is not None:
+                mel = mel / self.mel_norms[None, :, None]
+            if self.true_normalization:
+                mel = 2 * (mel - TRUE_NORM_MIN) / (TRUE_NORM_MAX - TRUE_NORM_MIN) - 1
+        return mel
+
+    @torch.no_grad()
+    def to_audio(self, mel: torch.Tensor, n_iter: int = 32) -> torch.Tensor:
+        """The inverse: mel [B, n_mels, frames] as :meth:`forward` makes it -> audio
+        [B, frames * hop_length], undoing ``true_normalization``, the norms and the log, then
+        Griffin-Lim (:func:`invert_mel`). Far below a vocoder, enough to hear the words."""
+        x = mel.detach().float()
+        if self.true_normalization:
+            x = (x + 1) / 2 * (TRUE_NORM_MAX - TRUE_NORM_MIN) + TRUE_NORM_MIN
+        if self.mel_norms is not None:
+            x = x * self.mel_norms.to(x)[None, :, None]
+        power = torch.exp(x) if self.log else x
+        return invert_mel(power, self.mel, n_iter)
+
+    def config(self) -> dict:
+        m = self.mel
+        return {
+            "sample_rate": int(m.sample_rate),
+            "n_mels": int(m.n_mels),
+            "n_fft": int(m.n_fft),
+            "hop_length": int(m.hop_length),
+            "win_length": int(m.win_length),
+            "f_min": float(m.f_min),
+            "f_max": None if m.f_max is None else float(m.f_max),
+            "mel_norms": None if self.mel_norms is None else self.mel_norms.cpu().tolist(),
+            "log": self.log,
+            "normalize": self.normalize,
+            "true_normalization": self.true_normalization,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> DlasMel:
+        return cls(**config)
 
 
 def save_mel_png(path: str | Path, mel: torch.Tensor, title: str = "") -> None:

@@ -68,6 +68,31 @@ class BpeTokenizer:
         self.cleaners, self.dlas_punctuation = cleaners, dlas_punctuation
         self.tokenizer = load_vocab(self.vocab)
 
+    def config(self) -> dict:
+        """Everything this tokenizer is (the vocabulary JSON itself included), for a
+        checkpoint to carry; :meth:`from_config` rebuilds it."""
+        return {
+            "vocab": self.tokenizer.to_str(),
+            "name": self.vocab.name,
+            "cleaners": self.cleaners,
+            "dlas_punctuation": self.dlas_punctuation,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> BpeTokenizer:
+        """The tokenizer :meth:`config` describes."""
+        if config.get("cleaners") not in CLEANERS:
+            raise VocabError(f"tokenizer config: unknown cleaners {config.get('cleaners')!r}")
+        tok = cls.__new__(cls)
+        tok.vocab = Path(config.get("name") or "checkpoint vocabulary")
+        tok.cleaners = config["cleaners"]
+        tok.dlas_punctuation = bool(config.get("dlas_punctuation", True))
+        try:
+            tok.tokenizer = Tokenizer.from_str(config["vocab"])
+        except Exception as e:  # tokenizers raises a bare Exception for bad JSON
+            raise VocabError(f"tokenizer config: the vocabulary is not tokenizers JSON: {e}") from e
+        return tok
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids (the text embedding needs at least this many rows)."""

@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
     sys.exit(run_command(main))
 
+import json
 import logging
 import re
 import sys
@@ -285,6 +286,13 @@ class PairedVoiceAudioDataset(Dataset):
                 load_vocab(Path(vocab))
             except VocabError as e:
                 problems.add(f"{path}.tokenizer_vocab", str(e))
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """The text tokenizer (vocabulary, cleaners), saved in every checkpoint of a model
+        trained on this data, for inference."""
+        if self.tokenizer is None:
+            return {}
+        return {"text_tokenizer": json.dumps(self.tokenizer.config())}
 
     # ---------------------------------------------------------------------------- summaries
     def durations(self) -> list[float]:

@@ -4,7 +4,11 @@ Built-in evaluators live in sibling modules and register by snake_case class nam
 ``_evaluator`` (``TtsSamplesEvaluator`` -> ``tts_samples``).
 """
 
-from trainer.evaluators import tts_samples  # noqa: F401 - registers tts_samples
+from trainer.evaluators import (  # noqa: F401 - registers them
+    dvae_reconstruction,
+    tortoise_samples,
+    tts_samples,
+)
 from trainer.evaluators.base import EVALUATORS, Evaluator
 
 __all__ = ["EVALUATORS", "Evaluator"]

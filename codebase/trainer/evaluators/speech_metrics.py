@@ -1,8 +1,10 @@
 """Checks that a TTS model learned something: the math behind the ``tts_samples`` evaluator.
 
-- :func:`teacher_forced_sums`: held-out AR loss/top-1 accuracy next to the "repeat the previous
-  code" baseline on the same frames, and accuracy on the frames where the code changes (the
-  ones a copying model gets wrong); NAR loss/accuracy per level.
+- :func:`teacher_forced_sums`: VALL-E's held-out AR loss/top-1 accuracy next to the "repeat the
+  previous code" baseline on the same frames, and accuracy on the frames where the code changes
+  (the ones a copying model gets wrong); NAR loss/accuracy per level.
+- :func:`code_prediction_sums`: that accuracy/baseline count for any autoregressive code model
+  (VALL-E's AR, Tortoise's GPT).
 - :func:`dtw_distance`: mel distance of two utterances after dynamic time warping, so that a
   slower or faster rendering of the same sentence is still close.
 - :func:`closest_reference`: is each output closer to its own reference than to the references
@@ -59,18 +61,35 @@ def teacher_forced_sums(model: nn.Module, batch: dict[str, Any]) -> dict[str, fl
         sums["nar_count"] += float(s["nar_count"].sum())
 
     target = codes[:, 0]  # [B, T]
-    predicted = model.ar_logits(*args, target, lengths).argmax(-1)[:, 1 : target.shape[1]]
-    now, before = target[:, 1:], target[:, :-1]
-    frame = torch.arange(1, target.shape[1], device=target.device)[None]
-    valid = frame < lengths[:, None]
-    change = valid & (now != before)
-    hits = predicted == now
-    sums["ar_frames"] = float(valid.sum())
-    sums["ar_hits"] = float((hits & valid).sum())
-    sums["repeat_hits"] = float((valid & (now == before)).sum())
-    sums["changes"] = float(change.sum())
-    sums["change_hits"] = float((hits & change).sum())
+    predicted = model.ar_logits(*args, target, lengths).argmax(-1)[:, : target.shape[1]]
+    frame = torch.arange(target.shape[1], device=target.device)[None]
+    sums.update(code_prediction_sums(predicted, target, frame < lengths[:, None]))
     return sums
+
+
+def code_prediction_sums(
+    predicted: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+) -> dict[str, float]:
+    """How well next-code predictions [B, T] match the codes ``target`` [B, T] on the ``valid``
+    [B, T] positions, next to the "repeat the previous code" baseline, for any autoregressive
+    code model (VALL-E's AR level, Tortoise's GPT).
+
+    Position 0 has no previous code, so only positions 1.. count. Returns the sums
+    ``ar_frames`` (positions scored), ``ar_hits`` (predicted = target), ``repeat_hits``
+    (target = the previous target), ``changes`` (positions whose code differs from the
+    previous one: what a copying model gets wrong) and ``change_hits``.
+    """
+    now, before = target[:, 1:], target[:, :-1]
+    valid = valid[:, 1:] & valid[:, :-1]
+    hits = predicted[:, 1:] == now
+    change = valid & (now != before)
+    return {
+        "ar_frames": float(valid.sum()),
+        "ar_hits": float((hits & valid).sum()),
+        "repeat_hits": float((valid & (now == before)).sum()),
+        "changes": float(change.sum()),
+        "change_hits": float((hits & change).sum()),
+    }
 
 
 def teacher_forced_metrics(sums: dict[str, float]) -> dict[str, float]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from trainer.component import ComponentSpec
 from trainer.injectors.base import Injector
-from utils.audio import log_mel, mel_transform
+from utils.audio import DlasMel
 from utils.io import load_torch
 from utils.schema import PositiveInt, Problems
 
@@ -58,15 +60,11 @@ DLAS_MEL_NAMES = {
     "sampling_rate": "sample_rate",
 }
 
-# true_normalization maps the log-mel range [log 1e-5, 4.82] (Tortoise's TacotronSTFT bounds)
-# to [-1, 1].
-TRUE_NORM_MIN = -11.5129
-TRUE_NORM_MAX = 4.82
-
 
 class TorchMelSpectrogramInjector(Injector):
     """wav [B, T] or [B, 1, T] -> log-mel [B, n_mels, frames] (DLAS/Tortoise settings:
-    slaney mel filters, power 2, natural log floored at 1e-5, optionally / per-bin norms).
+    slaney mel filters, power 2, natural log floored at 1e-5, optionally / per-bin norms;
+    the math is :class:`utils.audio.DlasMel`, which synthesis shares).
 
     DLAS's option names are accepted as aliases: ``filter_length`` (n_fft), ``n_mel_channels``
     (n_mels), ``mel_fmin`` (f_min), ``mel_fmax`` (f_max), ``sampling_rate`` (sample_rate);
@@ -103,14 +101,30 @@ class TorchMelSpectrogramInjector(Injector):
             raise ValueError(
                 "torch_mel_spectrogram: true_normalization rescales the log-mel; it needs log: true"
             )
-        # a submodule, so moving the injector to a device moves the window and filterbank
-        self.mel = mel_transform(
-            sample_rate, n_mels, n_fft, hop_length, win_length, f_min, f_max, normalize
-        )
-        self.log = log
-        self.true_normalization = true_normalization
         norms = load_mel_norms(mel_norm_file, n_mels) if mel_norm_file is not None else None
-        self.register_buffer("mel_norms", norms, persistent=False)
+        # a submodule, so moving the injector to a device moves the window and filterbank
+        self.transform = DlasMel(
+            sample_rate,
+            n_mels,
+            n_fft,
+            hop_length,
+            win_length,
+            f_min,
+            f_max,
+            norms,
+            log,
+            normalize,
+            true_normalization,
+        )
+
+    @property
+    def mel(self) -> nn.Module:
+        """The power mel transform (torchaudio's MelSpectrogram)."""
+        return self.transform.mel
+
+    @property
+    def sample_rate(self) -> int:
+        return self.transform.sample_rate
 
     @classmethod
     def check_options(cls, options: dict, path: str, problems: Problems, base_dir: Path) -> dict:
@@ -136,16 +150,15 @@ class TorchMelSpectrogramInjector(Injector):
                 f"{self.input!r} must be audio [B, T] or [B, 1, T], got shape "
                 f"{list(wav.shape)}"
             )
-        # fp32 even under autocast: the log of tiny half-precision powers underflows to -inf
-        with torch.autocast(device_type=wav.device.type, enabled=False):
-            mel = self.mel(wav.float())  # [B, n_mels, frames]
-            if self.log:
-                mel = log_mel(mel)
-            if self.mel_norms is not None:
-                mel = mel / self.mel_norms[None, :, None]
-            if self.true_normalization:
-                mel = 2 * (mel - TRUE_NORM_MIN) / (TRUE_NORM_MAX - TRUE_NORM_MIN) - 1
-        return {self.output: mel}
+        return {self.output: self.transform(wav)}
+
+    def to_audio(self, mel: torch.Tensor, n_iter: int = 32) -> torch.Tensor:
+        """Mel [B, n_mels, frames] as this injector makes it -> audio (Griffin-Lim)."""
+        return self.transform.to_audio(mel, n_iter)
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """The features, for inference from a checkpoint of a model trained on them."""
+        return {"mel_spectrogram": json.dumps(self.transform.config())}
 
 
 class RandomAudioCropInjector(Injector):

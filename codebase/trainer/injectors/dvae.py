@@ -8,10 +8,14 @@ The DVAE is described by a DLAS network YAML, as DLAS ships it
       pretrain_model_dvae: ../experiments/dvae.pth   # relative to this YAML's folder
     networks:
       dvae: {type: generator, which_model_G: lucidrains_dvae, kwargs: {channels: 80, ...}}
+
+or by the experiment YAML that trained it here: without ``path.pretrain_model_dvae`` the weights
+are those of the newest intact checkpoint of that experiment's run (its EMA copy if any).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from torch import nn
 
 import models.audio.tts  # noqa: F401 - registers lucidrains_dvae
 from models import MODELS
+from trainer.checkpoint import CheckpointManager
 from trainer.component import ComponentSpec, TrainerEnv
 from trainer.injectors.base import Injector
 from utils.errors import UserError
@@ -70,10 +75,7 @@ def read_dvae_config(config: Path, name: str | None) -> DvaeSource:
     paths = doc.get("path") or {}
     weights = paths.get(f"pretrain_model_{name}")
     if not weights:
-        raise ValueError(
-            f"DVAE config {config}: path.pretrain_model_{name} is not set; a DVAE needs its "
-            f"trained weights"
-        )
+        weights = trained_weights(config, doc, name)
     weights = Path(weights).expanduser()
     if not weights.is_absolute():
         weights = config.parent / weights
@@ -83,6 +85,40 @@ def read_dvae_config(config: Path, name: str | None) -> DvaeSource:
             f"download the DVAE (Tortoise's dvae.pth) or train one"
         )
     return DvaeSource(name, which[0], dict(net.get("kwargs") or {}), weights)
+
+
+def trained_weights(config: Path, doc: dict, name: str) -> Path:
+    """The weights of network ``name`` from the newest intact checkpoint of the run that the
+    experiment YAML ``config`` trains (its EMA copy when there is one): how a GPT recipe points
+    at a DVAE trained here. Raises ValueError saying how to get a checkpoint."""
+    root = (doc.get("path") or {}).get("root")
+    run = Path(root).expanduser() if root else Path(doc.get("name") or "")
+    if not run.is_absolute():
+        run = config.parent / run
+    if not doc.get("name") and not root:
+        raise ValueError(
+            f"DVAE config {config}: path.pretrain_model_{name} is not set and the file is not an "
+            f"experiment (no `name`) whose run could hold trained weights; set "
+            f"path.pretrain_model_{name} to the DVAE's weights"
+        )
+    checkpoints = CheckpointManager(run)
+    state, _, damaged = checkpoints.newest_intact() if run.is_dir() else (None, None, [])
+    if state is None:
+        bad = f" ({len(damaged)} damaged checkpoint(s))" if damaged else ""
+        raise ValueError(
+            f"DVAE config {config} sets no path.pretrain_model_{name}, so its weights come from "
+            f"its run {run}, which has no intact checkpoint yet{bad}; train the DVAE first "
+            f"(python train.py -opt {config}) or set path.pretrain_model_{name}"
+        )
+    step = int(state.stem)
+    ema = checkpoints.network_path(step, name, ema=True)
+    weights = ema if ema.is_file() else checkpoints.network_path(step, name)
+    if not weights.is_file():
+        raise ValueError(
+            f"DVAE config {config}: the checkpoint of step {step} in {run} has no network "
+            f"{name!r} ({weights.name}); set dvae_name to the DVAE's network name"
+        )
+    return weights
 
 
 def build_dvae(source: DvaeSource, device: torch.device | str = "cpu") -> nn.Module:
@@ -137,6 +173,7 @@ class DiscreteTokenInjector(Injector):
         super().__init__()
         self.device = torch.device(env.device)
         source = read_dvae_config(dvae_config, dvae_name)
+        self.source = source
         # object.__setattr__: not a child module, so not in state_dict(), .to() or .train()
         object.__setattr__(self, "dvae", build_dvae(source, self.device))
 
@@ -169,6 +206,20 @@ class DiscreteTokenInjector(Injector):
                 f"discrete_token: `in` is one mel key and `out` one codes key "
                 f"(got in={self.inputs}, out={self.outputs})"
             )
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """The DVAE (model, kwargs, absolute weights path), for decoding a checkpoint's codes
+        at inference (:class:`models.audio.tts.synthesis.TortoiseSynthesizer`)."""
+        source = self.source
+        return {
+            "dvae": json.dumps(
+                {
+                    "which_model": source.which_model,
+                    "kwargs": source.kwargs,
+                    "weights": str(Path(source.weights).resolve()),
+                }
+            )
+        }
 
     def forward(self, state: dict[str, Any]) -> dict[str, Any]:
         mel = state[self.input]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 
 from models.audio.codecs.base import Codec, CodecUnavailable, as_batch, register_codec
 from models.audio.codecs.kmeans import fit_rvq, nearest
+from utils.audio import griffin_lim
 from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -305,33 +305,9 @@ class MelRVQCodec(Codec):
         # lstsq has no half-precision kernels; the codec is small, float32 costs nothing.
         spec = self.inverse_mel(mel.float())  # [B, n_fft // 2 + 1, frames] magnitude
         a = self.arch
-        frames, hop = codes.shape[-1], a["hop_length"]
-        # Griffin-Lim re-analyses its output (reflect-padded by n_fft // 2) each iteration:
-        # a clip of 1-2 frames is too short for that, so silent frames lengthen it, cut after.
-        padded = max(frames, (a["n_fft"] // 2 + 1) // hop + 2)
-        spec = torch.nn.functional.pad(spec, (0, padded - frames))
-        with (
-            torch.random.fork_rng(devices=[spec.device] if spec.is_cuda else []),
-            warnings.catch_warnings(),
-        ):
-            # istft zero-fills the last hop - 1 samples of that length, and says so: intended.
-            warnings.filterwarnings("ignore", message="The length of signal is shorter")
-            torch.manual_seed(0)
-            # The length must give back exactly `padded` centred frames: padded * hop - 1
-            # samples. The result is cut/padded to frames * hop, as other codecs return.
-            wav = torchaudio.functional.griffinlim(
-                spec,
-                self.window.float(),
-                a["n_fft"],
-                hop,
-                a["win_length"],
-                power=1.0,
-                n_iter=self.griffin_lim_iters,
-                momentum=0.99,
-                length=padded * hop - 1,
-                rand_init=True,
-            )
-        wav = torch.nn.functional.pad(wav, (0, 1))[:, : frames * hop].clamp(-1.0, 1.0)
+        wav = griffin_lim(
+            spec, a["n_fft"], a["hop_length"], a["win_length"], n_iter=self.griffin_lim_iters
+        )
         return wav[0] if added else wav
 
     def frames_for(self, num_samples: int) -> int:

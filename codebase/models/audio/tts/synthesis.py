@@ -28,58 +28,21 @@ from data.audio.phonemes import PhonemeVocab, Phonemizer, foreign_characters
 from data.loader import pad_batch
 from models import MODELS, build_network
 from models.audio.codecs import CODECS, build_codec
+from models.audio.tts.synthesis_common import (  # noqa: F401 - part of this module's API
+    MAX_DURATION_CAP,
+    EmptyPrompt,
+    NotASynthesisCheckpoint,
+    SynthesisError,
+    sampling_problems,
+)
 from utils.audio import load_audio
 from utils.distributed import resolve_device
-from utils.errors import CheckpointError, DataError, UserError
 from utils.io import load_module, read_network_metadata
 from utils.schema import ConfigError, Problems, bind_options
 
 REQUIRED_METADATA = ("phoneme_vocab", "phonemizer", "codec")
-# Longest output per text: 10 minutes. An autoregressive model this long is far beyond what it
-# was trained on, and the buffers grow with it (1e9 s asked for ~200 GB at once).
-MAX_DURATION_CAP = 600.0
 # Networks synthesis knows how to drive; imported on demand so that they are registered.
 _NETWORK_MODULES = {"valle": "models.audio.tts.valle"}
-
-
-class SynthesisError(UserError, ValueError):
-    """Inputs synthesis cannot use: a text, a prompt or an option; the message says which."""
-
-
-class NotASynthesisCheckpoint(CheckpointError, ValueError):
-    """A network file synthesis cannot use: missing, corrupt, or not a VALL-E saved here."""
-
-
-class EmptyPrompt(DataError, ValueError):
-    """A voice prompt with no audio in it."""
-
-
-def sampling_problems(
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    nar_temperature: float = 0.0,
-    max_duration: float = 20.0,
-) -> list[tuple[str, str]]:
-    """``(option, what is wrong)`` for each sampling option out of its range (empty: all fine).
-
-    NaN fails every range, so it is reported too."""
-    checks = [
-        ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
-        ("top_k", top_k, top_k >= 0, ">= 0 (0: off)"),
-        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1: off)"),
-        ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0 (1: off)"),
-        ("nar_temperature", nar_temperature, nar_temperature >= 0, ">= 0 (0: greedy)"),
-        (
-            "max_duration",
-            max_duration,
-            0 < max_duration <= MAX_DURATION_CAP,
-            f"in (0, {MAX_DURATION_CAP:g}] seconds",
-        ),
-    ]
-    return [(name, f"must be {rule}, got {value}") for name, value, ok, rule in checks if not ok]
 
 
 # ----------------------------------------------------------------------------- batch helpers
@@ -232,6 +195,10 @@ class Synthesizer:
 
         ``codec_options`` override or extend the stored codec config, e.g. ``{"checkpoint":
         "/new/place/data_mel_rvq.safetensors"}`` when the run folder moved.
+
+        A ``unified_voice2`` (Tortoise GPT) file gives a
+        :class:`models.audio.tts.tortoise_synthesis.TortoiseSynthesizer` (same methods; its
+        ``codec_options`` are ``dvae_weights`` and ``griffin_lim_iters``).
         """
 
         path = Path(path)
@@ -244,6 +211,10 @@ class Synthesizer:
             meta = read_network_metadata(path)
         except ValueError as e:  # utils.io names the file and what is wrong with it
             raise NotASynthesisCheckpoint(str(e)) from e
+        if meta.get("which_model") == "unified_voice2":  # Tortoise's GPT: its own front end
+            from models.audio.tts.tortoise_synthesis import TortoiseSynthesizer
+
+            return TortoiseSynthesizer.from_metadata(path, meta, device, codec_options)
         missing = [k for k in REQUIRED_METADATA if k not in meta]
         if missing:
             raise NotASynthesisCheckpoint(
@@ -291,6 +262,10 @@ class Synthesizer:
     def frame_rate(self) -> float:
         """Code frames per second."""
         return float(self.codec.frame_rate)
+
+    def prompt_seconds(self, prompt: torch.Tensor) -> float:
+        """Seconds of voice in an encoded prompt."""
+        return prompt.shape[-1] / self.frame_rate
 
     # ------------------------------------------------------------------------- inputs
 
