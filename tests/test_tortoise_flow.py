@@ -110,6 +110,9 @@ def test_dvae_config_may_be_the_experiment_that_trained_it(tmp_path):
     source = read_dvae_config(config, None)
     assert source.weights == manager.network_path(4, "dvae", ema=True)  # newest, EMA copy
     assert source.kwargs == TINY_DVAE
+    # the kwargs come from the checkpoint: a run trained with `-o` overrides still loads
+    config.write_text(config.read_text().replace("hidden_dim: 8", "hidden_dim: 64"))
+    assert read_dvae_config(config, None).kwargs == TINY_DVAE
     # a damaged newest checkpoint is skipped: the DVAE comes from the one before
     data = bytearray(source.weights.read_bytes())
     data[-3] ^= 0xFF

@@ -10,7 +10,8 @@ The DVAE is described by a DLAS network YAML, as DLAS ships it
       dvae: {type: generator, which_model_G: lucidrains_dvae, kwargs: {channels: 80, ...}}
 
 or by the experiment YAML that trained it here: without ``path.pretrain_model_dvae`` the weights
-are those of the newest intact checkpoint of that experiment's run (its EMA copy if any).
+are those of the newest intact checkpoint of that experiment's run (its EMA copy if any), built
+with the kwargs stored in that checkpoint (which include any ``-o`` override of the run).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from trainer.checkpoint import CheckpointManager
 from trainer.component import ComponentSpec, TrainerEnv
 from trainer.injectors.base import Injector
 from utils.errors import UserError
-from utils.io import adapted, compare_weights, load_module, weight_shapes
+from utils.io import (
+    adapted,
+    compare_weights,
+    load_module,
+    read_network_metadata,
+    weight_shapes,
+)
 from utils.options import parse_yaml
 from utils.registry import did_you_mean
 from utils.schema import Problems, Runtime, bind_options
@@ -75,7 +82,14 @@ def read_dvae_config(config: Path, name: str | None) -> DvaeSource:
     paths = doc.get("path") or {}
     weights = paths.get(f"pretrain_model_{name}")
     if not weights:
+        # the run's own checkpoint: its metadata holds the kwargs it was really trained with
+        # (a `-o networks.dvae.kwargs...` override is not in the YAML)
         weights = trained_weights(config, doc, name)
+        try:
+            meta = read_network_metadata(weights)
+        except UserError as e:
+            raise ValueError(str(e)) from e
+        return DvaeSource(name, meta["which_model"], dict(meta["kwargs"]), weights)
     weights = Path(weights).expanduser()
     if not weights.is_absolute():
         weights = config.parent / weights
