@@ -26,7 +26,13 @@ from trainer.losses import LOSSES
 from trainer.lr_scheduler import SCHEDULERS
 from trainer.optimizers import OPTIMIZERS
 from utils.errors import CheckpointError
-from utils.io import adapted, compare_weights, safetensors_metadata, weight_shapes
+from utils.io import (
+    adapted,
+    compare_weights,
+    grow_rows,
+    safetensors_metadata,
+    weight_shapes,
+)
 from utils.options import import_plugins, load_cli, public
 from utils.registry import Registry, did_you_mean
 from utils.schema import (
@@ -114,6 +120,9 @@ class PathOptions:
     root: Path | None = None  # run folder; default: <experiment file's folder>/<name>
     resume_state: str | None = None  # "auto" or a training_state file
     strict_load: bool = True  # pretrain_model_* must match the network exactly
+    # pretrain_model_* tensors with fewer rows than the network (a grown vocabulary or
+    # codebook) keep their rows; new rows start at the mean of the old ones
+    grow_embeddings: bool = False
     pretrain: dict[str, Path] = field(default_factory=dict, init=False)
 
 
@@ -397,7 +406,7 @@ def _check_pretrained(exp: Experiment, problems: Problems) -> None:
                 f"{spec.which_model!r}; point it at a {spec.which_model!r} checkpoint",
             )
         elif spec is not None and exp.path.strict_load:
-            differ = _shape_mismatches(spec, path)
+            differ = _shape_mismatches(spec, path, exp.path.grow_embeddings)
             if differ:
                 saved_kwargs = f" (it was saved with kwargs {meta['kwargs']})" if saved else ""
                 problems.add(
@@ -409,16 +418,20 @@ def _check_pretrained(exp: Experiment, problems: Problems) -> None:
                 )
 
 
-def _shape_mismatches(spec: NetworkSpec, path: Path) -> list[str]:
+def _shape_mismatches(spec: NetworkSpec, path: Path, grow: bool = False) -> list[str]:
     """The tensors of a safetensors file whose shape differs from the network's, or that the
     network lacks, read from the file's header against the network built on the meta device
-    (nothing is allocated). Empty when the network cannot be built there."""
+    (nothing is allocated). Empty when the network cannot be built there. With ``grow``,
+    tensors the load would grow (``path.grow_embeddings``) fit."""
     if spec.factory is None:
         return []
     try:
         with torch.device("meta"):
             net = construct(spec.factory, spec.kwargs, {}, "")
-        report = compare_weights(net, adapted(net, weight_shapes(path)))
+        shapes = adapted(net, weight_shapes(path))
+        if grow:
+            shapes, _ = grow_rows(net, shapes)
+        report = compare_weights(net, shapes)
     except Exception as e:  # checked when the weights are loaded instead
         log.debug("%s: shapes not checked on the meta device: %s", path, e)
         return []

@@ -25,6 +25,7 @@ from data.loader import (
 from data.spec import build_dataset
 from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
+from trainer.compatibility import check_pretrained
 from trainer.component import TrainerEnv, build_component
 from trainer.config import Experiment
 from trainer.engines import build_engine
@@ -80,6 +81,8 @@ class ExtensibleTrainer:
         if self.dist.rank > 0:  # after building the networks, whose init must match everywhere
             set_seed(derive_seed(self.seed, self.dist.rank))
         self._build_steps()
+        if saved is None:  # the data and features a pretrained network expects (not on resume)
+            check_pretrained(self.exp.path.pretrain, self.checkpoint_metadata, self.exp.file)
         self._build_logging(start_step=int(saved["step"]) if saved else 0)
         self._remove_leftovers()
         self._register_state()
@@ -251,10 +254,21 @@ class ExtensibleTrainer:
 
     def _load_pretrained(self) -> None:
         for name, path in self.exp.path.pretrain.items():
-            report = load_module(self.raw_networks[name], path, strict=self.exp.path.strict_load)
+            report = load_module(
+                self.raw_networks[name],
+                path,
+                strict=self.exp.path.strict_load,
+                grow=self.exp.path.grow_embeddings,
+            )
             if name in self.ema:
                 self.ema[name].module.load_state_dict(self.raw_networks[name].state_dict())
             msg = f"initialised {name} from {path}"
+            if report.grown:
+                log.warning(
+                    "%s: grew %s (old rows kept, new rows the mean of the old ones)",
+                    msg,
+                    "; ".join(report.grown),
+                )
             log.warning("%s:\n%s", msg, report.describe()) if not report.ok else log.info(msg)
 
     def _build_steps(self) -> None:

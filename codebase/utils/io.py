@@ -326,6 +326,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    grown: list[str] = field(default_factory=list)  # rows added by ``load_module(grow=True)``
 
     @property
     def ok(self) -> bool:
@@ -430,17 +431,50 @@ def compare_weights(module: nn.Module, loaded: dict[str, torch.Tensor]) -> LoadR
     return report
 
 
-def load_module(module: nn.Module, path: Path, strict: bool = True) -> LoadReport:
+def grow_rows(
+    module: nn.Module, loaded: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``loaded`` with every tensor that has fewer rows than the module's (dim 0; the other
+    dims equal) grown to the module's size: a grown vocabulary or codebook. The old rows are
+    kept (so every old id embeds and scores as before) and each new row is the mean of the old
+    ones. Returns the tensors and a ``name: [old] -> [new]`` line per grown tensor. Works on
+    meta tensors (:func:`weight_shapes`) too."""
+    own = module.state_dict()
+    out, grown = dict(loaded), []
+    for name, tensor in loaded.items():
+        target = own.get(name)
+        if target is None or tensor.dim() == 0 or tensor.dim() != target.dim():
+            continue
+        rows, want = tensor.shape[0], target.shape[0]
+        if want <= rows or tensor.shape[1:] != target.shape[1:]:
+            continue
+        bigger = tensor.new_empty(target.shape)
+        bigger[:rows] = tensor
+        bigger[rows:] = tensor.float().mean(dim=0).to(tensor.dtype)
+        out[name] = bigger
+        grown.append(f"{name}: {list(tensor.shape)} -> {list(target.shape)}")
+    return out, grown
+
+
+def load_module(
+    module: nn.Module, path: Path, strict: bool = True, grow: bool = False
+) -> LoadReport:
     """Load a weights file (see :func:`read_weights`) into ``module``; mismatched shapes are
     reported and skipped.
 
     With ``strict`` any mismatch raises before the module is touched; otherwise whatever
     matches is loaded and the report says what did not. The file's tensors go through the
-    module's ``adapt_checkpoint`` (see :func:`adapted`) before they are compared.
+    module's ``adapt_checkpoint`` (see :func:`adapted`) before they are compared. With
+    ``grow``, tensors with fewer rows than the module's are grown first (:func:`grow_rows`;
+    listed in the report's ``grown``).
     """
     path = Path(path)
     loaded = adapted(module, read_weights(path))
+    grown: list[str] = []
+    if grow:
+        loaded, grown = grow_rows(module, loaded)
     report = compare_weights(module, loaded)
+    report.grown = grown
     if strict and not report.ok:
         raise CheckpointError(
             f"checkpoint {path} does not match {type(module).__name__}:\n"

@@ -41,6 +41,7 @@ from data.audio.h5_options import (
     PrepareOptions,
     check_matches,
     codec_checkpoint,
+    load_base_vocab,
     portable_codec_config,
     record_for_file,
     resolve_codec_config,
@@ -67,6 +68,11 @@ def check_prepare(opts: PrepareOptions, path: str, problems: Problems) -> None:
     codec = lookup(CODECS, opts.codec, f"{path}.codec", problems)
     if codec is not None:
         bind_options(codec, opts.codec_options, f"{path}.codec_options", problems)
+    if opts.base_vocab is not None:
+        try:
+            PhonemeVocab.from_json(load_base_vocab(opts.base_vocab))
+        except (DataError, ValueError, TypeError, KeyError) as e:
+            problems.add(f"{path}.base_vocab", str(e))
     try:
         known = supported_languages()
     except RuntimeError as e:  # no espeak: reported when preparing
@@ -159,7 +165,7 @@ def prepare(h5_path: Path, opts: PrepareOptions, progress: bool = True) -> Prepa
         done = set(_strings(f["ids"][: f.attrs["n_items"]]))
         todo = [u for u in items if u.id not in done]
         symbols = _phonemize(phonemizer, todo, progress)
-        vocab = _extend_vocab(f, symbols)
+        vocab = _extend_vocab(f, symbols, opts.base_vocab)
         writer = _Writer(f, opts.flush_every)
         bar = tqdm(
             todo,
@@ -332,12 +338,18 @@ def _drop_uncommitted(f: h5py.File) -> None:
     f["phonemes"].resize(int(f["phoneme_offsets"][n]), axis=0)
 
 
-def _extend_vocab(f: h5py.File, symbol_lists: list[list[str]]) -> Any:
-    """The file's vocabulary plus any new symbols (appended, so existing ids stay valid)."""
+def _extend_vocab(
+    f: h5py.File, symbol_lists: list[list[str]], base_vocab: Path | None = None
+) -> Any:
+    """The file's vocabulary plus any new symbols (appended, so existing ids stay valid); a new
+    file starts from ``base_vocab`` (a checkpoint's, for fine-tuning) when given."""
     new = PhonemeVocab.build(symbol_lists)
     if "vocab" in f.attrs:
         old = PhonemeVocab.from_json(f.attrs["vocab"])
         vocab = old.extended(new.id_to_symbol)
+    elif base_vocab is not None:
+        base = PhonemeVocab.from_json(load_base_vocab(base_vocab))
+        vocab = base.extended(new.id_to_symbol)
     else:
         vocab = new
     f.attrs["vocab"] = vocab.to_json()

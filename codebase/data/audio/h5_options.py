@@ -14,6 +14,7 @@ phonemizer configs they hold.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from models.audio.codecs import CODECS
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 from utils.io import file_sha256 as sha256_of_file
+from utils.io import safetensors_metadata
 
 
 @dataclass
@@ -44,6 +46,9 @@ class PrepareOptions:
     fit_iters: int = 20  # mel_rvq: k-means iterations per level
     device: str = "cpu"  # where the codec runs ("cuda" speeds up encodec)
     flush_every: int = 64  # items per commit to the partial file
+    # fine-tuning: start the phoneme vocabulary from a checkpoint's (a network file) or a
+    # vocabulary JSON: its ids are kept, the data's new symbols appended
+    base_vocab: Path | None = None
 
 
 RECORD_ATTR = "prepare_options"
@@ -84,7 +89,31 @@ def requested(opts: PrepareOptions, h5_path: Path, defaults: bool = True) -> dic
         record["codec_checkpoint"] = file_sha256(checkpoint)
     for key in PHONEMIZER_KEYS:
         record[key] = getattr(opts, key)
+    if opts.base_vocab is not None:  # recorded only when set: older files stay comparable
+        record["base_vocab"] = hashlib.sha256(load_base_vocab(opts.base_vocab).encode()).hexdigest()
     return record
+
+
+def load_base_vocab(path: Path) -> str:
+    """The phoneme vocabulary JSON of ``prepare.base_vocab``: a network file's
+    ``phoneme_vocab`` metadata, or a JSON file holding a vocabulary. Raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"base_vocab {path} does not exist; point it at the checkpoint to fine-tune"
+        )
+    if path.suffix == ".safetensors":
+        try:
+            meta = safetensors_metadata(path)
+        except UserError as e:
+            raise DataError(str(e)) from e
+        if "phoneme_vocab" not in meta:
+            raise DataError(
+                f"base_vocab {path} has no phoneme_vocab metadata (not a VALL-E checkpoint "
+                f"trained here); give a network file written by this trainer or a vocab JSON"
+            )
+        return meta["phoneme_vocab"]
+    return path.read_text(encoding="utf-8")
 
 
 def file_sha256(path: Path) -> str | None:
