@@ -264,3 +264,19 @@ def test_explicit_resume_of_damaged_checkpoint_names_an_intact_one(tmp_path: Pat
         mgr.resolve_resume(mgr.state_path(20))
     assert "20_disc.safetensors is corrupt" in str(info.value)
     assert f"newest intact checkpoint is {mgr.state_path(10)}" in str(info.value)
+
+
+def test_a_step_protected_twice_stays_until_both_release_it(tmp_path: Path) -> None:
+    """The best checkpoint may also be the last good one before a non-finite streak: the
+    streak ending must not release the best."""
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    _save(mgr, 1)
+    mgr.protect(1, "best")
+    mgr.protect(1, "streak")
+    _save(mgr, 2)
+    mgr.unprotect(1, "streak")
+    _save(mgr, 3)
+    assert mgr.steps() == [1, 3]
+    mgr.unprotect(1, "best")
+    _save(mgr, 4)
+    assert mgr.steps() == [4] and not mgr.network_path(1, "gen").exists()

@@ -171,6 +171,13 @@ def catalogue() -> list[Mistake]:
             ("train.nitre", "did you mean 'niter'"),
         ),
         Mistake(
+            "best_metric names no loss",
+            t,
+            ["-opt", "@toy", "-o", "train.best_metric=val/mes", "--dry-run"],
+            EXIT_USAGE,
+            ("train.best_metric", "did you mean 'val/mse'"),
+        ),
+        Mistake(
             "-o without =",
             t,
             ["-opt", "@toy", "-o", "train.niter", "--dry-run"],

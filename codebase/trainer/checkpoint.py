@@ -51,8 +51,9 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.models_dir = self.root / "models"
         self.state_dir = self.root / "training_state"
-        # Steps pruning must not delete (e.g. the last good checkpoint during a non-finite streak)
-        self.protected: set[int] = set()
+        # Steps pruning must not delete, each with who holds it: the last good checkpoint
+        # during a non-finite streak, the best one of train.best_metric ...
+        self.protected: dict[int, set[str]] = {}
 
     # ------------------------------------------------------------------ paths
 
@@ -69,12 +70,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ protection, cleanup
 
-    def protect(self, step: int) -> None:
-        """Keep ``step``'s checkpoint through pruning until :meth:`unprotect`."""
-        self.protected.add(step)
+    def protect(self, step: int, holder: str = "") -> None:
+        """Keep ``step``'s checkpoint through pruning until every ``holder`` that protected it
+        has called :meth:`unprotect` (two reasons may keep the same step)."""
+        self.protected.setdefault(step, set()).add(holder)
 
-    def unprotect(self, step: int) -> None:
-        self.protected.discard(step)
+    def unprotect(self, step: int, holder: str = "") -> None:
+        holders = self.protected.get(step, set())
+        holders.discard(holder)
+        if not holders:
+            self.protected.pop(step, None)
 
     def remove_leftovers(self) -> tuple[int, int]:
         """Delete temporary files interrupted saves left behind; returns (files, bytes).
@@ -173,7 +178,7 @@ class CheckpointManager:
         recent = set(steps[-self.keep_last :]) | {just_saved}
         # Protected steps survive too; they do not lower oldest_kept, so the orphaned files of
         # steps between them and the recent ones are still removed.
-        keep = recent | self.protected
+        keep = recent | set(self.protected)
         oldest_kept = min(recent)
         for step in steps:
             if step not in keep:

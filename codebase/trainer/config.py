@@ -91,6 +91,11 @@ class TrainOptions:
     max_nonfinite_streak: PositiveInt | None = (
         100  # stop after N steps in a row skipped (None: never)
     )
+    # keep the checkpoint where this scalar was best: val/<loss> or eval/<scalar> (None: off)
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "min"  # min: lower is better (losses); max: higher
+    # stop when best_metric has not improved for N measurements in a row (None: never)
+    early_stop_patience: PositiveInt | None = None
     scheduler_kwargs: dict = field(default_factory=dict, init=False)  # the schedule's options
 
 
@@ -322,6 +327,53 @@ def _validate_sections(exp: Experiment, sections: dict[str, dict], problems: Pro
     t = exp.train
     if t is not None and t.val_freq and "val" not in sections["datasets"]:
         problems.add("train.val_freq", "is set but there is no datasets.val to validate on")
+    _validate_best(exp, sections, list(loss_owner), problems)
+
+
+def _validate_best(
+    exp: Experiment, sections: dict[str, dict], losses: list[str], problems: Problems
+) -> None:
+    """``train.best_metric`` names something measured: ``val/<loss>`` needs that loss,
+    datasets.val and train.val_freq; ``eval/<scalar>`` needs an evaluator and eval.every (its
+    scalar names are known only when the evaluators first run: checked then)."""
+    t, key = exp.train, "train.best_metric"
+    if t is None:
+        return
+    if t.best_metric is None:
+        for option in ("best_mode", "early_stop_patience"):
+            if sections["train"].get(option) is not None:
+                problems.add(
+                    f"train.{option}",
+                    "is set but train.best_metric is not; name the scalar to track "
+                    "(val/<loss> or eval/<scalar>)",
+                )
+        return
+    metric = t.best_metric
+    kind, _, name = metric.partition("/")
+    val_names = [f"val/{loss}" for loss in losses]
+    if kind == "val":
+        if name not in losses:
+            problems.add(
+                key,
+                f"{metric!r} names no loss{did_you_mean(metric, val_names)}; validation "
+                f"logs {', '.join(val_names) or '(no losses)'}",
+            )
+        if "val" not in sections["datasets"]:
+            problems.add(key, f"{metric!r} is measured by validation: add datasets.val")
+        if not t.val_freq:
+            problems.add(key, f"{metric!r} is measured by validation: set train.val_freq")
+    elif kind == "eval" and name:
+        if not exp.eval.evaluators:
+            problems.add(key, f"{metric!r} is an evaluator's scalar: add eval.evaluators")
+        if not exp.eval.every:
+            problems.add(key, f"{metric!r} is an evaluator's scalar: set eval.every")
+    else:
+        problems.add(
+            key,
+            f"is {metric!r}{did_you_mean(metric, val_names)}; it must be val/<loss> (one of "
+            f"{', '.join(val_names) or '(no losses)'}) or eval/<scalar> (an evaluator's, "
+            "e.g. eval/tf_loss_mel)",
+        )
 
 
 def _validate_train(train: dict, problems: Problems, base: Path) -> TrainOptions | None:

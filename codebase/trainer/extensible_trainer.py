@@ -23,6 +23,7 @@ from data.loader import (
     split_batch,
 )
 from data.spec import build_dataset
+from trainer.best import BestTracker
 from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
 from trainer.compatibility import check_pretrained
@@ -73,6 +74,7 @@ class ExtensibleTrainer:
         self._window_skips: dict[str, int] = {}  # skipped updates per step since the last log
         self._streak = 0  # trainer steps in a row with a skipped update
         self._last_good: int | None = None  # newest checkpoint saved outside a streak
+        self.stopped_early: str | None = None  # why train() stopped before train.niter
         self._setup_distributed()
         self._build_data()
         self._build_networks()
@@ -210,6 +212,9 @@ class ExtensibleTrainer:
         built = {name: hyperparameters(s.optimizer) for name, s in self.steps.items()}
         self.engine.load_checkpoint(self.checkpoints.engine_dir(self.step, self.engine.name))
         self.state.load_state_dict(saved, resume)
+        if self.best is not None and self.best.step is not None:
+            self.checkpoints.protect(self.best.step, "best")
+            self._write_best()  # best.json may name a later best of an abandoned future
         applied = []
         for name, step in self.steps.items():
             changed = reapply_hyperparameters(step.optimizer, built[name])
@@ -411,6 +416,14 @@ class ExtensibleTrainer:
         self.rng = RandomStreams(self.dist, self.seed)
         self.state.register("rng", self.rng)
         self.state.register("counters", self.counters)
+        t = self.exp.train
+        self.best = (
+            BestTracker(t.best_metric, t.best_mode, t.early_stop_patience)
+            if t.best_metric
+            else None
+        )
+        if self.best is not None:
+            self.state.register("best", self.best)
         for name, ev in self.evaluators.items():
             if callable(getattr(ev, "state_dict", None)):
                 self.state.register(f"evaluator.{name}", ev)
@@ -500,7 +513,8 @@ class ExtensibleTrainer:
         return logs
 
     def train(self) -> None:
-        """Run until ``train.niter`` steps, a ``quit`` command or Ctrl-C; save at the end."""
+        """Run until ``train.niter`` steps, an early stop (``train.early_stop_patience``), a
+        ``quit`` command or Ctrl-C; save at the end."""
         niter = self.exp.train.niter
         listener = CommandListener(on_message=self.logger.info)
         if self.exp.logger.stdin_commands and self.dist.is_main:
@@ -512,7 +526,14 @@ class ExtensibleTrainer:
                     f"nothing to do: at step {self.step} of train.niter {niter} "
                     f"(raise it with -o train.niter=N to continue)"
                 )
-            self._evaluate_at_start()
+            elif self._out_of_patience():
+                self.logger.info(
+                    f"nothing to do: {self.best.metric} has not improved for "
+                    f"{self.best.since} measurement(s) (raise train.early_stop_patience to "
+                    f"continue)"
+                )
+            if self._evaluate_at_start():
+                saved_at = self.step
             self._set_train_mode(True)
             with GracefulInterrupt(
                 on_signal=lambda s: self.logger.info(
@@ -520,7 +541,11 @@ class ExtensibleTrainer:
                 )
             ) as stop:
                 # All ranks stop at the same step, whichever of them got the signal first.
-                while self.step < niter and not distributed.any_rank(stop.requested):
+                while (
+                    self.step < niter
+                    and not self._out_of_patience()
+                    and not distributed.any_rank(stop.requested)
+                ):
                     self._one_step(meter)
                     commands = self._poll(listener)
                     if self._periodic(meter, commands):
@@ -528,18 +553,90 @@ class ExtensibleTrainer:
                     if "quit" in commands:
                         self.logger.info("quit: saving and stopping")
                         break
+                    if self._out_of_patience():
+                        self.stopped_early = (
+                            f"{self.best.metric} did not improve for {self.best.since} "
+                            f"measurement(s) (train.early_stop_patience {self.best.patience})"
+                        )
             if saved_at != self.step:
                 self.save()
+            if self.stopped_early:
+                best = self.best.step
+                state = None if best is None else self.checkpoints.state_path(best)
+                self.logger.info(self.best.stop_message(self.step, state, self.run_dir))
         finally:
             listener.stop()
             self.logger.close()
 
-    def _evaluate_at_start(self) -> None:
-        """``eval.at_start``: the "before" figures of validation and the evaluators."""
-        if self.step == 0 and self.exp.eval.at_start and self.exp.train.niter > 0:
-            if self.exp.train.val_freq:
-                self.validate()
-            self.run_evaluators()
+    def _evaluate_at_start(self) -> bool:
+        """``eval.at_start``: the "before" figures of validation and the evaluators (which
+        count for train.best_metric); True when that saved a checkpoint (a best at step 0)."""
+        if self.step > 0 or not self.exp.eval.at_start or self.exp.train.niter == 0:
+            return False
+        if self._measure(bool(self.exp.train.val_freq), True):
+            self.save()
+            return True
+        return False
+
+    def _measure(self, validate: bool, evaluate: bool) -> bool:
+        """Validation and/or the evaluators, then the step's figure of train.best_metric
+        against the best so far; True when this step is a new best (to be saved)."""
+        results = self.validate() if validate else {}
+        if evaluate:
+            results.update(self.run_evaluators())
+        return self._track_best(results, evaluate and bool(self.evaluators))
+
+    def _track_best(self, results: dict[str, float], evaluated: bool) -> bool:
+        """See :mod:`trainer.best`. Rank 0 decides (the evaluators run there) and every rank
+        follows, since saving and stopping are collective."""
+        best = self.best
+        if best is None:
+            return False
+        before, outcome, error = best.step, None, None
+        if self.dist.is_main:
+            error = best.missing(self.step, results, evaluated)
+            outcome = None if error else best.observe(self.step, results)
+        if self.dist.world_size > 1:
+            state, outcome, error = distributed.broadcast_object(
+                (best.state_dict(), outcome, error)
+            )
+            best.load_state_dict(state)
+        if error is not None:
+            if self.step > 0:  # not to lose the steps trained so far
+                self.save()
+                error += (
+                    f". A checkpoint of step {self.step} was saved: correct the name and "
+                    f"resume (path.resume_state: auto)"
+                )
+            raise ConfigError([("train.best_metric", error)], self.exp.file)
+        if outcome is None:
+            return False
+        improved, line = outcome
+        self.logger.info(line)
+        if best.value is not None:
+            self.logger.log_scalars(self.step, {f"best/{best.metric}": best.value})
+        if improved:
+            if before is not None:
+                self.checkpoints.unprotect(before, "best")  # keep_last may prune it now
+            self.checkpoints.protect(self.step, "best")
+        return improved
+
+    def _out_of_patience(self) -> bool:
+        return self.best is not None and self.best.exhausted
+
+    def _write_best(self) -> None:
+        """``best.json`` for the best step, whose checkpoint exists (rank 0 writes it)."""
+        step = self.best.step
+        if not self.dist.is_main or step is None:
+            return
+        state = self.checkpoints.state_path(step)
+        if not state.is_file():
+            self.logger.warning(
+                f"the best {self.best.metric} was at step {step}, whose checkpoint {state} "
+                f"is gone; best.json is not updated until a new best"
+            )
+            return
+        self.best.record(self.run_dir, [*self.checkpoints.step_files(step), state])
 
     def _one_step(self, meter: Meter) -> None:
         t0 = time.perf_counter()
@@ -575,12 +672,12 @@ class ExtensibleTrainer:
         """
         if not skipped:
             if self._streak and self._last_good is not None:
-                self.checkpoints.unprotect(self._last_good)
+                self.checkpoints.unprotect(self._last_good, "streak")
             self._streak = 0
             return
         self._streak += 1
         if self._streak == 1 and self._last_good is not None:
-            self.checkpoints.protect(self._last_good)
+            self.checkpoints.protect(self._last_good, "streak")
         limit = self.exp.train.max_nonfinite_streak
         if limit is None or self._streak < limit:
             return
@@ -603,18 +700,19 @@ class ExtensibleTrainer:
 
     def _periodic(self, meter: Meter, commands: set[str]) -> bool:
         """Logging, validation, evaluators and saving when their frequency (or a command)
-        says so; True when a checkpoint was saved."""
+        says so, and at a new best of ``train.best_metric``; True when a checkpoint was saved."""
         s, lopts = self.step, self.exp.logger
         val_freq, eval_every = self.exp.train.val_freq, self.exp.eval.every
         if s % lopts.print_freq == 0 or s == self.exp.train.niter:
             self._log_train(meter)
             meter.reset()
-        if (val_freq and s % val_freq == 0) or "eval" in commands:
-            self.validate()
-        if (eval_every and s % eval_every == 0) or "eval" in commands:
-            self.run_evaluators()
-        if (lopts.save_checkpoint_freq and s % lopts.save_checkpoint_freq == 0) or (
-            "save" in commands
+        validate = bool(val_freq and s % val_freq == 0) or "eval" in commands
+        evaluate = bool(eval_every and s % eval_every == 0) or "eval" in commands
+        new_best = (validate or evaluate) and self._measure(validate, evaluate)
+        if (
+            new_best  # the best step always has a checkpoint
+            or (lopts.save_checkpoint_freq and s % lopts.save_checkpoint_freq == 0)
+            or "save" in commands
         ):
             self.save()
             return True
@@ -739,6 +837,8 @@ class ExtensibleTrainer:
                 metadata=self.checkpoint_metadata,
             )
             self.logger.info(f"saved checkpoint at step {self.step}: {path}")
+            if self.best is not None and self.best.step == self.step:
+                self._write_best()
         if not self._streak:  # a save inside a streak may hold diverging weights
             self._last_good = self.step
         distributed.barrier()

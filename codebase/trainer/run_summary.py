@@ -7,11 +7,17 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from trainer.best import RECORD
+
 
 def run_summary(trainer: Any) -> str:
     """Evaluator reports (first vs latest evaluation), then the run's folders and the commands
-    to look at them: TensorBoard, and ``synthesize.py`` on the newest checkpoint."""
+    to look at them: TensorBoard, and ``synthesize.py`` on the best checkpoint of
+    ``train.best_metric`` (else the newest)."""
     lines = [f"step {trainer.step}; run folder {_show(trainer.run_dir)}"]
+    stopped = getattr(trainer, "stopped_early", None)
+    if stopped:
+        lines.append(f"stopped early: {stopped}")
     for name, ev in trainer.evaluators.items():
         report = getattr(ev, "report", None)
         if callable(report):
@@ -22,7 +28,16 @@ def run_summary(trainer: Any) -> str:
         f"checkpoints:  {_show(models)}",
         f"TensorBoard:  tensorboard --logdir {_show(trainer.run_dir / 'tb_logger')}",
     ]
-    model = _newest_network(models)
+    best = getattr(trainer, "best", None)
+    best_step = best.step if best is not None else None
+    if best_step is not None:
+        state = trainer.checkpoints.state_path(best_step)
+        lines.insert(
+            -1,
+            f"best:         {best.metric} {best.value:.5g} ({best.mode}) at step {best_step}: "
+            f"{_show(state)} (files in {_show(trainer.run_dir / RECORD)})",
+        )
+    model = _newest_network(models, best_step)
     prompt = _a_reference_wav(trainer.run_dir / "samples")
     if model is not None and prompt is not None:
         lines += [
@@ -37,9 +52,12 @@ def run_summary(trainer: Any) -> str:
     return "\n".join(lines)
 
 
-def _newest_network(models: Path) -> Path | None:
-    """The newest EMA network file (else the newest plain one) in a models folder."""
+def _newest_network(models: Path, step: int | None = None) -> Path | None:
+    """The newest EMA network file (else the newest plain one) in a models folder, or of
+    ``step`` when given and it has one."""
     files = sorted(models.glob("*.safetensors"), key=lambda p: (_step_of(p), "_ema" in p.stem))
+    of_step = [p for p in files if _step_of(p) == step]
+    files = of_step or files
     return files[-1] if files else None
 
 
