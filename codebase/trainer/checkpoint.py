@@ -4,6 +4,8 @@ Layout under the run root::
 
     models/<step>_<net>.safetensors        each network, carrying its which_model and kwargs
     models/<step>_<net>_ema.safetensors    its EMA copy, when there is one
+    models/<step>_<net>[_ema]_lora.safetensors  a LoRA network: its adapters alone, naming
+                                           their base file (see trainer/lora.py)
     training_state/<step>.state            optimizers, schedulers, RNG, counters
     training_state/<step>.<engine>/        files an engine writes itself (DeepSpeed's shards)
 
