@@ -244,12 +244,16 @@ def test_training_moves_only_the_adapters_and_saves_only_them(tmp_path, capsys):
     ema_tensors, _ = read_safetensors(models / "6_mlp_ema_lora.safetensors")
     assert not torch.equal(ema_tensors["head.lora_b"], tensors["head.lora_b"])
     assert (models / "6_mlp_lora.safetensors").stat().st_size < base.stat().st_size / 3
+    with pytest.raises(ConfigError, match="holds LoRA adapters, not a network"):
+        make_experiment(
+            tmp_path, path={"pretrain_model_mlp": str(models / "6_mlp_lora.safetensors")}
+        )
 
 
 def test_resume_is_exact_and_refuses_a_changed_base(tmp_path):
     sections = dict(
         networks={"mlp": {"lora": LORA}},
-        train={"niter": 4},
+        train={"niter": 4, "ema_rate": 0.5},
         logger={"save_checkpoint_freq": 2},
     )
     full = make_trainer(tmp_path / "a", **sections)
@@ -262,6 +266,11 @@ def test_resume_is_exact_and_refuses_a_changed_base(tmp_path):
     resumed.train()
     for name, t in resumed.raw_networks["mlp"].state_dict().items():
         assert torch.equal(t, full.raw_networks["mlp"].state_dict()[name]), name
+    for name, t in resumed.ema["mlp"].module.state_dict().items():  # the EMA continued too
+        assert torch.equal(t, full.ema["mlp"].module.state_dict()[name]), name
+    without = {**sections, "networks": {"mlp": {"kwargs": {"hidden": 32}}}}
+    with pytest.raises(CheckpointError, match="saved only LoRA adapters of mlp"):
+        make_trainer(tmp_path / "a", **without, path={"resume_state": str(state)})
 
     load = load_network(base)  # the base file itself is a plain network
     with torch.no_grad():
