@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="network file written by the trainer (models/<step>_<net>.safetensors)",
     )
+    p.add_argument(
+        "--lora",
+        type=Path,
+        help="LoRA adapters trained on --model (<step>_<net>[_ema]_lora.safetensors): merged "
+        "into it before synthesis",
+    )
     p.add_argument("--text", action="append", default=[], help="text to speak (repeatable)")
     p.add_argument("--text-file", type=Path, help="a UTF-8 file with one text per line")
     p.add_argument(
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.text:
         raise UserError("give at least one --text or a --text-file")
     check_numbers(args)
+    if args.lora is not None and not args.lora.is_file():
+        raise UserError(f"--lora {args.lora} does not exist")
     for prompt in args.prompt:
         if not prompt.is_file():
             raise UserError(f"--prompt {prompt} does not exist; give a recording of the voice")
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     synth = Synthesizer.from_checkpoint(
-        args.model, device=args.device, codec_options=args.codec_options
+        args.model, device=args.device, codec_options=args.codec_options, lora=args.lora
     )
     if len(args.prompt) > 1 and isinstance(synth, Synthesizer):
         raise UserError(
@@ -198,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     clips = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     prompt = synth.encode_prompt(clips, seconds=args.prompt_seconds or None)
+    lora = f" with the adapters of {args.lora} merged" if args.lora else ""
     print(
-        f"loaded {args.model} on {synth.device} in {time.perf_counter() - t0:.1f} s; prompt "
+        f"loaded {args.model}{lora} on {synth.device} in {time.perf_counter() - t0:.1f} s; prompt "
         f"{synth.prompt_seconds(prompt):.2f} s from {', '.join(map(str, args.prompt))}"
     )
     for message in synth.text_warnings(args.text):

@@ -4,6 +4,8 @@ Layout under the run root::
 
     models/<step>_<net>.safetensors        each network, carrying its which_model and kwargs
     models/<step>_<net>_ema.safetensors    its EMA copy, when there is one
+    models/<step>_<net>[_ema]_lora.safetensors  a LoRA network: its adapters alone, naming
+                                           their base file (see trainer/lora.py)
     training_state/<step>.state            optimizers, schedulers, RNG, counters
     training_state/<step>.<engine>/        files an engine writes itself (DeepSpeed's shards)
 
@@ -22,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from models.lora import save_adapters
 from utils.errors import CheckpointError
 from utils.io import DIGEST_KEY, content_digest, file_sha256, load_torch, save_network, save_torch
 
@@ -57,8 +60,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ paths
 
-    def network_path(self, step: int, net: str, ema: bool = False) -> Path:
-        suffix = "_ema" if ema else ""
+    def network_path(self, step: int, net: str, ema: bool = False, lora: bool = False) -> Path:
+        """``<step>_<net>[_ema][_lora].safetensors``; ``_lora``: only the LoRA adapters."""
+        suffix = ("_ema" if ema else "") + ("_lora" if lora else "")
         return self.models_dir / f"{step}_{net}{suffix}.safetensors"
 
     def state_path(self, step: int) -> Path:
@@ -106,11 +110,15 @@ class CheckpointManager:
         state: dict[str, Any],
         ema: dict[str, nn.Module] | None = None,
         metadata: dict[str, str] | None = None,
+        adapters: dict[str, dict] | None = None,
     ) -> Path:
         """Write all networks (and EMA copies), then the training state, then prune old steps.
 
         ``metadata`` (strings) goes into every network file, e.g. the phoneme vocabulary and
-        codec config that synthesis needs besides the weights.
+        codec config that synthesis needs besides the weights. A network in ``adapters`` is
+        saved as its LoRA adapters alone (``<step>_<net>[_ema]_lora.safetensors``), with those
+        arguments of :func:`models.lora.save_adapters` (``options``, ``base``, ``base_sha256``,
+        ``extra``).
         """
         ema = ema or {}
         unknown = sorted(set(ema) - set(networks))
@@ -120,23 +128,28 @@ class CheckpointManager:
                 f"EMA networks {unknown} have no matching entry in networks {sorted(networks)}; "
                 f"pass the live network under the same name"
             )
+        adapters = adapters or {}
         for name, (module, which_model, kwargs) in networks.items():
             extra = {**(metadata or {}), "step": str(step), "network": name}
-            save_network(
-                module,
-                self.network_path(step, name),
-                which_model=which_model,
-                kwargs=kwargs,
-                extra=extra,
-            )
+            copies = [(module, False, extra)]
             if name in ema:
-                save_network(
-                    ema[name],
-                    self.network_path(step, name, ema=True),
-                    which_model=which_model,
-                    kwargs=kwargs,
-                    extra={**extra, "ema": "true"},
-                )
+                copies.append((ema[name], True, {**extra, "ema": "true"}))
+            for net, is_ema, net_extra in copies:
+                path = self.network_path(step, name, ema=is_ema, lora=name in adapters)
+                if name in adapters:
+                    args = adapters[name]
+                    save_adapters(
+                        net,
+                        path,
+                        which_model=which_model,
+                        kwargs=kwargs,
+                        options=args["options"],
+                        base=args["base"],
+                        base_sha256=args["base_sha256"],
+                        extra={**net_extra, **args.get("extra", {})},
+                    )
+                else:
+                    save_network(net, path, which_model=which_model, kwargs=kwargs, extra=net_extra)
         full_state = {
             **state,
             "format_version": STATE_FORMAT_VERSION,

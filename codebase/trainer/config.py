@@ -17,6 +17,7 @@ import torch
 
 from data.spec import DatasetSpec, validate_dataset
 from models import MODELS
+from models.lora import LoraOptions, default_targets, match_targets
 from trainer import components  # noqa: F401 - imports every built-in component family
 from trainer.component import ComponentSpec, Gate
 from trainer.engines import validate_engine_options
@@ -27,6 +28,7 @@ from trainer.lr_scheduler import SCHEDULERS
 from trainer.optimizers import OPTIMIZERS
 from utils.errors import CheckpointError
 from utils.io import (
+    ADAPTER_FORMAT,
     adapted,
     compare_weights,
     grow_rows,
@@ -149,6 +151,7 @@ class NetworkSpec:
     type: Literal["generator", "discriminator"] = "generator"  # must agree with which_model_G/_D
     kwargs: dict = field(default_factory=dict)  # the factory's options (saved in checkpoints)
     trainable: bool = True
+    lora: LoraOptions | None = None  # train low-rank adapters on the frozen network instead
     factory: Any = field(default=None, init=False)  # the registered model
 
 
@@ -324,6 +327,13 @@ def _validate_sections(exp: Experiment, sections: dict[str, dict], problems: Pro
         problems.add("steps", "missing: declare at least one training step")
     _check_pretrained(exp, problems)
     exp.deepspeed = validate_engine_options(exp.engine, sections["deepspeed"], exp, problems)
+    for name, spec in exp.networks.items():
+        if spec is not None and spec.lora is not None and exp.engine == "deepspeed":
+            problems.add(
+                f"networks.{name}.lora",
+                "is not supported with engine: deepspeed (its checkpoints hold whole networks); "
+                "use engine: local (DDP under torchrun)",
+            )
     t = exp.train
     if t is not None and t.val_freq and "val" not in sections["datasets"]:
         problems.add("train.val_freq", "is set but there is no datasets.val to validate on")
@@ -449,6 +459,13 @@ def _check_pretrained(exp: Experiment, problems: Problems) -> None:
         except CheckpointError as e:
             problems.add(where, str(e))
             continue
+        if meta.get("format") == ADAPTER_FORMAT:
+            problems.add(
+                where,
+                f"{path} holds LoRA adapters, not a network: point it at their base, or merge "
+                f"them first (python -m models.lora merge --lora {path} --out merged.safetensors)",
+            )
+            continue
         spec = exp.networks.get(net)
         saved = meta.get("which_model")
         if spec is not None and saved is not None and saved != spec.which_model:
@@ -539,20 +556,45 @@ def _validate_network(name: str, net: Any, problems: Problems, base: Path) -> Ne
     spec.factory = factory
     spec.kwargs = bind_options(factory, spec.kwargs, f"{path}.kwargs", problems, base_dir=base)
     if len(problems.items) == before:
-        _check_by_building(spec, path, problems)
+        built = _check_by_building(spec, path, problems)
+        if spec.lora is not None and built is not None:
+            _check_lora(spec, built, path, problems)
+    if spec.lora is not None and not spec.trainable:
+        problems.add(f"{path}.lora", "is set but trainable is false: the adapters would not train")
     return spec
 
 
-def _check_by_building(spec: NetworkSpec, path: str, problems: Problems) -> None:
+def _check_by_building(spec: NetworkSpec, path: str, problems: Problems) -> Any:
     """Run the network's own checks (e.g. heads dividing the width) now, with every other
-    problem: build it on the meta device, which allocates nothing."""
+    problem: build it on the meta device, which allocates nothing. Returns the meta network
+    (None when it could not be built there)."""
     try:
         with torch.device("meta"):
-            construct(spec.factory, spec.kwargs, {}, path)
+            return construct(spec.factory, spec.kwargs, {}, path)
     except (ValueError, TypeError) as e:
         problems.add(f"{path}.kwargs", str(e))
     except Exception as e:  # not the options' fault (an op meta tensors lack): built later
         log.debug("%s: not checked on the meta device: %s", path, e)
+    return None
+
+
+def _check_lora(spec: NetworkSpec, net: Any, path: str, problems: Problems) -> None:
+    """Every ``lora.target`` pattern (or the model's default) selects a module LoRA adapts."""
+    where = f"{path}.lora.target"
+    if spec.lora.target == []:
+        problems.add(where, "is empty: give fnmatch patterns, or leave it out for the defaults")
+        return
+    patterns = spec.lora.target if spec.lora.target is not None else default_targets(net)
+    if not patterns:
+        names = [n for n, _ in net.named_modules() if n][:5]
+        problems.add(
+            where,
+            f"required: {spec.which_model!r} declares no default lora_targets; give fnmatch "
+            f"patterns of its module names (e.g. {', '.join(names)})",
+        )
+        return
+    for i, message in match_targets(net, patterns)[1]:
+        problems.add(f"{where}[{i}]" if spec.lora.target is not None else where, message)
 
 
 def _validate_step(

@@ -23,6 +23,7 @@ from data.loader import (
     split_batch,
 )
 from data.spec import build_dataset
+from models.lora import requires_grad_
 from trainer.best import BestTracker
 from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
@@ -31,6 +32,7 @@ from trainer.component import TrainerEnv, build_component
 from trainer.config import Experiment
 from trainer.engines import build_engine
 from trainer.logger import TrainingLogger, visual_image
+from trainer.lora import LoraNetworks
 from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
 from trainer.optimizers import build_optimizer
@@ -46,7 +48,7 @@ from trainer.training_state import (
 )
 from utils import distributed
 from utils.errors import EXIT_DIVERGED, CheckpointError
-from utils.io import load_module
+from utils.io import LoadReport, load_module
 from utils.schema import ConfigError, Problems, construct
 from utils.seed import derive_seed, set_seed
 
@@ -137,12 +139,12 @@ class ExtensibleTrainer:
 
     def _build_networks(self) -> None:
         """The engine, then every network on the device (unwrapped: the engine wraps the
-        trained ones later) and an EMA copy of each trainable one when ``ema_rate`` is set."""
+        trained ones later). Their EMA copies are made once their weights are loaded."""
         self.engine = build_engine(self.exp, self.device, self.dist, self.batch_size)
         self.raw_networks: dict[str, nn.Module] = {}
         self.networks: dict[str, nn.Module] = {}
         self.ema: dict[str, AveragedModel] = {}
-        ema_rate = self.exp.train.ema_rate
+        self.lora = LoraNetworks(self.exp, self.checkpoints, self.dist.is_main)
         for name, spec in self.exp.networks.items():
             net = construct(
                 spec.factory,
@@ -160,9 +162,19 @@ class ExtensibleTrainer:
                 )
             net.requires_grad_(spec.trainable)
             self.raw_networks[name] = self.networks[name] = net.to(self.device)
-            if spec.trainable and ema_rate:
+
+    def _build_ema(self) -> None:
+        """An EMA copy of each trainable network when ``ema_rate`` is set (of a LoRA network:
+        of its adapters, see :mod:`trainer.lora`)."""
+        rate = self.exp.train.ema_rate
+        for name, net in self.raw_networks.items():
+            if not (self.exp.networks[name].trainable and rate):
+                continue
+            if name in self.lora.bases:
+                self.ema[name] = self.lora.ema(net, rate)
+            else:
                 self.ema[name] = AveragedModel(
-                    net, multi_avg_fn=get_ema_multi_avg_fn(ema_rate), use_buffers=True
+                    net, multi_avg_fn=get_ema_multi_avg_fn(rate), use_buffers=True
                 )
 
     def _find_resume(self) -> tuple[Path | None, dict | None]:
@@ -240,24 +252,39 @@ class ExtensibleTrainer:
             )
 
     def _load_weights(self, resume: Path | None, saved: dict | None) -> None:
-        """A checkpoint's networks and EMA copies, else the ``pretrain_model_*`` files.
-        Before the engine wraps: DDP broadcasts them and DeepSpeed copies them."""
+        """A checkpoint's networks and EMA copies, else the ``pretrain_model_*`` files; LoRA
+        networks get their adapters after their base weights. Before the engine wraps: DDP
+        broadcasts them and DeepSpeed copies them."""
         self._ema_restored: set[str] = set()
         if saved is None:
-            self._load_pretrained()
+            reports = self._load_pretrained()
+            for name in self.lora.names():
+                self.lora.start(name, self.raw_networks[name], reports.get(name))
+            self._build_ema()
             return
         step = int(saved["step"])
         for name, net in self.raw_networks.items():
-            load_module(net, self.checkpoints.network_path(step, name), strict=True)
+            self.lora.check_saved_kind(name, step)
+            if name in self.lora.names():
+                self.lora.resume(name, net, step)
+            else:
+                load_module(net, self.checkpoints.network_path(step, name), strict=True)
+        self._build_ema()
         for name, ema in self.ema.items():
             ema_path = self.checkpoints.network_path(step, name, ema=True)
-            if ema_path.exists():
-                load_module(ema.module, ema_path, strict=True)
+            if name in self.lora.bases:
+                restored = self.lora.load_ema(name, ema.module, step)
+            else:
+                restored = ema_path.exists()
+                if restored:
+                    load_module(ema.module, ema_path, strict=True)
+            if restored:
                 self._ema_restored.add(name)
             else:
                 log.warning("no EMA weights for %s in %s; restarting its average", name, resume)
 
-    def _load_pretrained(self) -> None:
+    def _load_pretrained(self) -> dict[str, LoadReport]:
+        reports = {}
         for name, path in self.exp.path.pretrain.items():
             report = load_module(
                 self.raw_networks[name],
@@ -265,8 +292,7 @@ class ExtensibleTrainer:
                 strict=self.exp.path.strict_load,
                 grow=self.exp.path.grow_embeddings,
             )
-            if name in self.ema:
-                self.ema[name].module.load_state_dict(self.raw_networks[name].state_dict())
+            reports[name] = report
             msg = f"initialised {name} from {path}"
             if report.grown:
                 log.warning(
@@ -275,6 +301,7 @@ class ExtensibleTrainer:
                     "; ".join(report.grown),
                 )
             log.warning("%s:\n%s", msg, report.describe()) if not report.ok else log.info(msg)
+        return reports
 
     def _build_steps(self) -> None:
         """Optimizers first; then the engine wraps each trainable network with its
@@ -444,6 +471,8 @@ class ExtensibleTrainer:
             f"precision {self.exp.precision}; engine {self.engine.name}{ranks}"
             + (f"; resumed from {resume} at step {self.step}" if resume else "")
         )
+        for line in self.lora.lines:
+            self.logger.info(line)
 
     def _per_rank_batch_size(self, phase: str) -> int | None:
         """``datasets.<phase>.batch_size`` is the global batch; one rank loads its share."""
@@ -481,10 +510,10 @@ class ExtensibleTrainer:
         for name, step in self.steps.items():
             if not step.gate.open(self.step):
                 continue
-            if multi:  # only this step's network collects gradients
+            if multi:  # only this step's network collects gradients (LoRA: its adapters)
                 for other, net in self.raw_networks.items():
-                    net.requires_grad_(
-                        other == step.spec.training and self.exp.networks[other].trainable
+                    requires_grad_(
+                        net, other == step.spec.training and self.exp.networks[other].trainable
                     )
             out, skipped = step.train(chunks, self.step)
             step_total = out.pop("_total", None)
@@ -835,6 +864,7 @@ class ExtensibleTrainer:
                 {**header, **parts},
                 ema={n: e.module for n, e in self.ema.items()},
                 metadata=self.checkpoint_metadata,
+                adapters=self.lora.adapter_files(),
             )
             self.logger.info(f"saved checkpoint at step {self.step}: {path}")
             if self.best is not None and self.best.step == self.step:

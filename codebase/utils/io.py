@@ -25,6 +25,9 @@ from utils.errors import CheckpointError
 
 NETWORK_FORMAT = "codec-tts-network"
 NETWORK_FORMAT_VERSION = "1"
+# LoRA adapters of a network (models/lora.py): only the adapter tensors, the base named in the
+# metadata. Named here so that reading one as a network says what it is.
+ADAPTER_FORMAT = "codec-tts-lora"
 _RESERVED_METADATA = ("format", "format_version", "which_model", "kwargs", "sha256")
 DIGEST_KEY = "sha256"  # safetensors metadata key / state dict key holding a content checksum
 _MAX_LISTED_KEYS = 20
@@ -199,9 +202,17 @@ def save_module(module: nn.Module, path: Path, metadata: dict[str, str] | None =
         raise TypeError(
             f"metadata for {path} must map str to str; convert these entries to strings: {bad}"
         )
-    tensors = _tensors_for_saving(module)
-    metadata[DIGEST_KEY] = content_digest(tensors)  # verified by load_module
-    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
+    save_tensors(_tensors_for_saving(module), path, metadata)
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Save CPU tensors (each with its own storage) to a safetensors file, atomically, with a
+    checksum of their contents in the metadata (verified by :func:`read_safetensors`)."""
+    metadata = dict(metadata or {})
+    metadata[DIGEST_KEY] = content_digest(tensors)
+    atomic_write(Path(path), lambda tmp: _save_file(tensors, tmp, metadata))
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -296,6 +307,12 @@ def read_network_metadata(path: Path) -> dict[str, Any]:
     """Return ``{"which_model": str, "kwargs": dict, **other metadata}`` of a saved network."""
     path = Path(path)
     meta = safetensors_metadata(path)
+    if meta.get("format") == ADAPTER_FORMAT:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters, not a whole network; merge them into their base "
+            f"first (python -m models.lora merge --lora {path} --out merged.safetensors), or "
+            f"give the base as the model and this file as --lora"
+        )
     if meta.get("format") != NETWORK_FORMAT or "which_model" not in meta or "kwargs" not in meta:
         raise CheckpointError(
             f"{path} is a safetensors file but not a network written by save_network (no "

@@ -35,8 +35,10 @@ from models.audio.tts.synthesis_common import (  # noqa: F401 - part of this mod
     SynthesisError,
     sampling_problems,
 )
+from models.lora import load_adapted
 from utils.audio import load_audio
 from utils.distributed import resolve_device
+from utils.errors import CheckpointError
 from utils.io import load_module, read_network_metadata
 from utils.schema import ConfigError, Problems, bind_options
 
@@ -149,6 +151,20 @@ def check_codec_options(
     return name, options
 
 
+def _merged_network(base: Path, lora: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The base network with ``lora``'s adapters merged in, and the metadata synthesis reads:
+    the base file's (when it is a network file), overridden by the adapter file's."""
+    if not lora.is_file():
+        raise NotASynthesisCheckpoint(f"--lora {lora} does not exist")
+    model, adapters = load_adapted(lora, base=base)
+    try:
+        meta = read_network_metadata(base)
+    except CheckpointError:  # e.g. Tortoise's autoregressive.pth: the adapter file has it all
+        meta = {}
+    meta = {**meta, **adapters.extra, "which_model": adapters.which_model}
+    return model, {**meta, "kwargs": adapters.kwargs}
+
+
 # ----------------------------------------------------------------------------- synthesizer
 
 
@@ -190,11 +206,16 @@ class Synthesizer:
         path: str | Path,
         device: str | torch.device = "cpu",
         codec_options: dict[str, Any] | None = None,
+        lora: str | Path | None = None,
     ) -> Synthesizer:
         """Load a network file written by the trainer (``models/<step>_<net>[_ema].safetensors``).
 
         ``codec_options`` override or extend the stored codec config, e.g. ``{"checkpoint":
         "/new/place/data_mel_rvq.safetensors"}`` when the run folder moved.
+
+        ``lora``: an adapter file (``<step>_<net>[_ema]_lora.safetensors``) trained on ``path``
+        (its SHA-256 is checked): they are merged into it, and the adapter file's metadata (the
+        fine-tuning data's vocabulary and codec) is used.
 
         A ``unified_voice2`` (Tortoise GPT) file gives a
         :class:`models.audio.tts.tortoise_synthesis.TortoiseSynthesizer` (same methods; its
@@ -207,14 +228,18 @@ class Synthesizer:
                 f"model file {path} does not exist; pass a network file the trainer wrote "
                 f"(<run folder>/models/<step>_<net>[_ema].safetensors)"
             )
+        model = None
         try:
-            meta = read_network_metadata(path)
+            if lora is None:
+                meta = read_network_metadata(path)
+            else:
+                model, meta = _merged_network(path, Path(lora))
         except ValueError as e:  # utils.io names the file and what is wrong with it
             raise NotASynthesisCheckpoint(str(e)) from e
         if meta.get("which_model") == "unified_voice2":  # Tortoise's GPT: its own front end
             from models.audio.tts.tortoise_synthesis import TortoiseSynthesizer
 
-            return TortoiseSynthesizer.from_metadata(path, meta, device, codec_options)
+            return TortoiseSynthesizer.from_metadata(path, meta, device, codec_options, model)
         missing = [k for k in REQUIRED_METADATA if k not in meta]
         if missing:
             raise NotASynthesisCheckpoint(
@@ -238,16 +263,17 @@ class Synthesizer:
         which = meta["which_model"]
         if which in _NETWORK_MODULES and which not in MODELS.names():
             importlib.import_module(_NETWORK_MODULES[which])
-        model = build_network(which, meta["kwargs"])
+        if model is None:
+            model = build_network(which, meta["kwargs"])
+            try:
+                load_module(model, path, strict=True)
+            except ValueError as e:  # weights that do not fit the stored kwargs, or corrupt
+                raise NotASynthesisCheckpoint(str(e)) from e
         if not callable(getattr(model, "generate", None)):
             raise NotASynthesisCheckpoint(
                 f"{path} holds a {which!r} network, which has no generate(); "
                 f"synthesis needs a VALL-E checkpoint"
             )
-        try:
-            load_module(model, path, strict=True)
-        except ValueError as e:  # weights that do not fit the stored kwargs, or a corrupt file
-            raise NotASynthesisCheckpoint(str(e)) from e
         codec = build_codec_from_config(codec_config, codec_options, where=str(path))
         return cls(model, vocab, phonemizer, codec, device=device)
 

@@ -84,9 +84,11 @@ class TortoiseSynthesizer:
         meta: dict[str, Any],
         device: str | torch.device = "cpu",
         options: dict[str, Any] | None = None,
+        model: nn.Module | None = None,
     ) -> TortoiseSynthesizer:
         """Build from a network file's metadata (read by ``Synthesizer.from_checkpoint``);
-        ``options`` override ``dvae_weights`` (a moved DVAE) or ``griffin_lim_iters``."""
+        ``options`` override ``dvae_weights`` (a moved DVAE) or ``griffin_lim_iters``.
+        ``model``: the GPT already loaded (with LoRA adapters merged); else it is ``path``'s."""
 
         options = dict(options or {})
         unknown = [k for k in options if k not in DECODER_OPTIONS]
@@ -119,9 +121,12 @@ class TortoiseSynthesizer:
                 f"the DVAE weights {weights} that {path} was trained with do not exist (moved or "
                 f"deleted?); point at them with --codec-option dvae_weights=/new/place/file"
             )
-        model = build_network(meta["which_model"], meta["kwargs"])
         dvae = build_network(dvae_meta["which_model"], dvae_meta["kwargs"])
-        for net, file in ((model, path), (dvae, weights)):
+        to_load = [(dvae, weights)]
+        if model is None:
+            model = build_network(meta["which_model"], meta["kwargs"])
+            to_load.append((model, path))
+        for net, file in to_load:
             try:
                 load_module(net, file, strict=True)
             except (ValueError, UserError) as e:

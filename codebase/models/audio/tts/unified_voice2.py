@@ -71,6 +71,10 @@ class UnifiedVoice2(nn.Module):
             trainer): recompute the GPT-2 and conditioning-encoder blocks.
     """
 
+    # LoRA's default targets (models/lora.py): the GPT-2 blocks' attention and MLP projections
+    # (c_attn, c_proj, c_fc); the conditioning encoder's 1x1 convolutions are not adapted
+    lora_targets = ("gpt.h.*.attn.*", "gpt.h.*.mlp.*")
+
     def __init__(
         self,
         layers: PositiveInt = 8,

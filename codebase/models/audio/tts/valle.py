@@ -103,6 +103,9 @@ class VALLE(nn.Module):
             ``checkpointing_enabled``.
     """
 
+    # LoRA's default targets (models/lora.py): every trunk's attention and MLP projections
+    lora_targets = ("*.attn.*", "*.mlp.*")
+
     def __init__(
         self,
         n_phonemes: PositiveInt = 256,
