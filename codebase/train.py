@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{exp.file}: OK ({len(exp.networks)} network(s), {len(exp.steps)} "
             f"step(s), run folder {exp.run_dir})"
         )
+        for step in exp.steps.values():  # what freeze / param_groups leave to train
+            if step.trainable_summary:
+                print(f"  {step.trainable_summary}")
         return 0
 
     trainer = ExtensibleTrainer(exp)

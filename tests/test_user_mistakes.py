@@ -206,6 +206,13 @@ def catalogue() -> list[Mistake]:
             ("toy_mpl", "toy_mlp"),
         ),
         Mistake(
+            "a freeze pattern that matches no parameter",
+            t,
+            ["-opt", "@toy", "-o", "steps.fit.freeze=[body.0, haed.*]", "--dry-run"],
+            EXIT_USAGE,
+            ("steps.fit.freeze[1]", "matches 'haed.*'", "did you mean 'head.*'", "body.0.weight"),
+        ),
+        Mistake(
             "missing pretrained file",
             t,
             ["-opt", "@toy", "-o", "path.pretrain_model_mlp={root}/gone.safetensors"],

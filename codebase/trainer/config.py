@@ -22,6 +22,7 @@ from trainer import components  # noqa: F401 - imports every built-in component 
 from trainer.component import ComponentSpec, Gate
 from trainer.engines import validate_engine_options
 from trainer.evaluators import EVALUATORS
+from trainer.freeze import ParamGroupSpec, check_step_patterns, validate_param_groups
 from trainer.injectors import INJECTORS, GeneratorInjector
 from trainer.losses import LOSSES
 from trainer.lr_scheduler import SCHEDULERS
@@ -166,8 +167,13 @@ class StepSpec:
     after: NonNegativeInt = 0
     before: NonNegativeInt | None = None
     every: PositiveInt = 1
+    # fnmatch patterns of parameter names left untrained (requires_grad false, no optimizer)
+    freeze: list[str] = field(default_factory=list)
+    # optimizer options per pattern, over optimizer_params; the first matching entry wins
+    param_groups: list[ParamGroupSpec] = field(default_factory=list, init=False)
     injectors: list[ComponentSpec] = field(default_factory=list, init=False)
     losses: list[ComponentSpec] = field(default_factory=list, init=False)
+    trainable_summary: str = field(default="", init=False)  # freeze/param_groups: --dry-run log
 
     @property
     def gate(self) -> Gate:
@@ -325,6 +331,7 @@ def _validate_sections(exp: Experiment, sections: dict[str, dict], problems: Pro
             loss_owner[loss] = name
     if not sections["steps"]:
         problems.add("steps", "missing: declare at least one training step")
+    _check_parameter_patterns(exp, problems)
     _check_pretrained(exp, problems)
     exp.deepspeed = validate_engine_options(exp.engine, sections["deepspeed"], exp, problems)
     for name, spec in exp.networks.items():
@@ -492,11 +499,10 @@ def _shape_mismatches(spec: NetworkSpec, path: Path, grow: bool = False) -> list
     network lacks, read from the file's header against the network built on the meta device
     (nothing is allocated). Empty when the network cannot be built there. With ``grow``,
     tensors the load would grow (``path.grow_embeddings``) fit."""
-    if spec.factory is None:
+    net = _on_meta(spec, str(path))
+    if net is None:
         return []
     try:
-        with torch.device("meta"):
-            net = construct(spec.factory, spec.kwargs, {}, "")
         shapes = adapted(net, weight_shapes(path))
         if grow:
             shapes, _ = grow_rows(net, shapes)
@@ -506,6 +512,32 @@ def _shape_mismatches(spec: NetworkSpec, path: Path, grow: bool = False) -> list
         return []
     # Missing keys are left to the load: on the meta device tied tensors cannot be told apart.
     return report.mismatched + [f"{k}: not in the network" for k in report.unexpected]
+
+
+def _on_meta(spec: NetworkSpec, what: str) -> Any:
+    """The network built on the meta device (nothing allocated); None if it cannot be (an op
+    that meta tensors lack, or options already reported): checked later on the real one."""
+    if spec.factory is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return construct(spec.factory, spec.kwargs, {}, "")
+    except Exception as e:
+        log.debug("%s: not checked on the meta device: %s", what, e)
+        return None
+
+
+def _check_parameter_patterns(exp: Experiment, problems: Problems) -> None:
+    """Each step's ``freeze`` and ``param_groups`` against its network's parameter names."""
+    built: dict[str, Any] = {}
+
+    def meta_network(name: str) -> Any:
+        if name not in built:
+            spec = exp.networks.get(name)
+            built[name] = _on_meta(spec, f"networks.{name}") if spec is not None else None
+        return built[name]
+
+    check_step_patterns(exp.steps, meta_network, problems)
 
 
 def _validate_eval(section: dict, problems: Problems, base: Path) -> EvalOptions:
@@ -605,7 +637,12 @@ def _validate_step(
         return None
     _warn_dlas(step, "steps.*", path)
     spec = build_dataclass(
-        StepSpec, _without(step, "steps.*"), path, problems, base, handled=("injectors", "losses")
+        StepSpec,
+        _without(step, "steps.*"),
+        path,
+        problems,
+        base,
+        handled=("injectors", "losses", "param_groups"),
     )
     if spec is None:
         return None
@@ -619,6 +656,9 @@ def _validate_step(
         spec.optimizer_params = bind_options(
             opt_factory, spec.optimizer_params, f"{path}.optimizer_params", problems, base_dir=base
         )
+    spec.param_groups = validate_param_groups(
+        step.get("param_groups"), opt_factory, path, problems, base
+    )
     if not step.get("losses"):
         problems.add(f"{path}.losses", "missing: a training step needs at least one loss")
     kinds = (("injectors", INJECTORS, INJECTOR_SHARED), ("losses", LOSSES, LOSS_SHARED))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 import yaml
 from torch import nn
+from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data.loader import (
@@ -23,19 +24,18 @@ from data.loader import (
     split_batch,
 )
 from data.spec import build_dataset
-from models.lora import requires_grad_
 from trainer.best import BestTracker
 from trainer.checkpoint import CheckpointManager
 from trainer.commands import CommandListener, GracefulInterrupt
 from trainer.compatibility import check_pretrained
 from trainer.component import TrainerEnv, build_component
-from trainer.config import Experiment
+from trainer.config import Experiment, StepSpec
 from trainer.engines import build_engine
+from trainer.freeze import build_step_optimizer, describe, select_parameters
 from trainer.logger import TrainingLogger, visual_image
 from trainer.lora import LoraNetworks
 from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
-from trainer.optimizers import build_optimizer
 from trainer.steps import ConfigurableStep, check_state_keys
 from trainer.training_state import (
     Counters,
@@ -196,24 +196,37 @@ class ExtensibleTrainer:
         return resume, saved
 
     def _check_resumable(self, resume: Path, saved: dict) -> None:
-        """What the YAML may not change since the checkpoint: the kind of each optimizer."""
+        """What the YAML may not change since the checkpoint: the kind of each optimizer and
+        the parameters it holds, laid out by ``freeze`` and the ``param_groups`` patterns."""
         old = yaml.safe_load(saved.get("config") or "{}") or {}
         problems = Problems()
         for name, spec in self.exp.steps.items():
             # as written in the YAML, then and now (not the resolved names)
-            before = ((old.get("steps") or {}).get(name) or {}).get("optimizer")
-            now = (self.exp.options.get("steps") or {}).get(name, {}).get("optimizer")
-            if before is not None and str(before).lower() != str(now or spec.optimizer).lower():
-                net = spec.training
+            then = (old.get("steps") or {}).get(name) or {}
+            now = (self.exp.options.get("steps") or {}).get(name) or {}
+            new_run = (
+                f"start a new run from the weights: path.pretrain_model_{spec.training}: "
+                f"{self.checkpoints.network_path(int(saved['step']), spec.training)} with "
+                f"path.resume_state: null and another `name`"
+            )
+            before, kind = then.get("optimizer"), now.get("optimizer")
+            if before is not None and str(before).lower() != str(kind or spec.optimizer).lower():
                 problems.add(
                     f"steps.{name}.optimizer",
-                    f"is {now!r}, but {resume} was trained with {before!r}, whose "
+                    f"is {kind!r}, but {resume} was trained with {before!r}, whose "
                     f"state cannot carry over to another kind of optimizer. Set it back to "
-                    f"{before!r} to resume; or start a new run from the weights: "
-                    f"path.pretrain_model_{net}: "
-                    f"{self.checkpoints.network_path(int(saved['step']), net)} with "
-                    f"path.resume_state: null and another `name`",
+                    f"{before!r} to resume; or {new_run}",
                 )
+            for key, layout in (("freeze", _freeze_layout), ("param_groups", _group_layout)):
+                if layout(then.get(key)) != layout(now.get(key)):
+                    problems.add(
+                        f"steps.{name}.{key}",
+                        f"is {now.get(key)!r}, but {resume} was trained with "
+                        f"{then.get(key)!r}: the optimizer state it holds is laid out by the "
+                        "trained parameters and their groups, and cannot carry over to "
+                        f"another layout. Set it back to resume (a group's options, lr "
+                        f"included, may change); or {new_run}",
+                    )
         problems.raise_if_any(self.exp.file)
 
     def _restore(self, resume: Path, saved: dict) -> None:
@@ -308,19 +321,20 @@ class ExtensibleTrainer:
         optimizer; then each step's injectors and losses (which call the wrapped networks);
         then the LR schedules and the training data loader."""
         exp = self.exp
-        optimizers, trained_by = {}, {}
+        optimizers, labels, trained_by = {}, {}, {}
+        self._trainable_lines = []
         for name, spec in exp.steps.items():
             if not exp.networks[spec.training].trainable:
                 raise ValueError(
                     f"steps.{name}.training: network {spec.training!r} has trainable: false"
                 )
-            optimizers[name] = build_optimizer(
-                spec.optimizer,
-                self.raw_networks[spec.training],
-                spec.optimizer_params,
-                f"steps.{name}.optimizer",
-            )
+            optimizers[name], labels[name] = self._build_optimizer(name, spec)
             trained_by.setdefault(spec.training, name)
+        # what each network trains (freeze removed the rest), for steps taking turns
+        self._trainable = {
+            n: [p for p in net.parameters() if p.requires_grad]
+            for n, net in self.raw_networks.items()
+        }
         for net_name, net_spec in exp.networks.items():
             if net_spec.trainable:
                 step = trained_by.get(net_name)
@@ -341,6 +355,7 @@ class ExtensibleTrainer:
                 injectors,
                 losses,
                 self.engine,
+                labels[name],
             )
         self._add_injector_metadata()
         self.schedulers = {
@@ -370,6 +385,28 @@ class ExtensibleTrainer:
             pin_memory=self.device.type == "cuda",
             seed=derive_seed(self.seed, self.dist.rank),
         )
+
+    def _build_optimizer(self, name: str, spec: StepSpec) -> tuple[Optimizer, list[str]]:
+        """Step ``name``'s optimizer over what its ``freeze`` leaves of its network, split by
+        its ``param_groups``, and the entry of each param group; the counts go to the log."""
+        net = self.raw_networks[spec.training]
+        problems = Problems()  # found at validation, unless the meta device could not build it
+        selection = select_parameters(
+            net,
+            spec.training,
+            spec.freeze,
+            spec.param_groups,
+            spec.optimizer_params,
+            f"steps.{name}",
+            problems,
+        )
+        problems.raise_if_any(self.exp.file)
+        optimizer, labels = build_step_optimizer(
+            spec.optimizer, net, selection, f"steps.{name}.optimizer"
+        )
+        lrs = [optimizer.param_groups[labels.index(b.label)]["lr"] for b in selection.buckets]
+        self._trainable_lines.append(describe(name, selection, lrs))
+        return optimizer, labels
 
     def _add_injector_metadata(self) -> None:
         """What injectors know that inference needs (the mel features, the DVAE of Tortoise's
@@ -471,7 +508,7 @@ class ExtensibleTrainer:
             f"precision {self.exp.precision}; engine {self.engine.name}{ranks}"
             + (f"; resumed from {resume} at step {self.step}" if resume else "")
         )
-        for line in self.lora.lines:
+        for line in [*self.lora.lines, *self._trainable_lines]:
             self.logger.info(line)
 
     def _per_rank_batch_size(self, phase: str) -> int | None:
@@ -510,11 +547,12 @@ class ExtensibleTrainer:
         for name, step in self.steps.items():
             if not step.gate.open(self.step):
                 continue
-            if multi:  # only this step's network collects gradients (LoRA: its adapters)
-                for other, net in self.raw_networks.items():
-                    requires_grad_(
-                        net, other == step.spec.training and self.exp.networks[other].trainable
-                    )
+            if multi:  # only this step's network collects gradients (not its frozen part,
+                # not a LoRA network's base: the parameters its optimizer holds)
+                for net in self.raw_networks.values():
+                    net.requires_grad_(False)
+                for p in self._trainable[step.spec.training]:
+                    p.requires_grad_(True)
             out, skipped = step.train(chunks, self.step)
             step_total = out.pop("_total", None)
             if step_total is not None:
@@ -769,6 +807,9 @@ class ExtensibleTrainer:
             scalars[key] *= self.dist.world_size  # throughput of the whole job, not one rank
         for name, step in self.steps.items():
             scalars[f"lr/{name}"] = step.optimizer.param_groups[0]["lr"]
+            if step.spec.param_groups:  # each group's own lr (TensorBoard only)
+                for label, group in zip(step.group_labels, step.optimizer.param_groups):
+                    scalars.setdefault(f"lr/{name}/{label}", group["lr"])
             scalars[f"skipped/{name}"] = self._window_skips.get(name, 0)
             for loss in step.losses:  # weighted values are derived here, not every step
                 raw = scalars.get(f"loss/{loss.component_name}")
@@ -891,11 +932,27 @@ class _EmaCounts:
 
 def _on_console(key: str, value: float) -> bool:
     """The console line shows raw losses, lr, grad norm and throughput; TensorBoard has all."""
-    if key.startswith(("loss/", "grad_norm/", "lr/")):
+    if key.startswith("lr/"):
+        return key.count("/") == 1  # not each param group's
+    if key.startswith(("loss/", "grad_norm/")):
         return not key.endswith("_weighted")
     if key.startswith(("skipped/", "train/skipped")):
         return value > 0
     return key in ("perf/samples_per_sec", "train/epoch")
+
+
+def _freeze_layout(freeze: Any) -> list[str]:
+    """``freeze`` as it shapes the optimizer: the set of patterns."""
+    return sorted(map(str, freeze or []))
+
+
+def _group_layout(groups: Any) -> list[list[Any]]:
+    """``param_groups`` as it shapes the optimizer: each entry's patterns, in order."""
+    out = []
+    for group in groups or []:
+        match = group.get("match") if isinstance(group, dict) else group
+        out.append(match if isinstance(match, list) else [match])
+    return out
 
 
 def _default(value: bool | None, default: bool) -> bool:

@@ -31,6 +31,7 @@ class ConfigurableStep:
         injectors: list[Injector],
         losses: list[Loss],
         engine: Any,
+        group_labels: list[str] | None = None,
     ) -> None:
         self.name, self.spec, self.network = name, spec, network
         self.optimizer, self.injectors, self.losses, self.engine = (
@@ -41,6 +42,8 @@ class ConfigurableStep:
         )
         self.gate = spec.gate
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # the param_groups entry (or "rest") of each optimizer param group, for the lr logs
+        self.group_labels = group_labels or ["rest"] * len(optimizer.param_groups)
 
     def run_injectors(self, state: dict[str, Any], step: int, training: bool) -> None:
         for inj in self.injectors:

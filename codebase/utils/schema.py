@@ -333,12 +333,19 @@ def construct(
 
 
 def bind_options(
-    target: Callable, options: dict, path: str, problems: Problems, *, base_dir: Path | None = None
+    target: Callable,
+    options: dict,
+    path: str,
+    problems: Problems,
+    *,
+    base_dir: Path | None = None,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Check ``options`` against ``target``'s keyword arguments; returns the coerced kwargs.
 
     :class:`Runtime` arguments are the trainer's to pass: they may not be set from the YAML
-    and are not reported missing.
+    and are not reported missing. ``partial``: the options override others given elsewhere
+    (a param group's over the step's ``optimizer_params``), so none is reported missing.
     """
     params, hints, var_kw = signature_params(target)
     runtime = set(runtime_params(target))
@@ -359,7 +366,7 @@ def bind_options(
                 f"unknown option{did_you_mean(key, yaml_params)}; valid options: {valid}",
             )
     for name, p in yaml_params.items():
-        if p.default is p.empty and name not in options:
+        if p.default is p.empty and name not in options and not partial:
             problems.add(
                 join(path, name), f"missing required option ({type_name(hints.get(name, Any))})"
             )
