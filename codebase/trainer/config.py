@@ -85,6 +85,9 @@ class TrainOptions:
     max_nonfinite_streak: PositiveInt | None = (
         100  # stop after N steps in a row skipped (None: never)
     )
+    # Stop (after saving) when N training batches in a row ran out of memory: one long batch
+    # is bad luck and skipped, a few in a row mean the batches do not fit (None: never stop).
+    max_oom_streak: PositiveInt | None = 3
     scheduler_kwargs: dict = field(default_factory=dict, init=False)  # the schedule's options
 
 
