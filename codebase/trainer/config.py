@@ -99,6 +99,9 @@ class TrainOptions:
     best_mode: Literal["min", "max"] = "min"  # min: lower is better (losses); max: higher
     # stop when best_metric has not improved for N measurements in a row (None: never)
     early_stop_patience: PositiveInt | None = None
+    # Stop (after saving) when N training batches in a row ran out of memory: one long batch
+    # is bad luck and skipped, a few in a row mean the batches do not fit (None: never stop).
+    max_oom_streak: PositiveInt | None = 3
     scheduler_kwargs: dict = field(default_factory=dict, init=False)  # the schedule's options
 
 

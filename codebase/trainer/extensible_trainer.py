@@ -36,6 +36,13 @@ from trainer.logger import TrainingLogger, visual_image
 from trainer.lora import LoraNetworks
 from trainer.lr_scheduler import build_scheduler
 from trainer.metrics import Meter
+from trainer.oom import (
+    BatchOutOfMemory,
+    OutOfMemoryStreak,
+    describe_batch,
+    describe_failures,
+    streak_message,
+)
 from trainer.steps import ConfigurableStep, check_state_keys
 from trainer.training_state import (
     Counters,
@@ -77,6 +84,7 @@ class ExtensibleTrainer:
         self._streak = 0  # trainer steps in a row with a skipped update
         self._last_good: int | None = None  # newest checkpoint saved outside a streak
         self.stopped_early: str | None = None  # why train() stopped before train.niter
+        self._oom_streak: list[str] = []  # the batches in a row that ran out of memory
         self._setup_distributed()
         self._build_data()
         self._build_networks()
@@ -613,7 +621,8 @@ class ExtensibleTrainer:
                     and not self._out_of_patience()
                     and not distributed.any_rank(stop.requested)
                 ):
-                    self._one_step(meter)
+                    if not self._one_step(meter):
+                        continue  # out of memory: the batch was skipped, the step is not done
                     commands = self._poll(listener)
                     if self._periodic(meter, commands):
                         saved_at = self.step
@@ -705,19 +714,65 @@ class ExtensibleTrainer:
             return
         self.best.record(self.run_dir, [*self.checkpoints.step_files(step), state])
 
-    def _one_step(self, meter: Meter) -> None:
+    def _one_step(self, meter: Meter) -> bool:
+        """Train on the next batch; False when it ran out of memory and was skipped."""
         t0 = time.perf_counter()
         batch = next(self.loader)
         data_time = time.perf_counter() - t0
         self.step += 1
         self.env.step = self.step
         skipped_before = self.counters.skipped_steps
-        logs = self.train_step(batch)
+        try:
+            logs = self.train_step(batch)
+        except BatchOutOfMemory as e:
+            oom = (e.where, e.message, describe_batch(batch))
+        else:
+            oom = None
+        if oom is not None:  # out of the handler: the exception held the failed graph
+            del batch
+            self._skip_oom_batch(*oom)
+            return False
+        self._oom_streak.clear()
         self._track_streak(self.counters.skipped_steps > skipped_before)
         meter.add(logs, batch_size_of(batch), data_time)
         self.logger.progress(self.step)
         for callback in self.step_callbacks:
             callback(self.step, logs)
+        return True
+
+    def _skip_oom_batch(self, where: str, message: str | None, shapes: str) -> None:
+        """A batch ran out of memory (on some rank; every rank comes here): it made no update
+        and the step is not done. Clear the gradients, give the memory back, count the batch
+        and name its shapes; ``train.max_oom_streak`` batches in a row save and stop."""
+        self.step -= 1
+        self.env.step = self.step
+        for step in self.steps.values():
+            step.optimizer.zero_grad(set_to_none=True)
+        for net in self.raw_networks.values():  # a frozen network may hold some too
+            net.zero_grad(set_to_none=True)
+        self.engine.after_oom()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        mine = (self.dist.rank, where, message, shapes) if message is not None else None
+        failures = [f for f in distributed.all_gather_object(mine) if f is not None]
+        described = describe_failures(failures, self.dist.world_size)
+        self.counters.oom_skipped += 1
+        self._oom_streak.append(described)
+        self.logger.warning(
+            f"out of memory, batch skipped ({self.counters.oom_skipped} so far; step "
+            f"{self.step + 1} goes on with the next batch): {described}"
+        )
+        limit = self.exp.train.max_oom_streak
+        if limit is not None and len(self._oom_streak) >= limit:
+            self._stop_oom_streak()
+
+    def _stop_oom_streak(self) -> None:
+        """Save the weights (the failed batches did not change them) and stop."""
+        self.save()
+        msg = streak_message(self._oom_streak, self.step, self.checkpoints.state_path(self.step))
+        self.logger.log_scalars(self.step, {"train/oom_skipped": self.counters.oom_skipped})
+        self.logger.error(msg)
+        raise OutOfMemoryStreak(msg)
 
     def _draw_visuals(self, state: dict[str, Any]) -> None:
         """DLAS's ``logger.visuals``: the first item of those state keys as images in
@@ -817,6 +872,7 @@ class ExtensibleTrainer:
                     scalars[f"loss/{loss.component_name}_weighted"] = raw * loss.weight
         self._window_skips.clear()
         scalars["train/skipped_steps"] = self.counters.skipped_steps
+        scalars["train/oom_skipped"] = self.counters.oom_skipped
         scalars["train/epoch"] = self.loader.epoch
         self.logger.log_scalars(self.step, scalars)
         self.logger.console(self.step, {k: v for k, v in scalars.items() if _on_console(k, v)})
@@ -936,7 +992,7 @@ def _on_console(key: str, value: float) -> bool:
         return key.count("/") == 1  # not each param group's
     if key.startswith(("loss/", "grad_norm/")):
         return not key.endswith("_weighted")
-    if key.startswith(("skipped/", "train/skipped")):
+    if key.startswith(("skipped/", "train/skipped", "train/oom")):
         return value > 0
     return key in ("perf/samples_per_sec", "train/epoch")
 

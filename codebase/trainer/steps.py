@@ -79,19 +79,26 @@ class ConfigurableStep:
         """Forward/backward over the micro-batches, then one optimizer step.
 
         Returns the logs (``loss/<name>`` raw values, ``grad_norm/<step>``, ``_total``: the
-        weighted sum) and whether the update was skipped for a non-finite gradient.
+        weighted sum) and whether the update was skipped for a non-finite gradient. Raises
+        :class:`trainer.oom.BatchOutOfMemory` (on every rank) when a forward or backward ran
+        out of memory, before the optimizer step.
         """
         n_items = sum(batch_size_of(c) for c in chunks)
         logs: dict[str, torch.Tensor] = {}
         total_loss = None
         for i, state in enumerate(chunks):
             share = batch_size_of(state) / n_items if len(chunks) > 1 else 1.0
-            with self.engine.no_sync(self.network, skip_sync=i < len(chunks) - 1):
-                with self.engine.autocast():
+            last = i == len(chunks) - 1
+            part = f"step {self.name!r}" + (
+                f" (micro-batch {i + 1} of {len(chunks)})" if len(chunks) > 1 else ""
+            )
+            with self.engine.no_sync(self.network, skip_sync=not last):
+                with self.engine.oom_region(f"the forward of {part}"), self.engine.autocast():
                     self.run_injectors(state, step, training=True)
                     total, chunk_logs = self.compute_losses(state, step)
                 if total is not None:
-                    self.engine.backward(self.network, total * share if share != 1.0 else total)
+                    with self.engine.oom_region(f"the backward of {part}", syncs_gradients=last):
+                        self.engine.backward(self.network, total * share if share != 1.0 else total)
                     total_loss = _accumulate(total_loss, total.detach(), share)
             for k, v in chunk_logs.items():
                 logs[k] = _accumulate(logs.get(k), v, share)

@@ -112,12 +112,14 @@ class Counters:
 
     def __init__(self) -> None:
         self.skipped_steps = 0  # updates skipped for a non-finite gradient, whole run
+        self.oom_skipped = 0  # batches skipped because they ran out of memory, whole run
 
     def state_dict(self) -> dict[str, int]:
-        return {"skipped_steps": self.skipped_steps}
+        return {"skipped_steps": self.skipped_steps, "oom_skipped": self.oom_skipped}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.oom_skipped = int(state.get("oom_skipped", 0))  # 0 in older checkpoints
 
 
 def upgrade(state: dict[str, Any]) -> dict[str, Any]:

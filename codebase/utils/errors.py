@@ -16,7 +16,7 @@ Exit codes (scripts and schedulers may rely on them):
 4     bad data: a corpus, data file or audio file that cannot be used (:class:`DataError`)
 5     a checkpoint that is missing, corrupt or of the wrong kind (:class:`CheckpointError`)
 6     the system refused: disk full, no permission, read-only file system (``OSError``),
-      out of memory
+      out of memory (also ``max_oom_streak`` batches in a row: ``OutOfMemoryStreak``)
 130   interrupted (Ctrl-C)
 ====  ==========================================================================
 """

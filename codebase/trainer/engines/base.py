@@ -53,6 +53,18 @@ class Engine:
         """Around one micro-batch: ``skip_sync`` on all but the last one of an update."""
         return NULL_CONTEXT
 
+    def oom_region(
+        self, where: str, syncs_gradients: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Around a training forward or backward (``where``, for the message): an engine that
+        can skip a batch turns an out-of-memory error there into
+        :class:`trainer.oom.BatchOutOfMemory`, raised on every rank alike. Here (DeepSpeed)
+        it stays fatal. ``syncs_gradients``: the backward that reduces gradients over ranks."""
+        return NULL_CONTEXT
+
+    def after_oom(self) -> None:
+        """Make the engine ready for the next batch after one was skipped for lack of memory."""
+
     def backward(self, net: nn.Module, loss: torch.Tensor) -> None:
         raise NotImplementedError
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.engines.base import NULL_CONTEXT, Engine
+from trainer.oom import OomGuard
 from utils.distributed import DistInfo
 
 __all__ = ["LocalEngine"]
@@ -18,13 +19,16 @@ __all__ = ["LocalEngine"]
 
 class LocalEngine(Engine):
     """Autocast in bf16/fp16, a GradScaler for fp16 (unscaled before clipping), DDP when the
-    world size is above one, and an optimizer step that skips non-finite gradients."""
+    world size is above one, an optimizer step that skips non-finite gradients, and batches
+    that run out of memory skipped on every rank (:class:`trainer.oom.OomGuard`)."""
 
     name = "local"
 
     def __init__(self, device: torch.device, precision: str, dist: DistInfo) -> None:
         super().__init__(device, precision, dist)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.oom = OomGuard(dist.world_size)
+        self.ddp: list[DistributedDataParallel] = []
 
     def prepare(
         self,
@@ -41,6 +45,9 @@ class LocalEngine(Engine):
         if self.dist.world_size > 1 and any(p.requires_grad for p in net.parameters()):
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = DistributedDataParallel(net, device_ids=ids)
+            # Before DDP's own forward, which broadcasts buffers: ranks agree on a skip first.
+            net.register_forward_pre_hook(self.oom.before_ddp_forward)
+            self.ddp.append(net)
         return net
 
     def no_sync(self, net: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
@@ -48,6 +55,21 @@ class LocalEngine(Engine):
         if skip_sync and isinstance(net, DistributedDataParallel):
             return net.no_sync()
         return NULL_CONTEXT
+
+    def oom_region(
+        self, where: str, syncs_gradients: bool = False
+    ) -> contextlib.AbstractContextManager:
+        return self.oom.region(where, syncs_gradients)
+
+    def after_oom(self) -> None:
+        """The GradScaler needs nothing: only the optimizer step changes its state, and that is
+        outside the regions. DDP's state may differ between ranks, whose forward finished on
+        some and not on others: its reducer may expect a backward that never came (reset, as
+        DDP itself does to recover from a failure), and whether the next forward broadcasts
+        the buffers must be the same everywhere (it does, as after any update)."""
+        for net in self.ddp:
+            net.reducer._reset_state()
+            net.require_forward_param_sync = True
 
     def backward(self, net: nn.Module, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
