@@ -29,6 +29,7 @@ VECTORS = [json.loads(line) for line in GOLDEN.read_text(encoding="utf-8").split
 
 
 # --------------------------------------------------------------------------- tokenizer
+@pytest.mark.slow  # 6 s: inflect's number words for 42 golden vectors
 def test_golden_vectors_dlas_and_tortoise():
     assert len(VECTORS) == 42
     dlas, tortoise = BpeTokenizer(), BpeTokenizer(dlas_punctuation=False)

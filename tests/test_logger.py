@@ -172,6 +172,7 @@ def test_missing_wandb_gives_install_hint(tmp_path: Path, monkeypatch: pytest.Mo
         TrainingLogger(tmp_path, name="run", total_steps=10, use_tb=False, wandb=True)
 
 
+@pytest.mark.slow  # 4-5 s: wandb's offline run folder
 def test_wandb_offline_writes_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Starts a real offline wandb run (about 3-5 s here: wandb spawns its service process)."""
     pytest.importorskip("wandb")
