@@ -190,6 +190,7 @@ def test_validation_logs_mean_losses(tmp_path):
     assert val[-1][1] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # 3-4 s: wandb's offline run
 def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     make_trainer(tmp_path, wandb=True, train={"niter": 2}, logger={"wandb_mode": "offline"}).train()
