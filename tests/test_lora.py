@@ -326,3 +326,30 @@ def test_synthesizer_merges_adapters_trained_on_the_model(tmp_path):
         Synthesizer.from_checkpoint(lora)
     fresh = VALLE(**json.loads(meta["kwargs"]))
     load_module(fresh, base)  # the base itself is untouched
+
+
+def test_run_summary_gives_synthesize_the_base_and_the_adapters(tmp_path):
+    from trainer.run_summary import _model_arguments
+    from utils.io import file_sha256, save_network
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    base = tmp_path / "base.safetensors"
+    save_network(net, base, which_model="x", kwargs={})
+    options = LoraOptions(rank=1, target=["0"])
+    apply_lora(net, options)
+    adapter = tmp_path / "models" / "20_net_ema_lora.safetensors"
+    adapter.parent.mkdir()
+    save_adapters(
+        net,
+        adapter,
+        which_model="x",
+        kwargs={},
+        options=options,
+        base=base,
+        base_sha256=file_sha256(base),
+    )
+    parts = _model_arguments(adapter).split()  # e.g. base.safetensors --lora 20_..._lora...
+    assert len(parts) == 3 and parts[1] == "--lora"
+    assert parts[0].endswith("base.safetensors") and parts[2].endswith(adapter.name)
+    plain = tmp_path / "models" / "20_net_ema.safetensors"
+    assert "--lora" not in _model_arguments(plain)

@@ -7,7 +7,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from models.lora import find_base, read_adapters
 from trainer.best import RECORD
+from utils.errors import UserError
 
 
 def run_summary(trainer: Any) -> str:
@@ -42,7 +44,7 @@ def run_summary(trainer: Any) -> str:
     if model is not None and prompt is not None:
         lines += [
             "synthesize:   python synthesize.py --model "
-            + _show(model)
+            + _model_arguments(model)
             + " --prompt "
             + _show(prompt)
             + " --text "
@@ -50,6 +52,18 @@ def run_summary(trainer: Any) -> str:
             + " --out hello.wav"
         ]
     return "\n".join(lines)
+
+
+def _model_arguments(model: Path) -> str:
+    """``synthesize.py``'s model arguments for a network file: a LoRA adapter file goes with
+    ``--lora`` after its base network file (recorded in the adapter's metadata)."""
+    if not model.stem.endswith("_lora"):
+        return _show(model)
+    try:
+        base = find_base(read_adapters(model))
+    except UserError:  # the base is gone: the plain file, so synthesize.py says what is wrong
+        return _show(model)
+    return f"{_show(base)} --lora {_show(model)}"
 
 
 def _newest_network(models: Path, step: int | None = None) -> Path | None:
