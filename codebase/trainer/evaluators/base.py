@@ -36,6 +36,21 @@ class Evaluator(Component):
         return self
 
 
+def check_network_and_dataset(
+    what: str, network: str, dataset: str, networks: dict, datasets: dict
+) -> None:
+    """Raise ValueError when an evaluator names a network or dataset phase the run lacks."""
+    if network not in networks:
+        raise ValueError(
+            f"{what}: no network {network!r}; the networks are {sorted(networks)} (set `network:`)"
+        )
+    if dataset not in datasets:
+        raise ValueError(
+            f"{what}: no dataset phase {dataset!r}; the datasets are "
+            f"{sorted(datasets)} (add datasets.{dataset} or set `dataset:`)"
+        )
+
+
 class TrackedEvaluator(Evaluator):
     """An evaluator that keeps the figures of every evaluation (saved with each checkpoint, so a
     resumed run still compares with its first evaluation) and reports the first and the latest

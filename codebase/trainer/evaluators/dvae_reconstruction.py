@@ -37,7 +37,7 @@ from torch import nn
 
 from models.audio.tts.lucidrains_dvae import code_usage
 from trainer.component import TrainerEnv
-from trainer.evaluators.base import TrackedEvaluator
+from trainer.evaluators.base import TrackedEvaluator, check_network_and_dataset
 from trainer.evaluators.speech_samples import item_speakers, round_robin, safe_name, to_device
 from trainer.evaluators.step_inputs import StepInputs
 from trainer.injectors.audio import TorchMelSpectrogramInjector
@@ -86,16 +86,7 @@ class DvaeReconstructionEvaluator(TrackedEvaluator):
         steps: Runtime[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        if network not in networks:
-            raise ValueError(
-                f"dvae_reconstruction: no network {network!r}; the networks are "
-                f"{sorted(networks)} (set `network:`)"
-            )
-        if dataset not in datasets:
-            raise ValueError(
-                f"dvae_reconstruction: no dataset phase {dataset!r}; the datasets are "
-                f"{sorted(datasets)} (add datasets.{dataset} or set `dataset:`)"
-            )
+        check_network_and_dataset("dvae_reconstruction", network, dataset, networks, datasets)
         model = networks[network]
         if not all(hasattr(model, f) for f in ("get_codebook_indices", "decode", "num_tokens")):
             raise ValueError(

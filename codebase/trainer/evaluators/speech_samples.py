@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer.component import TrainerEnv
-from trainer.evaluators.base import TrackedEvaluator
+from trainer.evaluators.base import TrackedEvaluator, check_network_and_dataset
 from trainer.evaluators.speech_metrics import closest_reference
 from trainer.logger import mel_image
 from utils.audio import mel_spectrogram, save_audio, save_mel_png
@@ -83,16 +83,7 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
     ) -> None:
         super().__init__()
         what = self.registered_name()
-        if network not in networks:
-            raise ValueError(
-                f"{what}: no network {network!r}; the networks are {sorted(networks)} "
-                f"(set `network:`)"
-            )
-        if dataset not in datasets:
-            raise ValueError(
-                f"{what}: no dataset phase {dataset!r}; the datasets are "
-                f"{sorted(datasets)} (add datasets.{dataset} or set `dataset:`)"
-            )
+        check_network_and_dataset(what, network, dataset, networks, datasets)
         if num_samples < 1 or max_duration_factor <= 0 or batch_size < 1:
             raise ValueError(
                 f"{what}: need num_samples >= 1, batch_size >= 1 and max_duration_factor > 0, "

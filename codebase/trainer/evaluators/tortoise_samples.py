@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.audio.tts.tortoise_synthesis import codes_before_stop, decode_dvae_codes
 from trainer.component import TrainerEnv
 from trainer.evaluators.speech_metrics import code_prediction_sums
 from trainer.evaluators.speech_samples import (
@@ -177,11 +178,8 @@ class TortoiseSamplesEvaluator(SpeechSamplesEvaluator):
         return self.mel.sample_rate
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """DVAE codes [n] -> audio [T] (DVAE decoder, then the mel injector's inverse)."""
-        if codes.numel() == 0:
-            return torch.zeros(0)
-        mel, _ = self.dvae.decode(codes[None].to(self.env.device))
-        return self.mel.to_audio(mel, self.griffin_lim_iters)[0].cpu()
+        """DVAE codes [n] -> audio [T], as synthesis decodes them."""
+        return decode_dvae_codes(self.dvae, self.mel.transform, codes, self.griffin_lim_iters)
 
     def decode_reference(self, index: int) -> torch.Tensor:
         model = self.networks[self.network]
@@ -243,11 +241,9 @@ class TortoiseSamplesEvaluator(SpeechSamplesEvaluator):
             **self.sampling,
         )
         out = []
-        n_codes = self.dvae.num_tokens
         for row, limit, ref in zip(generated, limits, ref_frames):
-            not_code = (row >= n_codes).nonzero()  # the stop token (or another special token)
-            n = min(int(not_code[0]) if len(not_code) else row.numel(), limit)
-            out.append((self.decode(row[:n]), n, ref))
+            codes = codes_before_stop(row, self.dvae.num_tokens)[:limit]
+            out.append((self.decode(codes), codes.numel(), ref))
         return out
 
 

@@ -97,10 +97,6 @@ class TorchMelSpectrogramInjector(Injector):
         true_normalization: bool = False,
     ) -> None:
         super().__init__()
-        if true_normalization and not log:
-            raise ValueError(
-                "torch_mel_spectrogram: true_normalization rescales the log-mel; it needs log: true"
-            )
         norms = load_mel_norms(mel_norm_file, n_mels) if mel_norm_file is not None else None
         # a submodule, so moving the injector to a device moves the window and filterbank
         self.transform = DlasMel(

@@ -286,20 +286,29 @@ class TortoiseSynthesizer:
             generator=generator,
             text_lengths=lengths.to(self.device),
         )
-        out = []
-        for row in codes.cpu():
-            special = (row >= self.dvae.num_tokens).nonzero()  # stop (or start) ends an item
-            out.append(row[: int(special[0]) if len(special) else row.numel()])
-        return out
+        return [codes_before_stop(row, self.dvae.num_tokens) for row in codes.cpu()]
 
     @torch.no_grad()
     def decode(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """DVAE codes [n_i] per item -> waveform [T_i] per item (DVAE, then Griffin-Lim)."""
-        wavs = []
-        for c in codes:
-            if c.numel() == 0:
-                wavs.append(torch.zeros(0))
-                continue
-            mel, _ = self.dvae.decode(c.reshape(1, -1).to(self.device))
-            wavs.append(self.mel.to_audio(mel, self.griffin_lim_iters)[0].cpu())
-        return wavs
+        return [decode_dvae_codes(self.dvae, self.mel, c, self.griffin_lim_iters) for c in codes]
+
+
+def codes_before_stop(row: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """A generated row's DVAE codes up to its first special token (the stop, or any id
+    ``>= n_codes``): what the DVAE can decode."""
+    special = (row >= n_codes).nonzero()
+    return row[: int(special[0]) if len(special) else row.numel()]
+
+
+@torch.no_grad()
+def decode_dvae_codes(
+    dvae: nn.Module, mel: DlasMel, codes: torch.Tensor, griffin_lim_iters: int = 32
+) -> torch.Tensor:
+    """DVAE codes [n] -> audio [T] on the CPU: the DVAE's decoder, then the inverse of the mel
+    features it was trained on (Griffin-Lim). Shared with the ``tortoise_samples`` evaluator."""
+    if codes.numel() == 0:
+        return torch.zeros(0)
+    device = next(dvae.parameters()).device
+    decoded, _ = dvae.decode(codes.reshape(1, -1).to(device))
+    return mel.to_audio(decoded, griffin_lim_iters)[0].cpu()
