@@ -227,3 +227,46 @@ def test_misspelled_eval_metric_fails_at_first_evaluation(tmp_path, capsys):
     ) in err
     assert "they logged: eval/other, eval/score. A checkpoint of step 2 was saved" in err
     assert steps_of(tmp_path / "toy") == [2]
+
+
+def two_evaluators(metric: str) -> dict:
+    """Two scripted evaluators, ``a`` (SCORES) and ``b`` (the opposite ranking)."""
+    sections = scripted(SCORES)
+    sections["train"]["best_metric"] = metric
+    sections["eval"]["evaluators"]["b"] = {
+        "type": "scripted",
+        "scores": {k: -v for k, v in SCORES.items()},
+    }
+    sections["eval"]["evaluators"]["a"] = sections["eval"]["evaluators"].pop("s")
+    return sections
+
+
+def test_several_evaluators_log_under_their_names_and_best_can_pick_one(tmp_path):
+    trainer = make_trainer(tmp_path, **two_evaluators("eval/b/score"))
+    trainer.train()
+    scalars = tb_scalars(tmp_path / "toy")
+    # two evaluators return "score": each keeps its own, neither overwrites the other
+    assert scalars["eval/a/score"][-1] == (12, 0.5) and scalars["eval/b/score"][-1] == (12, -0.5)
+    assert "eval/score" not in scalars
+    assert (trainer.best.step, trainer.best.value) == (4, -3.0)  # b's lowest
+
+
+@pytest.mark.parametrize(
+    "metric, says",
+    [
+        ("eval/score", "logged as eval/<evaluator>/<scalar>, e.g. eval/b/score"),
+        ("eval/c/score", "with several evaluators (b, a)"),
+    ],
+)
+def test_best_metric_of_several_evaluators_must_name_one(tmp_path, metric, says):
+    messages = [
+        m for k, m in problems_of(tmp_path, **two_evaluators(metric)) if k == "train.best_metric"
+    ]
+    assert any(says in m for m in messages), messages
+
+
+def test_best_metric_of_one_evaluator_has_no_evaluator_name(tmp_path):
+    sections = scripted(SCORES)
+    sections["train"]["best_metric"] = "eval/s/score"
+    messages = [m for k, m in problems_of(tmp_path, **sections) if k == "train.best_metric"]
+    assert any("its scalars are logged as eval/<scalar>: eval/score" in m for m in messages)

@@ -16,9 +16,15 @@ from data.audio.demo_corpus import (
     HAND_WRITTEN,
     MAX_WORDS,
     MIN_WORDS,
+    NEW_SPEAKER,
+    NEW_VOICE,
+    VOICES,
+    DemoOptionError,
     build_demo_corpus,
+    build_new_voice_corpus,
     make_sentences,
     plan,
+    plan_new_voice,
 )
 from data.audio.espeak_synth import EspeakSynth, UnknownVoice, trim_silence
 from data.audio.fetchers import fetch
@@ -226,3 +232,50 @@ def test_demo_fetcher_builds_missing_corpus(tmp_path, monkeypatch):
     assert not {u.text for u in held} & {u.text for u in items}
     with pytest.raises(ValueError, match="train.tsv or heldout.tsv"):
         fetch("demo", tmp_path / "elsewhere")
+
+
+def test_new_voice_is_none_of_the_corpus_voices_and_keeps_the_base_held_out_set():
+    assert (NEW_VOICE["variant"], NEW_VOICE["pitch"]) not in {(v, p) for v, p, _, _ in VOICES}
+    base_train, base_held = plan(200, 3, 0)
+    train, held = plan_new_voice(50, 6, base_utterances=200, base_speakers=3)
+    assert len(train) == 50 and len(held) == 6
+    assert {s for *_, s in train + held} == {NEW_SPEAKER}
+    held_texts = {t for _, t, _ in held}
+    # held-out: sentences the base never trained on, distinct; training: the base's training ones
+    assert held_texts <= {t for _, t, _ in base_held} and len(held_texts) == 6
+    assert not held_texts & {t for _, t, _ in base_train}
+    assert [t for _, t, _ in train] == [t for _, t, _ in base_train[:50]]
+    assert len({p for p, _, _ in train + held}) == 56
+    with pytest.raises(DemoOptionError, match="heldout_sentences"):
+        plan_new_voice(50, 1000, base_utterances=200, base_speakers=3)
+    with pytest.raises(DemoOptionError, match="train_utterances"):
+        plan_new_voice(0, 4, base_utterances=200, base_speakers=3)
+
+
+@pytest.mark.slow
+def test_new_voice_fetcher_builds_the_missing_corpus_in_the_new_voice(tmp_path, monkeypatch):
+    from data.audio import fetchers
+
+    calls = []
+
+    def small_build(out, **kwargs):
+        calls.append(out)
+        return build_new_voice_corpus(
+            out, 12, 3, workers=1, progress=False, base_utterances=100, base_speakers=2
+        )
+
+    monkeypatch.setattr(fetchers, "build_new_voice_corpus", small_build)
+    items, skipped = fetch("demo_new_voice", tmp_path / "nv" / "train.tsv")
+    held, _ = fetch("demo_new_voice", tmp_path / "nv" / "heldout.tsv")
+    assert calls == [tmp_path / "nv"] and len(items) == 12 and len(held) == 3 and not skipped
+    assert {u.speaker for u in items + held} == {NEW_SPEAKER}
+    assert json.loads((tmp_path / "nv" / "speakers.json").read_text()) == {NEW_SPEAKER: NEW_VOICE}
+    # built once for the same arguments
+    wav, sr = sf.read(str(items[0].path))
+    assert sr == SR and len(wav) > SR // 2
+    again = build_new_voice_corpus(
+        tmp_path / "nv", 12, 3, workers=1, progress=False, base_utterances=100, base_speakers=2
+    )
+    assert again.train_utterances == 12 and calls == [tmp_path / "nv"]
+    with pytest.raises(ValueError, match="new-voice corpus's train.tsv"):
+        fetch("demo_new_voice", tmp_path / "elsewhere")

@@ -12,8 +12,10 @@ from trainer.evaluators.speech_metrics import (
     dtw_distance,
     teacher_forced_metrics,
     teacher_forced_sums,
+    voice_match,
+    voice_profile,
 )
-from trainer.evaluators.speech_samples import round_robin
+from trainer.evaluators.speech_samples import plot_mel, round_robin
 
 
 class OracleLM(torch.nn.Module):
@@ -112,3 +114,53 @@ def test_closest_reference_finds_own_references_and_reports_chance():
 def test_round_robin_takes_speakers_in_turn():
     assert round_robin(["a", "a", "a", "b", "c", "c"], 5) == [0, 3, 4, 1, 5]
     assert round_robin(["a", "a"], 2) == [0, 1]
+
+
+SR = 16000
+
+
+def voiced(f0: float, tilt: float, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """A synthetic voice: harmonics of ``f0`` whose amplitude falls by ``tilt`` per harmonic,
+    a little vibrato, 0.2 s of silence on each side (left out of the profile)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(SR * seconds)) / SR
+    phase = 2 * math.pi * torch.cumsum(f0 * (1 + 0.01 * torch.sin(2 * math.pi * 5 * t)), 0) / SR
+    wav = sum(tilt**k * torch.sin(k * phase) for k in range(1, 30))
+    wav = 0.1 * wav / wav.abs().max() + 1e-3 * torch.randn(t.shape, generator=g)
+    return F.pad(wav, (SR // 5, SR // 5))
+
+
+def profile(wav: torch.Tensor):
+    return voice_profile(wav, plot_mel(wav, SR), SR)
+
+
+def test_voice_profile_reads_pitch_and_ignores_loudness_and_silence():
+    low, high = profile(voiced(110, 0.8)), profile(voiced(220, 0.8))
+    assert low.pitch == pytest.approx(110, rel=0.05) and high.pitch == pytest.approx(220, rel=0.05)
+    loud = profile(4 * voiced(110, 0.8))  # the spectrum is level-free: 12 dB louder is the same
+    assert abs(loud.spectrum - low.spectrum).mean() < 0.05  # (the log floor moves a little)
+    long = profile(F.pad(voiced(110, 0.8), (SR, SR)))  # more silence: same voiced part
+    assert abs(long.spectrum - low.spectrum).mean() < 0.05
+    empty = profile(torch.zeros(100))
+    assert math.isnan(empty.pitch) and torch.tensor(empty.spectrum).isnan().all()
+
+
+def test_voice_match_finds_the_voice_an_output_has():
+    refs = {
+        "low_dark": [profile(voiced(110, 0.6, seed=s)) for s in range(3)],
+        "high_bright": [profile(voiced(220, 0.9, seed=s)) for s in range(3)],
+        "mid": [profile(voiced(150, 0.75, seed=s)) for s in range(3)],
+    }
+    outputs = [profile(voiced(112, 0.6, seed=9)), profile(voiced(215, 0.9, seed=9))]
+    right = voice_match(outputs, ["low_dark", "high_bright"], refs)
+    assert right["voice_closest"] == 1.0 and right["voice_closest_chance"] == pytest.approx(1 / 3)
+    assert right["voice_dist_own"] < right["voice_dist_other"]
+    assert right["pitch_error"] < 0.5 < right["pitch_error_other"]  # semitones
+    assert right["pitch_out"] == pytest.approx((112 + 215) / 2, rel=0.05)
+    assert right["pitch_own"] == pytest.approx(165, rel=0.05)
+    # The same outputs said to be the other voices: never the closest, far in pitch.
+    wrong = voice_match(outputs, ["high_bright", "low_dark"], refs)
+    assert wrong["voice_closest"] == 0.0 and wrong["voice_dist_own"] > wrong["voice_dist_other"]
+    assert wrong["pitch_error"] > 11  # an octave
+    with pytest.raises(ValueError, match="no references of voice"):
+        voice_match(outputs, ["low_dark", "nobody"], refs)

@@ -221,6 +221,25 @@ def test_evaluator_checks_its_runtime_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"no dataset phase 'val'; the datasets are \['train'\]"):
         TtsSamplesEvaluator(networks={"valle": None}, env=env, datasets={"train": []}, logger=None)
 
+    class Data(list):
+        def __init__(self, codec):
+            super().__init__([{}] * 4)
+            self.codec_config, self.speakers = codec, ["a", "b", "a", "b"]
+
+    codec = {"name": "mel_rvq", "checkpoint": "c.safetensors", "n_levels": 4}
+    kw = dict(networks={"valle": torch.nn.Linear(1, 1)}, env=env, logger=None)
+    datasets = {"val": Data(codec), "old": Data({**codec, "checkpoint": "other.safetensors"})}
+    with pytest.raises(ValueError, match="num_samples 0 and teacher_forced_items 0 leave nothing"):
+        TtsSamplesEvaluator(num_samples=0, teacher_forced_items=0, datasets=datasets, **kw)
+    with pytest.raises(
+        ValueError, match=r"no dataset phase 'olds'; the datasets are \['old', 'val'"
+    ):
+        TtsSamplesEvaluator(voice_references=["olds"], datasets=datasets, **kw)
+    with pytest.raises(ValueError, match=r"'old' was coded with another codec .*\['checkpoint'\]"):
+        TtsSamplesEvaluator(voice_references=["old"], datasets=datasets, **kw)
+    with pytest.raises(ValueError, match="voice_reference_items must be >= 1"):
+        TtsSamplesEvaluator(voice_references=[], voice_reference_items=0, datasets=datasets, **kw)
+
 
 @pytest.mark.slow
 def test_tts_samples_evaluator_during_training(tmp_path):
@@ -284,6 +303,8 @@ def test_tts_samples_evaluator_during_training(tmp_path):
                     "batch_size": 3,
                     "max_duration_factor": 1.5,
                     "top_k": 4,
+                    "voice_references": [],  # the val set's own 2 voices
+                    "voice_reference_items": 2,
                 }
             },
         },
@@ -330,8 +351,14 @@ def test_tts_samples_evaluator_during_training(tmp_path):
         "dtw_others",
         "own_closest",
         "own_closest_chance",
+        "voice_closest",
+        "voice_dist_own",
+        "voice_dist_other",
+        "pitch_error",
     ):
         assert [s for s, _ in scalars[f"eval/{key}"]] == [0, 2], key
+    assert scalars["eval/voice_closest_chance"][-1][1] == 0.5  # 2 voices
+    assert [len(v) for v in ev.voices().values()] == [2, 2]  # voice_reference_items each
     # The teacher-forced loss is the training loss on held-out items: the step-0 figure equals
     # a forward pass of the initial model (log(vocab) for near-uniform logits).
     (_, tf0), (_, tf2) = scalars["eval/tf_loss_ar"]

@@ -387,6 +387,20 @@ def _validate_best(
             problems.add(key, f"{metric!r} is an evaluator's scalar: add eval.evaluators")
         if not exp.eval.every:
             problems.add(key, f"{metric!r} is an evaluator's scalar: set eval.every")
+        names = [spec.name for spec in exp.eval.evaluators]
+        owner = name.partition("/")[0] if "/" in name else None
+        if len(names) > 1 and owner not in names:
+            problems.add(
+                key,
+                f"{metric!r}: with several evaluators ({', '.join(names)}) their scalars are "
+                f"logged as eval/<evaluator>/<scalar>, e.g. eval/{names[0]}/{name}",
+            )
+        elif len(names) == 1 and owner == names[0]:
+            problems.add(
+                key,
+                f"{metric!r}: with one evaluator its scalars are logged as eval/<scalar>: "
+                f"eval/{name.partition('/')[2]}",
+            )
     else:
         problems.add(
             key,

@@ -31,6 +31,7 @@ from trainer.compatibility import check_pretrained
 from trainer.component import TrainerEnv, build_component
 from trainer.config import Experiment, StepSpec
 from trainer.engines import build_engine
+from trainer.evaluators.base import scalar_prefix
 from trainer.freeze import build_step_optimizer, describe, select_parameters
 from trainer.logger import TrainingLogger, visual_image
 from trainer.lora import LoraNetworks
@@ -921,16 +922,18 @@ class ExtensibleTrainer:
         return results
 
     def run_evaluators(self) -> dict[str, float]:
-        """Run every evaluator (rank 0 only) and log its scalars under ``eval/``."""
+        """Run every evaluator (rank 0 only) and log its scalars under ``eval/`` (``eval/<name>/``
+        with several evaluators: :func:`trainer.evaluators.base.scalar_prefix`)."""
         results: dict[str, float] = {}
         if not self.evaluators or not self.dist.is_main:
             return results
         self._set_train_mode(False)
         try:
-            for ev in self.evaluators.values():
+            for name, ev in self.evaluators.items():
+                prefix = scalar_prefix(name, len(self.evaluators))
                 with torch.no_grad():
                     for k, v in ev.evaluate(self.step).items():
-                        results[f"eval/{k}"] = float(v)
+                        results[f"{prefix}{k}"] = float(v)
         finally:
             self._set_train_mode(True)
         self.logger.log_scalars(self.step, results)

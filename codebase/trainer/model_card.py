@@ -8,8 +8,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from data.audio.bpe_tokenizer import BpeTokenizer
 from data.audio.phonemes import PhonemeVocab
+from trainer.evaluators.base import scalar_prefix
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 EVALUATOR_PREFIX = "evaluator."  # training-state parts of TrackedEvaluator histories
@@ -134,27 +137,41 @@ def evaluation(state: dict[str, Any]) -> list[str]:
     """Per evaluator, the first and the last evaluation the checkpoint's state holds."""
     lines = ["## Evaluation", ""]
     found = False
-    for part, value in state.items():
-        if not part.startswith(EVALUATOR_PREFIX) or not isinstance(value, dict):
-            continue
+    parts = {
+        part[len(EVALUATOR_PREFIX) :]: value
+        for part, value in state.items()
+        if part.startswith(EVALUATOR_PREFIX) and isinstance(value, dict)
+    }
+    count = _evaluator_count(state, len(parts))
+    for name, value in parts.items():
         history = value.get("history") or []
         if not history:
             continue
         found = True
+        prefix = scalar_prefix(name, count)
         (s0, first), (s1, last) = history[0], history[-1]
         lines += [
-            f"`{part[len(EVALUATOR_PREFIX) :]}`: {len(history)} evaluation(s)",
+            f"`{name}`: {len(history)} evaluation(s)",
             "",
             f"| figure | step {s0} (first) | step {s1} (last) |",
             "|---|---|---|",
         ]
         for key in last:
             a = f"{first[key]:.4g}" if key in first else "-"
-            lines.append(f"| eval/{key} | {a} | {last[key]:.4g} |")
+            lines.append(f"| {prefix}{key} | {a} | {last[key]:.4g} |")
         lines.append("")
     if not found:
         lines += ["No evaluator history in this checkpoint (the run had no `eval` section).", ""]
     return lines
+
+
+def _evaluator_count(state: dict[str, Any], tracked: int) -> int:
+    """How many evaluators the run had (its config's), which decides their scalars' names."""
+    try:
+        evaluators = (yaml.safe_load(state["config"]).get("eval") or {}).get("evaluators")
+    except (KeyError, AttributeError, yaml.YAMLError):
+        return tracked
+    return len(evaluators) if isinstance(evaluators, dict) else tracked
 
 
 def _compact(text: str) -> str:

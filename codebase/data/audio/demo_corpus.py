@@ -8,6 +8,8 @@ settings) and ``corpus.json`` (the build's arguments; written last, so a build c
 redone). Held-out texts never occur in training. Same seed -> same TSVs and WAV bytes.
 
 Build from ``codebase/``: ``python -m data.audio.demo_corpus --out /tmp/corpus``.
+``--new-voice`` builds the fine-tuning demo's corpus instead (:func:`build_new_voice_corpus`):
+one voice the demo corpus does not have, speaking its sentences.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from utils.options import add_debug_flag
 FORMAT_VERSION = 1  # bump when sentences, voices or layout change, so old corpora are rebuilt
 SAMPLE_RATE = 16000
 DEFAULT_OUT = Path(__file__).resolve().parents[3] / "experiments" / "demo_data" / "corpus"
+DEFAULT_NEW_VOICE_OUT = DEFAULT_OUT.parent / "new_voice"
 HELDOUT_FRACTION = 0.02
 MIN_HELDOUT = 10
 CHUNKSIZE = 16  # utterances per pool task: amortises IPC, still balances two workers
@@ -55,6 +58,13 @@ VOICES: list[tuple[str, int, int, int]] = [
     ("klatt", 45, 60, 180),
     ("m6", 15, 35, 155),
 ]
+
+# The fine-tuning demo's voice, which no corpus of VOICES[:8] has: Klatt synthesis (the demo
+# corpus speaks with espeak's formant variants), a median pitch of about 145 Hz (between the
+# corpus's male voices, 65-105 Hz, and its female ones, 195-270 Hz) and slower than any of them.
+NEW_VOICE = dict(variant="klatt3", pitch=85, pitch_range=40, rate=130)
+NEW_SPEAKER = "newvoice"
+MIN_NEW_VOICE_HELDOUT = 2
 
 # --- sentences: a small grammar plus hand-written lines (numbers spelled out, so the text
 # needs no normalisation and the phonemes match what espeak says) ---
@@ -452,14 +462,14 @@ def plan(utterances: int, speakers: int, seed: int) -> tuple[list[tuple], list[t
 _worker: tuple[Path, EspeakSynth, dict[str, dict]] | None = None
 
 
-def _init_worker(root: Path, speakers: int, pool: bool = False) -> None:
+def _init_worker(root: Path, settings: dict[str, dict], pool: bool = False) -> None:
     global _worker
     if pool:
         # One thread per worker: with torch's default (all cores) in each of N workers, the
         # resampler's threads fight over the cores and the pool runs 3-4x slower than one
         # process.
         torch.set_num_threads(1)
-    _worker = (root, EspeakSynth(SAMPLE_RATE), speaker_settings(speakers))
+    _worker = (root, EspeakSynth(SAMPLE_RATE), settings)
 
 
 def _synth_job(job: tuple[str, str, str]) -> float:
@@ -471,6 +481,26 @@ def _synth_job(job: tuple[str, str, str]) -> float:
         raise RuntimeError(f"espeak produced silence for {text!r} ({speaker})")
     save_audio(root / rel, wav, SAMPLE_RATE)
     return wav.numel() / SAMPLE_RATE
+
+
+def _synthesize(
+    out: Path, jobs: list[tuple], settings: dict[str, dict], workers: int, progress: bool
+) -> tuple[list[float], float]:
+    """Speak every job into ``out``; returns each job's seconds and the wall time."""
+    for name in settings:
+        (out / "wavs" / name).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    bar = dict(total=len(jobs), desc="demo corpus", unit="utt", disable=not progress)
+    if workers <= 1:
+        _init_worker(out, settings)
+        seconds = [_synth_job(j) for j in tqdm(jobs, **bar)]
+    else:
+        # spawn, not fork: a forked child inherits torch's thread pools in an unknown state.
+        with mp.get_context("spawn").Pool(workers, _init_worker, (out, settings, True)) as pool:
+            seconds = list(tqdm(pool.imap(_synth_job, jobs, chunksize=CHUNKSIZE), **bar))
+            pool.close()  # let workers exit normally, so they delete their library copies
+            pool.join()
+    return seconds, time.perf_counter() - start
 
 
 def _write_tsv(path: Path, jobs: list[tuple]) -> None:
@@ -500,8 +530,6 @@ def build_demo_corpus(
         workers: synthesis processes; 1 synthesizes in this process.
         progress: show a tqdm bar.
     """
-    out = Path(out)
-    meta_path = out / "corpus.json"
     wanted = dict(
         format_version=FORMAT_VERSION,
         seed=seed,
@@ -509,6 +537,22 @@ def build_demo_corpus(
         speakers=speakers,
         sample_rate=SAMPLE_RATE,
     )
+    settings = speaker_settings(speakers)
+    return _build(
+        Path(out), wanted, lambda: plan(utterances, speakers, seed), settings, workers, progress
+    )
+
+
+def _build(
+    out: Path,
+    wanted: dict,
+    make_plan: Callable[[], tuple[list[tuple], list[tuple]]],
+    settings: dict[str, dict],
+    workers: int,
+    progress: bool,
+) -> DemoCorpus:
+    """The corpus in ``out`` if it was built with ``wanted``, else plan and speak it there."""
+    meta_path = out / "corpus.json"
     if meta_path.is_file() and (out / "train.tsv").is_file() and (out / "heldout.tsv").is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if {k: meta.get(k) for k in wanted} == wanted:
@@ -517,28 +561,14 @@ def build_demo_corpus(
         # A corpus of other arguments: drop its WAVs (ids differ) rather than leave strays.
         shutil.rmtree(out / "wavs", ignore_errors=True)
     meta_path.unlink(missing_ok=True)  # a build cut short must not look finished
-    train, held = plan(utterances, speakers, seed)
-    settings = speaker_settings(speakers)
-    for name in settings:
-        (out / "wavs" / name).mkdir(parents=True, exist_ok=True)
-    jobs = train + held
-    start = time.perf_counter()
-    bar = dict(total=len(jobs), desc="demo corpus", unit="utt", disable=not progress)
-    if workers <= 1:
-        _init_worker(out, speakers)
-        seconds = [_synth_job(j) for j in tqdm(jobs, **bar)]
-    else:
-        # spawn, not fork: a forked child inherits torch's thread pools in an unknown state.
-        with mp.get_context("spawn").Pool(workers, _init_worker, (out, speakers, True)) as pool:
-            seconds = list(tqdm(pool.imap(_synth_job, jobs, chunksize=CHUNKSIZE), **bar))
-            pool.close()  # let workers exit normally, so they delete their library copies
-            pool.join()
-    elapsed = time.perf_counter() - start
+    train, held = make_plan()
+    seconds, elapsed = _synthesize(out, train + held, settings, workers, progress)
     _write_tsv(out / "train.tsv", train)
     _write_tsv(out / "heldout.tsv", held)
     _write_json(out / "speakers.json", settings)
     meta = dict(
         wanted,
+        speakers=len(settings),
         train_utterances=len(train),
         heldout_utterances=len(held),
         seconds=round(sum(seconds), 3),
@@ -546,6 +576,75 @@ def build_demo_corpus(
     )
     _write_json(meta_path, meta)
     return _corpus(out, meta)
+
+
+def plan_new_voice(
+    train_utterances: int,
+    heldout_sentences: int,
+    base_utterances: int = 5000,
+    base_speakers: int = 8,
+    seed: int = 0,
+) -> tuple[list[tuple], list[tuple]]:
+    """(train, held-out) jobs of the fine-tuning corpus: sentences of the demo corpus built
+    with (``base_utterances``, ``base_speakers``, ``seed``), all spoken by :data:`NEW_VOICE`.
+
+    Training takes the first ``train_utterances`` of the base's training sentences; held-out
+    takes the first ``heldout_sentences`` of the base's held-out sentences, which neither the
+    base model nor the fine-tuning ever trains on.
+    """
+    base_train, base_held = plan(base_utterances, base_speakers, seed)
+    held_texts = list(dict.fromkeys(text for _, text, _ in base_held))
+    if not 1 <= train_utterances <= len(base_train) or not (
+        MIN_NEW_VOICE_HELDOUT <= heldout_sentences <= len(held_texts)
+    ):
+        raise DemoOptionError(
+            f"new voice: train_utterances must be 1 to {len(base_train)} and heldout_sentences "
+            f"{MIN_NEW_VOICE_HELDOUT} to {len(held_texts)} (the base corpus's held-out "
+            f"sentences), got {train_utterances} and {heldout_sentences}"
+        )
+    spk = NEW_SPEAKER
+    train = [
+        (f"wavs/{spk}/u{i:06d}.wav", text, spk)
+        for i, (_, text, _) in enumerate(base_train[:train_utterances])
+    ]
+    held = [
+        (f"wavs/{spk}/h{j:05d}.wav", t, spk) for j, t in enumerate(held_texts[:heldout_sentences])
+    ]
+    return train, held
+
+
+def build_new_voice_corpus(
+    out: Path = DEFAULT_NEW_VOICE_OUT,
+    train_utterances: int = 400,
+    heldout_sentences: int = 40,
+    workers: int = 2,
+    progress: bool = True,
+    base_utterances: int = 5000,
+    base_speakers: int = 8,
+    seed: int = 0,
+) -> DemoCorpus:
+    """The fine-tuning demo's corpus: :data:`NEW_VOICE` speaking sentences of the demo corpus
+    built with (``base_utterances``, ``base_speakers``, ``seed``), the default one unless told
+    (see :func:`plan_new_voice`), in the same layout as :func:`build_demo_corpus`."""
+    wanted = dict(
+        format_version=FORMAT_VERSION,
+        voice=NEW_SPEAKER,
+        voice_settings=NEW_VOICE,
+        train_sentences=train_utterances,
+        heldout_sentences=heldout_sentences,
+        base=[base_utterances, base_speakers, seed],
+        sample_rate=SAMPLE_RATE,
+    )
+    return _build(
+        Path(out),
+        wanted,
+        lambda: plan_new_voice(
+            train_utterances, heldout_sentences, base_utterances, base_speakers, seed
+        ),
+        {NEW_SPEAKER: dict(NEW_VOICE)},
+        workers,
+        progress,
+    )
 
 
 def _corpus(out: Path, meta: dict) -> DemoCorpus:
@@ -564,17 +663,35 @@ def _corpus(out: Path, meta: dict) -> DemoCorpus:
 def main(argv: list[str] | None = None) -> int:
     """Build the demo corpus; errors are raised for :func:`run_command`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--utterances", type=int, default=5000)
+    p.add_argument(
+        "--out", type=Path, help=f"default {DEFAULT_OUT} ({DEFAULT_NEW_VOICE_OUT} with --new-voice)"
+    )
+    p.add_argument(
+        "--utterances", type=int, help="default 5000 (400 training utterances with --new-voice)"
+    )
     p.add_argument("--speakers", type=int, default=8, help=f"1 to {len(VOICES)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--new-voice",
+        action="store_true",
+        help="build the fine-tuning demo's corpus instead: NEW_VOICE speaking sentences of "
+        "the default corpus (its held-out ones held out)",
+    )
+    p.add_argument("--heldout", type=int, default=40, help="held-out sentences (--new-voice)")
     add_debug_flag(p)
     a = p.parse_args(argv)
     if a.workers < 1:
         raise UserError(f"--workers must be >= 1, got {a.workers}")
     start = time.perf_counter()
-    corpus = build_demo_corpus(a.out, a.utterances, a.speakers, a.seed, a.workers)
+    if a.new_voice:
+        corpus = build_new_voice_corpus(
+            a.out or DEFAULT_NEW_VOICE_OUT, a.utterances or 400, a.heldout, a.workers
+        )
+    else:
+        corpus = build_demo_corpus(
+            a.out or DEFAULT_OUT, a.utterances or 5000, a.speakers, a.seed, a.workers
+        )
     elapsed = time.perf_counter() - start
     n = corpus.train_utterances + corpus.heldout_utterances
     print(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data.audio.demo_corpus import build_demo_corpus
+from data.audio.demo_corpus import build_demo_corpus, build_new_voice_corpus
 from utils.registry import Registry
 
 Skipped = list[tuple[str, str]]
@@ -228,6 +228,22 @@ def fetch_demo(root: Path) -> tuple[list[Utterance], Skipped]:
                 f"heldout.tsv, got {root}"
             )
         build_demo_corpus(root.parent)
+    return fetch_tsv(root)
+
+
+@FETCHERS.register("demo_new_voice")
+def fetch_demo_new_voice(root: Path) -> tuple[list[Utterance], Skipped]:
+    """The fine-tuning demo's corpus (one voice the demo corpus lacks): ``path`` is its
+    ``train.tsv`` or ``heldout.tsv``; a missing corpus is built first (``python -m
+    data.audio.demo_corpus --new-voice`` with its defaults, a few seconds)."""
+    root = Path(root)
+    if not root.is_file():
+        if root.name not in ("train.tsv", "heldout.tsv"):
+            raise ValueError(
+                f"fetcher_mode demo_new_voice: path must be the new-voice corpus's train.tsv "
+                f"or heldout.tsv, got {root}"
+            )
+        build_new_voice_corpus(root.parent)
     return fetch_tsv(root)
 
 

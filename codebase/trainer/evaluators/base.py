@@ -36,6 +36,12 @@ class Evaluator(Component):
         return self
 
 
+def scalar_prefix(name: str, evaluators: int) -> str:
+    """Where an evaluator's scalars are logged: ``eval/`` when the run has one evaluator,
+    ``eval/<name>/`` when it has several (two ``tts_samples`` both return ``tf_loss_ar``)."""
+    return "eval/" if evaluators <= 1 else f"eval/{name}/"
+
+
 def check_network_and_dataset(
     what: str, network: str, dataset: str, networks: dict, datasets: dict
 ) -> None:

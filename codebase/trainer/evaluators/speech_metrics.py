@@ -9,11 +9,14 @@
   slower or faster rendering of the same sentence is still close.
 - :func:`closest_reference`: is each output closer to its own reference than to the references
   of other sentences in the same voice? A model that ignores the text is right by chance only.
+- :func:`voice_profile` and :func:`voice_match`: does an output sound like the voice it should
+  have? Its long-term average spectrum and median pitch against each voice's references.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -175,4 +178,98 @@ def closest_reference(
         "own_closest": float(np.mean(closest)),
         "chance": float(np.mean(chance)),
         "per_item": rows,
+    }
+
+
+# Frames quieter than this many log units (natural log of mel power) below an utterance's
+# loudest frame are silence and left out of its voice profile (~40 dB).
+_SILENCE_LOG = 9.2
+
+
+@dataclass
+class VoiceProfile:
+    """What :func:`voice_match` compares: ``spectrum`` [n_mels], the long-term average log-mel
+    spectrum of the voiced part minus its mean (so loudness does not count), and ``pitch``, the
+    median fundamental frequency in Hz (NaN when none was found)."""
+
+    spectrum: np.ndarray
+    pitch: float
+
+
+def voice_profile(wav: torch.Tensor, mel: torch.Tensor, sample_rate: int) -> VoiceProfile:
+    """The :class:`VoiceProfile` of one utterance from its audio [T] and log-mel [n_mels, F].
+
+    Pitch is torchaudio's ``detect_pitch_frequency`` (normalised cross-correlation, 60-500 Hz)
+    over the whole clip, median over frames. Audio decoded from a codec that keeps only mel
+    bands (``mel_rvq``) loses the harmonics of low voices: their pitch then reads an octave or
+    more too high, so compare outputs with references decoded the same way, never with the
+    original recordings.
+    """
+    import torchaudio.functional as AF
+
+    mel = mel.detach().float().cpu()
+    if mel.numel() == 0 or wav.numel() < sample_rate // 20:
+        return VoiceProfile(np.full(mel.shape[0], np.nan), float("nan"))
+    energy = mel.exp().sum(0).clamp_min(1e-10).log()
+    loud = mel[:, energy >= energy.max() - _SILENCE_LOG]
+    spectrum = loud.mean(1).numpy()
+    f0 = AF.detect_pitch_frequency(
+        wav.detach().float().cpu()[None], sample_rate, freq_low=60, freq_high=500
+    )[0]
+    return VoiceProfile(spectrum - spectrum.mean(), float(f0.median()))
+
+
+def voice_match(
+    outputs: Sequence[VoiceProfile],
+    targets: Sequence[str],
+    references: dict[str, Sequence[VoiceProfile]],
+) -> dict[str, float]:
+    """How close each output is to the voice it should have (``targets``: a key of
+    ``references``), against the other voices.
+
+    A voice is the mean spectrum and the median pitch of its references. The distance of an
+    output to a voice is the RMS difference of their spectra (log-mel units). Returns
+    ``voice_dist_own`` (mean distance to the own voice), ``voice_dist_other`` (to the nearest
+    other voice), ``voice_closest`` (fraction of outputs nearest to their own voice) and
+    ``voice_closest_chance`` (1 / voices), ``pitch_out`` (mean pitch of the outputs, Hz),
+    ``pitch_own`` (the own voices' pitch, averaged over the outputs), ``pitch_error``
+    (mean |output - own voice| in semitones) and ``pitch_error_other`` (to the nearest other
+    voice's pitch, in semitones). Outputs with no pitch found are left out of the pitch
+    figures; with fewer than two voices the "other" figures are NaN.
+    """
+    nan = float("nan")
+    missing = sorted(set(targets) - set(references))
+    if missing:
+        raise ValueError(f"voice_match: no references of voice(s) {missing}")
+    spectrum = {v: np.mean([p.spectrum for p in refs], 0) for v, refs in references.items()}
+    pitch = {v: float(np.nanmedian([p.pitch for p in refs])) for v, refs in references.items()}
+    own, other, closest, err, err_other, f0_out, f0_own = [], [], [], [], [], [], []
+    for out, target in zip(outputs, targets):
+        if np.isnan(out.spectrum).any():
+            continue
+        dist = {v: float(np.sqrt(np.mean((out.spectrum - c) ** 2))) for v, c in spectrum.items()}
+        own.append(dist[target])
+        rest = [d for v, d in dist.items() if v != target]
+        other.append(min(rest) if rest else nan)
+        closest.append(min(dist, key=dist.get) == target)
+        if out.pitch > 0 and pitch[target] > 0:
+            semitones = {v: abs(12 * np.log2(out.pitch / f)) for v, f in pitch.items() if f > 0}
+            f0_out.append(out.pitch)
+            f0_own.append(pitch[target])
+            err.append(semitones[target])
+            others = [d for v, d in semitones.items() if v != target]
+            err_other.append(min(others) if others else nan)
+
+    def mean(values: list) -> float:
+        return float(np.mean(values)) if values else nan
+
+    return {
+        "voice_dist_own": mean(own),
+        "voice_dist_other": mean(other),
+        "voice_closest": mean(closest),
+        "voice_closest_chance": 1.0 / len(references) if references else nan,
+        "pitch_out": mean(f0_out),
+        "pitch_own": mean(f0_own),
+        "pitch_error": mean(err),
+        "pitch_error_other": mean(err_other),
     }

@@ -24,7 +24,12 @@ from torch import nn
 
 from trainer.component import TrainerEnv
 from trainer.evaluators.base import TrackedEvaluator, check_network_and_dataset
-from trainer.evaluators.speech_metrics import closest_reference
+from trainer.evaluators.speech_metrics import (
+    VoiceProfile,
+    closest_reference,
+    voice_match,
+    voice_profile,
+)
 from trainer.logger import mel_image
 from utils.audio import mel_spectrogram, save_audio, save_mel_png
 from utils.registry import component_name
@@ -41,6 +46,15 @@ FREE_RUNNING_ROWS = (
     ("own_closest", "own reference is the closest"),
     ("own_closest_chance", "  chance level"),
     ("mel_stft", "mel STFT distance (unaligned)"),
+    # with voice_references
+    ("voice_closest", "output nearest to its own voice"),
+    ("voice_closest_chance", "  chance level"),
+    ("voice_dist_own", "spectral distance to own voice"),
+    ("voice_dist_other", "  to the nearest other voice"),
+    ("pitch_out", "median pitch of outputs (Hz)"),
+    ("pitch_own", "  of the own voice's references"),
+    ("pitch_error", "pitch error to own voice (semitones)"),
+    ("pitch_error_other", "  to the nearest other voice"),
 )
 
 
@@ -59,6 +73,12 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
             always included.
         batch_size: items per teacher-forced batch and per generation batch.
         max_duration_factor: stop generating at this many times the reference length.
+        voice_references: dataset phases whose items are references of other voices than the
+            evaluated dataset's (e.g. the voices a base model was trained on, when fine-tuning
+            it on a new one). Given (``[]`` too), each output is also compared with every
+            voice: the evaluated dataset's speakers and these datasets' (see
+            :func:`trainer.evaluators.speech_metrics.voice_match`). None: no voice figures.
+        voice_reference_items: references per voice (its first N items).
 
     Subclasses implement :meth:`sample_rate`, :meth:`decode_reference`,
     :meth:`teacher_forced` and :meth:`speak`.
@@ -76,6 +96,8 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
         reference_items: int,
         batch_size: int,
         max_duration_factor: float,
+        voice_references: list[str] | None,
+        voice_reference_items: int,
         networks: dict[str, nn.Module],
         env: TrainerEnv,
         datasets: dict[str, Any],
@@ -84,10 +106,20 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
         super().__init__()
         what = self.registered_name()
         check_network_and_dataset(what, network, dataset, networks, datasets)
-        if num_samples < 1 or max_duration_factor <= 0 or batch_size < 1:
+        if num_samples < 0 or max_duration_factor <= 0 or batch_size < 1:
             raise ValueError(
-                f"{what}: need num_samples >= 1, batch_size >= 1 and max_duration_factor > 0, "
+                f"{what}: need num_samples >= 0, batch_size >= 1 and max_duration_factor > 0, "
                 f"got {num_samples}, {batch_size} and {max_duration_factor}"
+            )
+        if num_samples == 0 and teacher_forced_items < 1:
+            raise ValueError(
+                f"{what}: num_samples 0 and teacher_forced_items 0 leave nothing to evaluate"
+            )
+        for phase in voice_references or []:
+            check_network_and_dataset(what, network, phase, networks, datasets)
+        if voice_reference_items < 1:
+            raise ValueError(
+                f"{what}: voice_reference_items must be >= 1, got {voice_reference_items}"
             )
         data = datasets[dataset]
         self.network, self.dataset_phase = network, dataset
@@ -98,6 +130,9 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
         self.references = sorted(ref_items | set(self.picked)) if reference_items else []
         self.batch_size = batch_size
         self.max_duration_factor = max_duration_factor
+        self.voice_references = None if voice_references is None else list(voice_references)
+        self.voice_reference_items = voice_reference_items
+        self._voices: dict[str, list[VoiceProfile]] | None = None
         self.networks, self.env, self.datasets, self.logger = networks, env, datasets, logger
         self._loss: nn.Module | None = None
         self._refs: dict[int, torch.Tensor] = {}  # item -> decoded reference waveform
@@ -113,8 +148,11 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
     def sample_rate(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def decode_reference(self, index: int) -> torch.Tensor:  # pragma: no cover - abstract
-        """Item ``index``'s reference audio [T] (its true codes decoded the way outputs are)."""
+    def decode_reference(
+        self, index: int, phase: str | None = None
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        """Item ``index`` of dataset ``phase`` (default: the evaluated one): its reference
+        audio [T] (its true codes decoded the way outputs are)."""
         raise NotImplementedError
 
     def teacher_forced(self, model: nn.Module) -> dict[str, float]:  # pragma: no cover
@@ -136,7 +174,8 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
         model.eval()  # the EMA copy is never switched by the trainer: no dropout here
         try:
             results = self.teacher_forced(model) if self.teacher_forced_items else {}
-            results.update(self._free_running(model, step))
+            if self.picked:
+                results.update(self._free_running(model, step))
         finally:
             model.train(was_training)
         self.history.append((step, dict(results)))
@@ -163,7 +202,7 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
     def _free_running(self, model: nn.Module, step: int) -> dict[str, float]:
         sr = self.sample_rate()
         folder = self.samples_folder(step)
-        scores, ratios, mels = [], [], []
+        scores, ratios, mels, wavs = [], [], [], []
         for chunk, items in self.batches(self.picked):
             for j, item, (wav, frames, ref_frames) in zip(
                 chunk, items, self.speak(model, chunk, items, step)
@@ -172,6 +211,7 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
                 scores.append(self._score(wav, ref))
                 ratios.append(frames / max(ref_frames, 1))
                 mels.append(plot_mel(wav, sr))
+                wavs.append(wav)
                 self._write(folder, self.item_name(j, item), wav, ref, sr, step)
         results = {"mel_stft": float(np.mean(scores)), "duration_ratio": float(np.mean(ratios))}
         if self.references:
@@ -190,7 +230,26 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
                 own_closest=close["own_closest"],
                 own_closest_chance=close["chance"],
             )
+        if self.voice_references is not None:
+            profiles = [voice_profile(w, m, sr) for w, m in zip(wavs, mels)]
+            targets = [self.speakers[j] for j in self.picked]
+            results.update(voice_match(profiles, targets, self.voices()))
         return results
+
+    def voices(self) -> dict[str, list[VoiceProfile]]:
+        """Voice -> profiles of its first ``voice_reference_items`` references, from the
+        evaluated dataset and the ``voice_references`` datasets (once: they never change)."""
+        if self._voices is None:
+            sr = self.sample_rate()
+            self._voices = {}
+            for phase in [self.dataset_phase, *self.voice_references]:
+                # a speaker name in several datasets is one voice
+                for j, speaker in enumerate(item_speakers(self.datasets[phase])):
+                    profiles = self._voices.setdefault(speaker, [])
+                    if len(profiles) < self.voice_reference_items:
+                        wav = self.decode_reference(j, phase)
+                        profiles.append(voice_profile(wav, plot_mel(wav, sr), sr))
+        return self._voices
 
     def item_name(self, index: int, item: dict[str, Any]) -> str:
         """A file-safe name of an item: its id, else its audio file's stem."""

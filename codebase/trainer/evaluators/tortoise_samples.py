@@ -79,7 +79,8 @@ class TortoiseSamplesEvaluator(SpeechSamplesEvaluator):
         dataset: the dataset phase whose items are spoken (``paired_voice_audio`` with BPE text
             and conditioning clips of the same speaker).
         step: the step whose injectors make the GPT's inputs (None: the step training it).
-        num_samples, teacher_forced_items, reference_items, batch_size, max_duration_factor:
+        num_samples, teacher_forced_items, reference_items, batch_size, max_duration_factor,
+        voice_references, voice_reference_items:
             see :class:`trainer.evaluators.speech_samples.SpeechSamplesEvaluator`.
         temperature: sampling temperature (0: greedy); Tortoise samples at 0.8.
         top_k: top-k sampling (0: off).
@@ -107,6 +108,8 @@ class TortoiseSamplesEvaluator(SpeechSamplesEvaluator):
         reference_items: int = 128,
         batch_size: int = 16,
         max_duration_factor: float = 2.0,
+        voice_references: list[str] | None = None,
+        voice_reference_items: int = 8,
         temperature: float = 0.8,
         top_k: int = 0,
         top_p: float = 0.8,
@@ -126,6 +129,8 @@ class TortoiseSamplesEvaluator(SpeechSamplesEvaluator):
             reference_items,
             batch_size,
             max_duration_factor,
+            voice_references,
+            voice_reference_items,
             networks,
             env,
             datasets,
@@ -181,9 +186,10 @@ class TortoiseSamplesEvaluator(SpeechSamplesEvaluator):
         """DVAE codes [n] -> audio [T], as synthesis decodes them."""
         return decode_dvae_codes(self.dvae, self.mel.transform, codes, self.griffin_lim_iters)
 
-    def decode_reference(self, index: int) -> torch.Tensor:
+    def decode_reference(self, index: int, phase: str | None = None) -> torch.Tensor:
         model = self.networks[self.network]
-        *_, codes, wav_lengths = self.gpt_inputs([self.datasets[self.dataset_phase][index]])
+        item = self.datasets[phase or self.dataset_phase][index]
+        *_, codes, wav_lengths = self.gpt_inputs([item])
         end = min(int(self.code_ends(model, wav_lengths)[0]), codes.shape[1])
         return self.decode(codes[0, :end])
 

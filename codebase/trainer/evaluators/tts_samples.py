@@ -62,8 +62,9 @@ class TtsSamplesEvaluator(SpeechSamplesEvaluator):
         network: the VALL-E network to sample from (its EMA copy when there is one).
         dataset: the dataset phase whose items are spoken: an ``hdf5_codes`` dataset (items
             with codes, phonemes, prompt, speaker, id; ``codec_config`` from its data file).
-        num_samples, teacher_forced_items, reference_items, batch_size, max_duration_factor:
-            see :class:`trainer.evaluators.speech_samples.SpeechSamplesEvaluator`.
+        num_samples, teacher_forced_items, reference_items, batch_size, max_duration_factor,
+        voice_references, voice_reference_items: see
+            :class:`trainer.evaluators.speech_samples.SpeechSamplesEvaluator`.
         temperature: AR sampling temperature.
         top_k: AR top-k sampling (0: off).
         top_p: AR nucleus sampling (1: off).
@@ -92,6 +93,8 @@ class TtsSamplesEvaluator(SpeechSamplesEvaluator):
         reference_items: int = 256,
         batch_size: int = 16,
         max_duration_factor: float = 2.0,
+        voice_references: list[str] | None = None,
+        voice_reference_items: int = 8,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -112,12 +115,27 @@ class TtsSamplesEvaluator(SpeechSamplesEvaluator):
             reference_items,
             batch_size,
             max_duration_factor,
+            voice_references,
+            voice_reference_items,
             networks,
             env,
             datasets,
             logger,
         )
         self.codec_config = _codec_config(datasets[dataset], dataset)
+        for phase in voice_references or []:
+            other = _codec_config(datasets[phase], phase)
+            if other != self.codec_config:
+                keys = sorted(
+                    k
+                    for k in set(other) | set(self.codec_config)
+                    if other.get(k) != self.codec_config.get(k)
+                )
+                raise ValueError(
+                    f"tts_samples: voice_references dataset {phase!r} was coded with another "
+                    f"codec than {dataset!r} (they differ in {keys}); prepare both with the "
+                    f"same codec and codec_checkpoint"
+                )
         model = networks[network]
         if not callable(getattr(model, "generate", None)):
             raise ValueError(
@@ -156,8 +174,8 @@ class TtsSamplesEvaluator(SpeechSamplesEvaluator):
     def _levels(self) -> int | None:
         return int(getattr(self.networks[self.network], "n_levels", 0)) or None
 
-    def decode_reference(self, index: int) -> torch.Tensor:
-        codes = self.datasets[self.dataset_phase][index]["codes"][: self._levels()]
+    def decode_reference(self, index: int, phase: str | None = None) -> torch.Tensor:
+        codes = self.datasets[phase or self.dataset_phase][index]["codes"][: self._levels()]
         return decode_codes(self.codec(), [codes])[0]
 
     def teacher_forced(self, model: nn.Module) -> dict[str, float]:
