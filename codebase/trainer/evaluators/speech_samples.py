@@ -273,8 +273,9 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
         for suffix, audio in (("", wav), ("_ref", ref)):
             write_sample(self.logger, folder, f"{name}{suffix}", audio, sr, step)
 
-    def samples_folder(self, step: int) -> Path:
-        return self.env.run_dir / "samples" / str(step)
+    def samples_folder(self, step: int) -> Path | None:
+        """Where ``step``'s wavs go; None when nothing is generated (``num_samples: 0``)."""
+        return self.env.run_dir / "samples" / str(step) if self.picked else None
 
 
 def write_sample(
