@@ -215,20 +215,26 @@ def fetch_tsv(root: Path) -> tuple[list[Utterance], Skipped]:
     return items, skipped
 
 
-@FETCHERS.register("demo")
-def fetch_demo(root: Path) -> tuple[list[Utterance], Skipped]:
-    """The offline demo corpus: ``path`` is its ``train.tsv`` or ``heldout.tsv``. When the corpus
-    is missing it is built first (``data.audio.demo_corpus`` with its defaults, about a minute)."""
-
+def _demo_tsv(
+    root: Path, mode: str, what: str, build: Callable[[Path], object]
+) -> tuple[list[Utterance], Skipped]:
+    """Read a generated corpus's ``train.tsv`` or ``heldout.tsv`` (``root``), building the
+    corpus into its folder first when it is missing."""
     root = Path(root)
     if not root.is_file():
         if root.name not in ("train.tsv", "heldout.tsv"):
             raise ValueError(
-                f"fetcher_mode demo: path must be a demo corpus's train.tsv or "
-                f"heldout.tsv, got {root}"
+                f"fetcher_mode {mode}: path must be {what}'s train.tsv or heldout.tsv, got {root}"
             )
-        build_demo_corpus(root.parent)
+        build(root.parent)
     return fetch_tsv(root)
+
+
+@FETCHERS.register("demo")
+def fetch_demo(root: Path) -> tuple[list[Utterance], Skipped]:
+    """The offline demo corpus: ``path`` is its ``train.tsv`` or ``heldout.tsv``. When the corpus
+    is missing it is built first (``data.audio.demo_corpus`` with its defaults, about a minute)."""
+    return _demo_tsv(root, "demo", "a demo corpus", lambda out: build_demo_corpus(out))
 
 
 @FETCHERS.register("demo_new_voice")
@@ -236,15 +242,9 @@ def fetch_demo_new_voice(root: Path) -> tuple[list[Utterance], Skipped]:
     """The fine-tuning demo's corpus (one voice the demo corpus lacks): ``path`` is its
     ``train.tsv`` or ``heldout.tsv``; a missing corpus is built first (``python -m
     data.audio.demo_corpus --new-voice`` with its defaults, a few seconds)."""
-    root = Path(root)
-    if not root.is_file():
-        if root.name not in ("train.tsv", "heldout.tsv"):
-            raise ValueError(
-                f"fetcher_mode demo_new_voice: path must be the new-voice corpus's train.tsv "
-                f"or heldout.tsv, got {root}"
-            )
-        build_new_voice_corpus(root.parent)
-    return fetch_tsv(root)
+    return _demo_tsv(
+        root, "demo_new_voice", "the new-voice corpus", lambda out: build_new_voice_corpus(out)
+    )
 
 
 def fetch(

@@ -246,9 +246,14 @@ class SpeechSamplesEvaluator(TrackedEvaluator):
                 # a speaker name in several datasets is one voice
                 for j, speaker in enumerate(item_speakers(self.datasets[phase])):
                     profiles = self._voices.setdefault(speaker, [])
-                    if len(profiles) < self.voice_reference_items:
+                    if len(profiles) >= self.voice_reference_items:
+                        continue
+                    if phase == self.dataset_phase:  # decoded once, shared with the DTW scores
+                        wav, mel = self.reference(j), self._ref_mels[j]
+                    else:
                         wav = self.decode_reference(j, phase)
-                        profiles.append(voice_profile(wav, plot_mel(wav, sr), sr))
+                        mel = plot_mel(wav, sr)
+                    profiles.append(voice_profile(wav, mel, sr))
         return self._voices
 
     def item_name(self, index: int, item: dict[str, Any]) -> str:
